@@ -1,0 +1,5 @@
+"""``python -m ema_cli``: the same as the ``ema-cli`` console script."""
+
+from ema_cli.cli import main
+
+main()

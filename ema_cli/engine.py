@@ -1,0 +1,142 @@
+"""TensorFlow-exact exponential moving average over numpy arrays.
+
+Pure arithmetic: no files, no printing. Everything here reproduces
+``tf.train.ExponentialMovingAverage`` (see ``docs``/README "Semantics"):
+
+* ``d = float32(decay)``; with ``num_updates`` ``n``: ``d = min(d, (1 + n) / (10 + n))`` in float32;
+* ``c = float32(1) - d``, computed in float32, then cast to the shadow's dtype;
+* one update is TF's ``assign_sub``: ``s = s - (s - x) * c``, each operation rounded in the dtype;
+* zero debias keeps a biased accumulator ``b`` (updated like ``s``) and a ``local_step`` counter of
+  the same dtype; the shadow is ``b / (1 - (1 - c) ** local_step)`` with the *latest* ``c``.
+
+State is updated in place so a replay can stream blocks of a tensor through it without allocating.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+DEFAULT_EMA_NAME = "ExponentialMovingAverage"
+Precision = Literal["auto", "native"]
+PRECISIONS: tuple[Precision, ...] = ("auto", "native")
+
+#: The dtypes TensorFlow's EMA accepts ("half, float, or double", plus bfloat16), by numpy name.
+#: bfloat16 arrays come from ml_dtypes; matching by name keeps this module numpy-only.
+AVERAGEABLE_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_HALF_DTYPES = ("float16", "bfloat16")
+
+Array = npt.NDArray[np.generic]
+
+
+def is_averageable(dtype: np.dtype[np.generic]) -> bool:
+    """True for the float dtypes TF's EMA accepts; other tensors are copied, not averaged."""
+    return np.dtype(dtype).name in AVERAGEABLE_DTYPES
+
+
+def compute_dtype(dtype: np.dtype[np.generic], precision: Precision) -> np.dtype[np.generic]:
+    """The dtype the arithmetic runs in.
+
+    ``native`` is TF's choice (the tensor's own dtype). ``auto`` runs float16/bfloat16 in float32,
+    because in bfloat16 an update of ``c * (s - x)`` with decay 0.999 is usually below half an ulp
+    of ``s`` and the average never moves. float32/float64 are the same in both modes.
+    """
+    dtype = np.dtype(dtype)
+    if precision == "auto" and dtype.name in _HALF_DTYPES:
+        return np.dtype(np.float32)
+    return dtype
+
+
+def shadow_name(tensor_name: str, ema_name: str = DEFAULT_EMA_NAME) -> str:
+    """TF's ``average_name``: ``dense/kernel:0`` -> ``dense/kernel/ExponentialMovingAverage``."""
+    base = tensor_name[: -len(":0")] if tensor_name.endswith(":0") else tensor_name
+    return f"{base}/{ema_name}"
+
+
+def debias_state_names(tensor_name: str, ema_name: str = DEFAULT_EMA_NAME) -> tuple[str, str]:
+    """Names TF gives the zero-debias state: ``<shadow>/biased`` and ``<shadow>/local_step``."""
+    shadow = shadow_name(tensor_name, ema_name)
+    return f"{shadow}/biased", f"{shadow}/local_step"
+
+
+def effective_decay(decay: float, num_updates: int | None = None) -> np.float32:
+    """``min(decay, (1 + n) / (10 + n))`` with every operation in float32, as TF computes it."""
+    d = np.float32(decay)
+    if num_updates is not None:
+        n = np.float32(num_updates)
+        ramp = (np.float32(1.0) + n) / (np.float32(10.0) + n)
+        d = np.minimum(d, ramp)
+    return np.float32(d)
+
+
+def coefficient(decay: np.float32, dtype: np.dtype[np.generic]) -> np.generic:
+    """``c = float32(1) - d`` in float32, then cast to ``dtype`` (TF casts after subtracting).
+
+    So float64 with decay 0.999 uses c = 0.0009999871253967285, not 0.001.
+    """
+    c32 = np.float32(1.0) - np.float32(decay)
+    return np.asarray(c32, dtype=np.float32).astype(dtype)[()]  # type: ignore[no-any-return]
+
+
+@dataclass
+class ShadowState:
+    """The moving average of one tensor (or one block of it).
+
+    ``value`` is the shadow itself under the default semantics, and TF's ``biased`` variable
+    under zero debias; ``local_step`` is set only under zero debias.
+    """
+
+    value: Array
+    local_step: Array | None = None
+    last_coefficient: np.generic | None = None
+
+
+def init_state(first: Array, *, zero_debias: bool, dtype: np.dtype[np.generic]) -> ShadowState:
+    """Where the shadow starts.
+
+    Default (TF's behaviour for variables): a copy of the first tensor, which the first ``apply``
+    then updates with that same tensor. Zero debias (TF's behaviour for plain tensors): zeros, with
+    a zero ``local_step`` scalar of the same dtype.
+    """
+    if zero_debias:
+        return ShadowState(
+            value=np.zeros(first.shape, dtype=dtype), local_step=np.zeros((), dtype=dtype)
+        )
+    return ShadowState(value=np.array(first, dtype=dtype, copy=True))
+
+
+def apply(state: ShadowState, x: Array, c: np.generic, scratch: Array | None = None) -> None:
+    """One ``apply()``: ``s = s - (s - x) * c`` in ``s``'s dtype, in place.
+
+    ``x`` must already be in the state's dtype and shape. ``scratch`` (same shape and dtype) saves
+    an allocation per call on the hot path.
+    """
+    s = state.value
+    with np.errstate(all="ignore"):  # inf - inf is NaN in TF too, silently
+        tmp = np.subtract(s, x, out=np.empty_like(s) if scratch is None else scratch)
+        np.multiply(tmp, c, out=tmp)
+        np.subtract(s, tmp, out=s)
+    if state.local_step is not None:
+        np.add(state.local_step, state.local_step.dtype.type(1), out=state.local_step)
+    state.last_coefficient = c
+
+
+def average(state: ShadowState) -> Array:
+    """The shadow value TF would hold after the last ``apply``.
+
+    Under zero debias: ``biased / (1 - (1 - c) ** local_step)``, using the latest ``c`` even when
+    ``num_updates`` made it vary (TF's own behaviour), every step in the state's dtype.
+    """
+    if state.local_step is None:
+        return state.value
+    if state.last_coefficient is None:
+        raise ValueError("average() of a zero-debias state that was never updated")
+    dtype = state.value.dtype
+    one = dtype.type(1)
+    c = np.asarray(state.last_coefficient, dtype=dtype)
+    with np.errstate(all="ignore"):  # decay 1 gives 0 / 0 = NaN, as in TF
+        bias_factor = one - np.power(one - c, state.local_step)
+        return np.asarray(np.divide(state.value, bias_factor.astype(dtype)))

@@ -1,0 +1,157 @@
+"""The small interface every checkpoint format implements.
+
+A reader answers "which tensors, of what dtype and shape" from the header alone, and reads any
+flat element range of one tensor on demand, so a replay never holds more than a block in memory.
+A writer is given the complete list of tensors up front (so it can lay out the file), accepts
+blocks at any element offset in any order, and only makes the output appear on ``commit()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
+
+import numpy as np
+import numpy.typing as npt
+
+from ema_cli.checkpoint import TensorInfo
+
+
+class CheckpointReader(ABC):
+    """One checkpoint, opened for reading. Use as a context manager."""
+
+    #: Short format name shown to users ("safetensors", ...).
+    format_name: str = ""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    @abstractmethod
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        """Every tensor in the checkpoint, in file order."""
+
+    @property
+    def metadata(self) -> Mapping[str, str]:
+        """Free-form string metadata stored with the checkpoint (may be empty)."""
+        return {}
+
+    @abstractmethod
+    def read(
+        self, name: str, start: int = 0, stop: int | None = None, out: npt.NDArray[np.generic] | None = None
+    ) -> npt.NDArray[np.generic]:
+        """Elements ``[start, stop)`` of tensor ``name`` in flat (C) order, as a 1-D array.
+
+        With ``out`` (1-D, the tensor's dtype, ``stop - start`` elements) the data lands there.
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release file handles."""
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class CheckpointWriter(ABC):
+    """A checkpoint being written. Nothing appears at ``path`` until ``commit()``.
+
+    Used as a context manager, leaving the block without ``commit()`` (or with an exception)
+    discards everything written.
+    """
+
+    def __init__(
+        self, path: Path, tensors: Sequence[TensorInfo], metadata: Mapping[str, str]
+    ) -> None:
+        self.path = path
+        self.tensors = list(tensors)
+        self.metadata = dict(metadata)
+
+    @abstractmethod
+    def write(self, name: str, start: int, values: npt.NDArray[np.generic]) -> None:
+        """Store ``values`` (1-D, the tensor's dtype) at flat element offset ``start`` of ``name``.
+
+        Safe to call from several threads at once for different ranges.
+        """
+
+    @abstractmethod
+    def commit(self) -> None:
+        """Make the complete output appear at ``path`` atomically."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Discard everything written; an existing file at ``path`` is untouched."""
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.abort()  # no-op after commit(); a forgotten commit must not publish half a file
+
+
+def temporary_sibling(path: Path) -> tuple[BinaryIO, Path]:
+    """A new hidden file in ``path``'s folder, so the final ``os.replace`` is a same-disk rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    return os.fdopen(fd, "w+b"), Path(tmp)
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Atomically move a finished temporary file into place, durably."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o644 & ~_umask())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_file_atomically(path: Path, data: bytes) -> None:
+    """Write a small file (a mapping, an index) through a temporary file and a rename."""
+    f, tmp = temporary_sibling(path)
+    try:
+        with f:
+            f.write(data)
+        publish(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def iter_blocks(size: int, block: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` ranges covering ``[0, size)`` in steps of ``block`` (one empty range for
+    an empty tensor, so empty tensors still flow through a replay)."""
+    if size == 0:
+        yield 0, 0
+        return
+    for start in range(0, size, block):
+        yield start, min(start + block, size)

@@ -1,0 +1,315 @@
+"""safetensors files, read and written without loading whole tensors.
+
+Layout (https://github.com/huggingface/safetensors): an unsigned little-endian 64-bit header
+length ``N``, ``N`` bytes of UTF-8 JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]},
+"__metadata__": {str: str}}``, then the data; offsets are relative to the end of the header.
+We parse the header ourselves (so we can say exactly what is wrong with a broken file) and read
+element ranges with positioned reads into caller buffers: no memory map, so a replay's resident
+memory stays at its block buffers however large the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import numpy.typing as npt
+
+from ema_cli.errors import CheckpointError, TruncatedCheckpointError
+from ema_cli.formats.base import (
+    CheckpointReader,
+    CheckpointWriter,
+    TensorInfo,
+    publish,
+    temporary_sibling,
+)
+
+SUFFIXES = (".safetensors",)
+
+#: safetensors' own refusal limit for a header, so we refuse what it refuses.
+MAX_HEADER_BYTES = 100_000_000
+
+#: safetensors dtype names, in the order of the format's dtype enum (which the reference writer
+#: uses, largest first, to lay tensors out aligned).
+_DTYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "U8": np.dtype("<u1"),
+    "I8": np.dtype("<i1"),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "I16": np.dtype("<i2"),
+    "U16": np.dtype("<u2"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I32": np.dtype("<i4"),
+    "U32": np.dtype("<u4"),
+    "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
+    "I64": np.dtype("<i8"),
+    "U64": np.dtype("<u8"),
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+_DTYPE_RANK = {name: rank for rank, name in enumerate(_DTYPES)}
+
+
+def dtype_name(dtype: np.dtype[Any]) -> str:
+    """The safetensors name of a numpy dtype (``F32``, ``BF16``, ...)."""
+    try:
+        return _DTYPE_NAMES[np.dtype(dtype)]
+    except KeyError:
+        raise ValueError(f"safetensors cannot store dtype {dtype}") from None
+
+
+def _read_exact(fd: int, view: memoryview, offset: int) -> int:
+    """Fill ``view`` from ``offset``; returns bytes read (short only at end of file)."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+class SafetensorsReader(CheckpointReader):
+    format_name = "safetensors"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        try:
+            self._fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise CheckpointError(path, "no such file") from None
+        except IsADirectoryError:
+            raise CheckpointError(path, "is a directory, not a safetensors file") from None
+        except OSError as e:
+            raise CheckpointError(path, f"cannot open: {e.strerror}") from None
+        try:
+            self._parse_header()
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _parse_header(self) -> None:
+        path = self.path
+        self.file_size = os.fstat(self._fd).st_size
+        prefix = os.pread(self._fd, 8, 0)
+        if len(prefix) < 8:
+            raise TruncatedCheckpointError(
+                path, f"not a safetensors file (only {self.file_size} bytes, too short for a header)"
+            )
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > MAX_HEADER_BYTES:
+            raise CheckpointError(
+                path,
+                f"not a safetensors file (header length field says {header_len} bytes, "
+                f"more than the {MAX_HEADER_BYTES} safetensors allows)",
+            )
+        raw = os.pread(self._fd, header_len, 8)
+        if len(raw) < header_len:
+            raise TruncatedCheckpointError(
+                path,
+                f"truncated: the header should be {header_len} bytes but the file ends after "
+                f"{len(raw)}",
+            )
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(path, f"not a safetensors file (header is not JSON: {e})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(path, "not a safetensors file (header is not a JSON object)")
+        self.data_start = 8 + header_len
+        data_size = self.file_size - self.data_start
+
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+        ):
+            raise CheckpointError(path, "corrupt header: __metadata__ must map strings to strings")
+        self._metadata: dict[str, str] = meta
+
+        tensors: dict[str, TensorInfo] = {}
+        spans: dict[str, tuple[int, int]] = {}
+        for name, entry in header.items():
+            info, span = _parse_entry(path, name, entry)
+            tensors[name] = info
+            spans[name] = span
+        # File order (by data offset) is the order users see in other tools.
+        order = sorted(tensors, key=lambda n: (spans[n], n))
+        self._tensors = {n: tensors[n] for n in order}
+        self._spans = {n: spans[n] for n in order}
+
+        needed = max((end for _, end in spans.values()), default=0)
+        if needed > data_size:
+            last = max(spans, key=lambda n: spans[n][1])
+            raise TruncatedCheckpointError(
+                path,
+                f"truncated: the header needs {needed} bytes of tensor data (through tensor "
+                f"'{last}') but the file has {max(data_size, 0)}",
+            )
+        previous_end, previous = 0, None
+        for name in order:
+            begin, end = spans[name]
+            if begin < previous_end:
+                raise CheckpointError(
+                    path, f"corrupt header: data overlaps tensor '{previous}'", tensor=name
+                )
+            previous_end, previous = end, name
+        # The reference library rejects gaps and trailing bytes; a file with extra bytes at the
+        # end is harmless to us but means something odd happened, so we accept it quietly.
+
+    @property
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        return self._tensors
+
+    @property
+    def metadata(self) -> Mapping[str, str]:
+        return self._metadata
+
+    def read(
+        self,
+        name: str,
+        start: int = 0,
+        stop: int | None = None,
+        out: npt.NDArray[np.generic] | None = None,
+    ) -> npt.NDArray[np.generic]:
+        info = self._tensors[name]
+        stop = info.size if stop is None else stop
+        count = stop - start
+        if out is None:
+            out = np.empty(count, dtype=info.dtype)
+        itemsize = info.dtype.itemsize
+        offset = self.data_start + self._spans[name][0] + start * itemsize
+        view = memoryview(out.view(np.uint8))
+        got = _read_exact(self._fd, view, offset)
+        if got != count * itemsize:
+            raise TruncatedCheckpointError(
+                self.path, "truncated: the file ended while reading this tensor", tensor=name
+            )
+        return out
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _parse_entry(path: Path, name: str, entry: object) -> tuple[TensorInfo, tuple[int, int]]:
+    if not isinstance(entry, dict):
+        raise CheckpointError(path, "corrupt header: entry is not an object", tensor=name)
+    dtype_str = entry.get("dtype")
+    if dtype_str not in _DTYPES:
+        raise CheckpointError(path, f"unsupported dtype {dtype_str!r}", tensor=name)
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise CheckpointError(path, f"corrupt header: bad shape {shape!r}", tensor=name)
+    offsets = entry.get("data_offsets")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise CheckpointError(path, f"corrupt header: bad data_offsets {offsets!r}", tensor=name)
+    info = TensorInfo(name, _DTYPES[dtype_str], tuple(shape))
+    if offsets[1] - offsets[0] != info.nbytes:
+        raise CheckpointError(
+            path,
+            f"corrupt header: shape {shape} of {dtype_str} needs {info.nbytes} bytes but "
+            f"data_offsets span {offsets[1] - offsets[0]}",
+            tensor=name,
+        )
+    return info, (offsets[0], offsets[1])
+
+
+def build_header(
+    tensors: Sequence[TensorInfo], metadata: Mapping[str, str]
+) -> tuple[bytes, dict[str, int]]:
+    """The header bytes (length prefix included) and each tensor's absolute byte offset.
+
+    Tensors are laid out as the reference writer does (largest dtype first, then by name), the
+    JSON is compact with ``__metadata__`` first, and the header is space-padded to 8 bytes so
+    every tensor's data is aligned.
+    """
+    order = sorted(tensors, key=lambda t: (-_DTYPE_RANK[dtype_name(t.dtype)], t.name))
+    entries: dict[str, Any] = {}
+    if metadata:
+        entries["__metadata__"] = dict(sorted(metadata.items()))
+    relative: dict[str, int] = {}
+    position = 0
+    for t in order:
+        relative[t.name] = position
+        entries[t.name] = {
+            "dtype": dtype_name(t.dtype),
+            "shape": list(t.shape),
+            "data_offsets": [position, position + t.nbytes],
+        }
+        position += t.nbytes
+    text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    start = 8 + len(text)
+    return struct.pack("<Q", len(text)) + text, {n: start + o for n, o in relative.items()}
+
+
+class SafetensorsWriter(CheckpointWriter):
+    """Writes into a hidden temporary file beside ``path`` at precomputed offsets."""
+
+    def __init__(
+        self, path: Path, tensors: Sequence[TensorInfo], metadata: Mapping[str, str]
+    ) -> None:
+        super().__init__(path, tensors, metadata)
+        header, self._offsets = build_header(self.tensors, self.metadata)
+        self._infos = {t.name: t for t in self.tensors}
+        self._expected = sum(t.nbytes for t in self.tensors)
+        self._written = 0
+        self._lock = threading.Lock()
+        self._file, self._tmp = temporary_sibling(path)
+        self._done = False
+        try:
+            self._file.write(header)
+            self._file.flush()
+            self._file.truncate(len(header) + self._expected)
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, name: str, start: int, values: npt.NDArray[np.generic]) -> None:
+        info = self._infos[name]
+        if values.dtype != info.dtype:
+            raise TypeError(f"{name}: got {values.dtype}, expected {info.dtype}")
+        data = memoryview(np.ascontiguousarray(values).view(np.uint8))
+        offset = self._offsets[name] + start * info.dtype.itemsize
+        fd = self._file.fileno()
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
+        with self._lock:
+            self._written += len(data)
+
+    def commit(self) -> None:
+        if self._written != self._expected:
+            raise RuntimeError(
+                f"internal error: wrote {self._written} of {self._expected} bytes of {self.path}"
+            )
+        self._file.close()
+        publish(self._tmp, self.path)
+        self._done = True
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._file.close()
+        try:
+            self._tmp.unlink()
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,272 @@
+"""From checkpoint names and headers to a validated, ordered replay plan. Pure: no file access.
+
+The plan decides everything before a byte of tensor data is read: replay order, each
+checkpoint's ``num_updates`` and effective decay, which tensors are averaged and under which
+names, which are copied from the last checkpoint, and every way the checkpoints disagree.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from ema_cli import engine
+from ema_cli.errors import CheckpointError, OptionError
+from ema_cli.checkpoint import TensorInfo, strip_format_suffix
+
+NumUpdates = int | Literal["step", "index"] | None
+Order = Literal["step", "given"]
+NamesMode = Literal["original", "shadow"]
+
+_DIGITS = re.compile(r"\d+")
+
+
+def step_from_name(name: str, strip_suffix: bool = True) -> int | None:
+    """The last run of digits in a checkpoint's file or folder name, after its format suffix.
+
+    ``ckpt-1200.safetensors`` -> 1200, ``ckpt-8.weights.h5`` -> 8, ``checkpoint-500/`` -> 500,
+    ``run3_step0042.npz`` -> 42, ``model.safetensors`` -> None.
+    """
+    base = name.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+    if strip_suffix:
+        base = strip_format_suffix(base)
+    runs = _DIGITS.findall(base)
+    return int(runs[-1]) if runs else None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The EMA and selection settings of one run (everything but the checkpoint list)."""
+
+    decay: float
+    num_updates: NumUpdates = None
+    zero_debias: bool = False
+    ema_name: str = engine.DEFAULT_EMA_NAME
+    names: NamesMode = "original"
+    order: Order = "step"
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    precision: engine.Precision = "auto"
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.decay <= 1.0):  # also refuses NaN
+            raise OptionError(f"--decay must be between 0 and 1, got {self.decay}")
+        if isinstance(self.num_updates, int) and self.num_updates < 0:
+            raise OptionError(f"--num-updates must be >= 0, got {self.num_updates}")
+        if not self.ema_name or self.ema_name.startswith("/") or self.ema_name.endswith("/"):
+            raise OptionError(f"--name must be a non-empty name without a leading or trailing '/', got {self.ema_name!r}")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One replayed checkpoint: where it is, its step, and the decay its ``apply`` uses."""
+
+    path: str
+    step: int | None
+    num_updates: int | None
+    decay: np.float32
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One tensor of the output: averaged across the replay, or copied from the last checkpoint."""
+
+    name: str
+    output_name: str
+    info: TensorInfo
+    shadow_name: str | None
+
+    @property
+    def averaged(self) -> bool:
+        return self.shadow_name is not None
+
+
+@dataclass(frozen=True)
+class ReplayPlan:
+    settings: Settings
+    checkpoints: tuple[Checkpoint, ...]
+    tensors: tuple[TensorJob, ...]
+    unmatched_excludes: tuple[str, ...] = field(default=())
+
+    @property
+    def averaged(self) -> tuple[TensorJob, ...]:
+        return tuple(t for t in self.tensors if t.averaged)
+
+    @property
+    def passthrough(self) -> tuple[TensorJob, ...]:
+        return tuple(t for t in self.tensors if not t.averaged)
+
+    @property
+    def mapping(self) -> dict[str, str]:
+        """TF's naming: original tensor name -> shadow name, for every averaged tensor."""
+        return {t.name: t.shadow_name for t in self.tensors if t.shadow_name is not None}
+
+    @property
+    def output_tensors(self) -> list[TensorInfo]:
+        return [TensorInfo(t.output_name, t.info.dtype, t.info.shape) for t in self.tensors]
+
+
+def order_checkpoints(paths: Sequence[str], settings: Settings) -> list[Checkpoint]:
+    """Put the checkpoints in replay order and give each its ``num_updates`` and decay.
+
+    Steps are needed (and must be unique) under ``--order step`` or ``--num-updates step``.
+    """
+    if not paths:
+        raise OptionError("no checkpoints given")
+    seen: dict[str, int] = {}
+    for p in paths:
+        key = p.rstrip("/")
+        if key in seen:
+            raise CheckpointError(p, "given twice")
+        seen[key] = 1
+    steps = [step_from_name(p) for p in paths]
+    need_steps = settings.order == "step" or settings.num_updates == "step"
+    if need_steps:
+        why = "--order step" if settings.order == "step" else "--num-updates step"
+        for p, s in zip(paths, steps, strict=True):
+            if s is None:
+                hint = (
+                    "; pass its folder if the folder is numbered"
+                    if "/" in p.rstrip("/")
+                    else ""
+                )
+                raise CheckpointError(
+                    p,
+                    f"no step number in the name (needed by {why}; use --order given to keep "
+                    f"the command-line order{hint})",
+                )
+        by_step: dict[int, str] = {}
+        for p, s in zip(paths, steps, strict=True):
+            assert s is not None
+            if s in by_step:
+                raise CheckpointError(p, f"has the same step number ({s}) as {by_step[s]}")
+            by_step[s] = p
+    pairs = list(zip(paths, steps, strict=True))
+    if settings.order == "step":
+        pairs.sort(key=lambda ps: ps[1] if ps[1] is not None else -1)
+    checkpoints = []
+    for index, (p, s) in enumerate(pairs):
+        if settings.num_updates == "step":
+            n: int | None = s
+        elif settings.num_updates == "index":
+            n = index
+        else:
+            n = settings.num_updates
+        checkpoints.append(Checkpoint(p, s, n, engine.effective_decay(settings.decay, n)))
+    return checkpoints
+
+
+def _selected(name: str, settings: Settings) -> bool:
+    if settings.include and not any(fnmatch.fnmatchcase(name, g) for g in settings.include):
+        return False
+    return not any(fnmatch.fnmatchcase(name, g) for g in settings.exclude)
+
+
+def build_plan(
+    checkpoints: Sequence[Checkpoint],
+    headers: Sequence[Mapping[str, TensorInfo]],
+    settings: Settings,
+) -> ReplayPlan:
+    """Validate the headers against each other and decide each tensor's fate.
+
+    The last checkpoint is the template: the output has its tensors, dtypes and shapes. Every
+    averaged tensor must be in every checkpoint with the same dtype and shape; copied tensors
+    come from the last checkpoint alone.
+    """
+    last_path = checkpoints[-1].path
+    template = headers[-1]
+    names = list(template)
+
+    for pattern in settings.include:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise OptionError(f"--include {pattern!r} matches no tensor in {last_path}")
+    unmatched_excludes = tuple(
+        g for g in settings.exclude if not any(fnmatch.fnmatchcase(n, g) for n in names)
+    )
+
+    jobs: list[TensorJob] = []
+    for name, info in template.items():
+        averaged = _selected(name, settings) and engine.is_averageable(info.dtype)
+        if settings.strict and _selected(name, settings) and not averaged:
+            raise CheckpointError(
+                last_path,
+                f"dtype {info.dtype} cannot be averaged (TF's EMA takes half, bfloat16, float "
+                f"or double); --strict refuses it, drop --strict to copy it or --exclude it",
+                tensor=name,
+            )
+        shadow = engine.shadow_name(name, settings.ema_name) if averaged else None
+        output_name = shadow if (shadow is not None and settings.names == "shadow") else name
+        jobs.append(TensorJob(name, output_name, info, shadow))
+
+    averaged_names = {j.name for j in jobs if j.averaged}
+    if not averaged_names:
+        raise CheckpointError(
+            last_path,
+            "no tensor to average (none is float16/bfloat16/float32/float64 and selected by "
+            "--include/--exclude)",
+        )
+
+    for ckpt, header in zip(checkpoints[:-1], headers[:-1], strict=True):
+        for name in averaged_names:
+            info = header.get(name)
+            want = template[name]
+            if info is None:
+                raise CheckpointError(
+                    ckpt.path,
+                    f"missing (it is in {last_path}); --exclude it to copy it from the last "
+                    "checkpoint instead",
+                    tensor=name,
+                )
+            if info.dtype != want.dtype:
+                raise CheckpointError(
+                    ckpt.path,
+                    f"dtype {info.dtype} differs from {want.dtype} in {last_path}",
+                    tensor=name,
+                )
+            if info.shape != want.shape:
+                raise CheckpointError(
+                    ckpt.path,
+                    f"shape {list(info.shape)} differs from {list(want.shape)} in {last_path}",
+                    tensor=name,
+                )
+        for name, info in header.items():
+            if (
+                name not in template
+                and _selected(name, settings)
+                and engine.is_averageable(info.dtype)
+            ):
+                raise CheckpointError(
+                    ckpt.path,
+                    f"not in the last checkpoint {last_path}; --exclude it if that is expected",
+                    tensor=name,
+                )
+
+    all_names = set(names)
+    owners: dict[str, str] = {}
+    for job in jobs:
+        if job.shadow_name is None:
+            continue
+        if job.shadow_name in all_names:
+            raise CheckpointError(
+                last_path,
+                f"its shadow name '{job.shadow_name}' is already a tensor of the checkpoint "
+                f"(averaging an averaged checkpoint?); --exclude '*/{settings.ema_name}' or "
+                "choose another --name",
+                tensor=job.name,
+            )
+        if job.shadow_name in owners:
+            raise CheckpointError(
+                last_path,
+                f"its shadow name '{job.shadow_name}' is also that of tensor "
+                f"'{owners[job.shadow_name]}'",
+                tensor=job.name,
+            )
+        owners[job.shadow_name] = job.name
+
+    return ReplayPlan(settings, tuple(checkpoints), tuple(jobs), unmatched_excludes)

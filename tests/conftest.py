@@ -1,0 +1,57 @@
+"""Shared helpers: write small checkpoints in tmp_path and run the CLI in-process."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy for safetensors
+import numpy as np
+import pytest
+import safetensors.numpy
+from click.testing import CliRunner, Result
+
+from ema_cli.cli import cli
+
+
+def write_checkpoint(
+    path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Save ``tensors`` with the reference safetensors writer."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.numpy.save_file(
+        {k: np.ascontiguousarray(v) for k, v in tensors.items()},
+        str(path),
+        metadata=dict(metadata or {"format": "pt"}),
+    )
+    return path
+
+
+def load(path: Path) -> dict[str, np.ndarray]:
+    return safetensors.numpy.load_file(str(path))
+
+
+def run_cli(args: Sequence[str | os.PathLike[str]], stdin: str | None = None) -> Result:
+    """Invoke ``ema-cli`` in-process; stdout and stderr are kept apart."""
+    return CliRunner().invoke(cli, [os.fspath(a) for a in args], input=stdin)
+
+
+@pytest.fixture
+def sequence(tmp_path: Path) -> list[Path]:
+    """Three float32/bfloat16/int64 checkpoints, steps 2, 10, 5 (so name order != step order)."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for step in (2, 10, 5):
+        paths.append(
+            write_checkpoint(
+                tmp_path / "run" / f"ckpt-{step}.safetensors",
+                {
+                    "dense/kernel": rng.standard_normal((3, 4)).astype(np.float32),
+                    "dense/bias": rng.standard_normal(4).astype(np.float32),
+                    "emb.weight": rng.standard_normal((2, 3)).astype(ml_dtypes.bfloat16),
+                    "global_step": np.array(step, dtype=np.int64),
+                },
+            )
+        )
+    return paths
