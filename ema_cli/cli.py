@@ -318,7 +318,12 @@ def average(
                 raise OptionError(f"{target}: folder {target.parent} does not exist")
 
         writer = stack.enter_context(
-            create_writer(output, plan.output_tensors, output_metadata(plan, dict(readers[-1].metadata)))
+            create_writer(
+                output,
+                plan.output_tensors,
+                output_metadata(plan, dict(readers[-1].metadata)),
+                template=readers[-1],
+            )
         )
         show = not quiet and sys.stderr.isatty()
         with _progress(show, total_bytes(plan)) as advance:

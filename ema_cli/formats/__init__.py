@@ -75,8 +75,14 @@ def check_output_path(path: Path) -> None:
 
 
 def create_writer(
-    path: Path, tensors: Sequence[TensorInfo], metadata: Mapping[str, str]
+    path: Path,
+    tensors: Sequence[TensorInfo],
+    metadata: Mapping[str, str],
+    template: CheckpointReader | None = None,
 ) -> CheckpointWriter:
-    """Start writing a checkpoint at ``path`` in the format its suffix names."""
+    """Start writing a checkpoint at ``path`` in the format its suffix names.
+
+    ``template`` (the last input checkpoint) lets a format copy what is not a tensor.
+    """
     check_output_path(path)
-    return _WRITERS[_suffix(path)](path, tensors, metadata)
+    return _WRITERS[_suffix(path)](path, tensors, metadata, template)

@@ -71,11 +71,18 @@ class CheckpointWriter(ABC):
     """
 
     def __init__(
-        self, path: Path, tensors: Sequence[TensorInfo], metadata: Mapping[str, str]
+        self,
+        path: Path,
+        tensors: Sequence[TensorInfo],
+        metadata: Mapping[str, str],
+        template: CheckpointReader | None = None,
     ) -> None:
+        """``template`` is the replay's last checkpoint: formats that carry more than tensors
+        (folder side files, HDF5 groups and attributes) copy the rest from it."""
         self.path = path
         self.tensors = list(tensors)
         self.metadata = dict(metadata)
+        self.template = template
 
     @abstractmethod
     def write(self, name: str, start: int, values: npt.NDArray[np.generic]) -> None:

@@ -264,9 +264,13 @@ class SafetensorsWriter(CheckpointWriter):
     """Writes into a hidden temporary file beside ``path`` at precomputed offsets."""
 
     def __init__(
-        self, path: Path, tensors: Sequence[TensorInfo], metadata: Mapping[str, str]
+        self,
+        path: Path,
+        tensors: Sequence[TensorInfo],
+        metadata: Mapping[str, str],
+        template: CheckpointReader | None = None,
     ) -> None:
-        super().__init__(path, tensors, metadata)
+        super().__init__(path, tensors, metadata, template)
         header, self._offsets = build_header(self.tensors, self.metadata)
         self._infos = {t.name: t for t in self.tensors}
         self._expected = sum(t.nbytes for t in self.tensors)
