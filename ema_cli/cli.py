@@ -46,7 +46,7 @@ def _error(message: str) -> None:
 class EmaCliGroup(click.Group):
     """A click group whose ``main`` turns every failure into an exit status and one line."""
 
-    def main(  # type: ignore[override]
+    def main(
         self,
         args: Sequence[str] | None = None,
         prog_name: str | None = None,
@@ -63,7 +63,7 @@ class EmaCliGroup(click.Group):
             )
             status = rv if isinstance(rv, int) else 0
         except click.UsageError as e:
-            if not e.message and e.ctx is not None:  # bare `ema-cli`: show the help
+            if type(e).__name__ == "NoArgsIsHelpError" and e.ctx is not None:  # bare `ema-cli`
                 click.echo(e.ctx.get_help())
                 status = 0
             else:
@@ -96,9 +96,17 @@ class EmaCliGroup(click.Group):
         sys.exit(status)
 
 
-@click.group(cls=EmaCliGroup, no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    cls=EmaCliGroup,
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, "--version", prog_name="ema-cli", message="%(prog)s %(version)s")
-@click.option("--debug", is_flag=True, help="Show the traceback of unexpected errors (or set EMA_CLI_DEBUG=1).")
+@click.option(
+    "--debug",
+    is_flag=True,
+    help="Show the traceback of unexpected errors (or set EMA_CLI_DEBUG=1).",
+)
 def cli(debug: bool) -> None:
     """Average a run's checkpoints exactly as tf.train.ExponentialMovingAverage would have.
 
@@ -110,10 +118,12 @@ def cli(debug: bool) -> None:
     """
 
 
-class NumUpdatesType(click.ParamType):
+class NumUpdatesType(click.ParamType):  # type: ignore[type-arg]
     name = "N|step|index"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> NumUpdates:
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> NumUpdates:
         if value in ("step", "index") or value is None:
             return value  # type: ignore[no-any-return]
         try:
@@ -170,7 +180,7 @@ def summary(plan: ReplayPlan, output: Path) -> dict[str, Any]:
         "num_updates": s.num_updates,
         "order": s.order,
         "output": str(output),
-        "passthrough": [t.name for t in plan.passthrough],
+        "passthrough": sorted(t.name for t in plan.passthrough),
         "precision": s.precision,
         "tool": TOOL,
         "zero_debias": s.zero_debias,
@@ -236,20 +246,93 @@ def _human_size(n: int) -> str:
 
 @cli.command(context_settings={"max_content_width": 100})
 @click.argument("checkpoints", nargs=-1, required=True, metavar="CHECKPOINT...")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The averaged checkpoint to write; its suffix picks the format (.safetensors).")
-@click.option("--decay", required=True, type=float, help="TF's decay, 0 <= D <= 1 (typically 0.99-0.9999). Used as a float32, as TF does.")
-@click.option("--num-updates", type=NumUpdatesType(), default=None, help="TF's num_updates: a fixed count N, each checkpoint's 'step' number, or its 0-based 'index' in the replay. The decay used is min(decay, (1+n)/(10+n)). [default: off]")
-@click.option("--zero-debias", is_flag=True, help="Shadows start at zero and are debiased (TF's zero_debias=True for tensors). Default: shadows start at the first checkpoint.")
-@click.option("--name", "ema_name", default=engine.DEFAULT_EMA_NAME, show_default=True, help="The EMA name: shadow names are '<tensor>/<name>'.")
-@click.option("--names", type=click.Choice(["original", "shadow"]), default="original", show_default=True, help="Names of the averaged tensors in the output: 'original' makes a drop-in checkpoint, 'shadow' uses TF's shadow names.")
-@click.option("--mapping", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Where to write the name mapping (JSON).  [default: OUTPUT with its suffix replaced by .mapping.json]")
-@click.option("--order", type=click.Choice(["step", "given"]), default="step", show_default=True, help="'step' sorts checkpoints by the step number in their names (ckpt-2 before ckpt-10); 'given' keeps the command-line order.")
-@click.option("--include", multiple=True, metavar="GLOB", help="Average only tensors whose names match (shell-style; repeatable). Others are copied from the last checkpoint.")
-@click.option("--exclude", multiple=True, metavar="GLOB", help="Do not average tensors whose names match (repeatable); they are copied from the last checkpoint.")
-@click.option("--precision", type=click.Choice(["auto", "native"]), default="auto", show_default=True, help="'auto' averages float16/bfloat16 in float32 and rounds once when writing; 'native' is TF's arithmetic in each tensor's own dtype.")
-@click.option("--strict", is_flag=True, help="Refuse tensors TF's EMA cannot average (integers, bools, float8) instead of copying them from the last checkpoint.")
-@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary (the mapping file's content plus 'mapping_file') on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary on stderr (errors are still shown).")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The averaged checkpoint to write; its suffix picks the format (.safetensors).",
+)
+@click.option(
+    "--decay",
+    required=True,
+    type=float,
+    help="TF's decay, 0 <= D <= 1 (typically 0.99-0.9999). Used as a float32, as TF does.",
+)
+@click.option(
+    "--num-updates",
+    type=NumUpdatesType(),
+    default=None,
+    help="TF's num_updates: a fixed count N, each checkpoint's 'step' number, or its 0-based 'index' in the replay. The decay used is min(decay, (1+n)/(10+n)). [default: off]",
+)
+@click.option(
+    "--zero-debias",
+    is_flag=True,
+    help="Shadows start at zero and are debiased (TF's zero_debias=True for tensors). Default: shadows start at the first checkpoint.",
+)
+@click.option(
+    "--name",
+    "ema_name",
+    default=engine.DEFAULT_EMA_NAME,
+    show_default=True,
+    help="The EMA name: shadow names are '<tensor>/<name>'.",
+)
+@click.option(
+    "--names",
+    type=click.Choice(["original", "shadow"]),
+    default="original",
+    show_default=True,
+    help="Names of the averaged tensors in the output: 'original' makes a drop-in checkpoint, 'shadow' uses TF's shadow names.",
+)
+@click.option(
+    "--mapping",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Where to write the name mapping (JSON).  [default: OUTPUT with its suffix replaced by .mapping.json]",
+)
+@click.option(
+    "--order",
+    type=click.Choice(["step", "given"]),
+    default="step",
+    show_default=True,
+    help="'step' sorts checkpoints by the step number in their names (ckpt-2 before ckpt-10); 'given' keeps the command-line order.",
+)
+@click.option(
+    "--include",
+    multiple=True,
+    metavar="GLOB",
+    help="Average only tensors whose names match (shell-style; repeatable). Others are copied from the last checkpoint.",
+)
+@click.option(
+    "--exclude",
+    multiple=True,
+    metavar="GLOB",
+    help="Do not average tensors whose names match (repeatable); they are copied from the last checkpoint.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "native"]),
+    default="auto",
+    show_default=True,
+    help="'auto' averages float16/bfloat16 in float32 and rounds once when writing; 'native' is TF's arithmetic in each tensor's own dtype.",
+)
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Refuse tensors TF's EMA cannot average (integers, bools, float8) instead of copying them from the last checkpoint.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print a machine-readable summary (the mapping file's content plus 'mapping_file') on stdout.",
+)
+@click.option(
+    "-q",
+    "--quiet",
+    is_flag=True,
+    help="No progress bar and no summary on stderr (errors are still shown).",
+)
 def average(
     checkpoints: tuple[str, ...],
     output: Path,
@@ -303,7 +386,9 @@ def average(
     for given, file in zip(ordered, files, strict=True):
         for target, what in ((output, "output"), (mapping_path, "mapping file")):
             if _same_file(file, target):
-                raise OptionError(f"{target}: the {what} is one of the input checkpoints ({given.path})")
+                raise OptionError(
+                    f"{target}: the {what} is one of the input checkpoints ({given.path})"
+                )
 
     with contextlib.ExitStack() as stack:
         readers = [stack.enter_context(open_checkpoint(f)) for f in files]
@@ -333,7 +418,9 @@ def average(
     write_file_atomically(mapping_path, mapping_bytes)
 
     if as_json:
-        click.echo(json.dumps({**report, "mapping_file": str(mapping_path)}, indent=2, sort_keys=True))
+        click.echo(
+            json.dumps({**report, "mapping_file": str(mapping_path)}, indent=2, sort_keys=True)
+        )
     if not quiet:
         first, last = plan.checkpoints[0].path, plan.checkpoints[-1].path
         span = first if len(plan.checkpoints) == 1 else f"{first} ... {last}"

@@ -6,6 +6,8 @@ Pure arithmetic: no files, no printing. Everything here reproduces
 * ``d = float32(decay)``; with ``num_updates`` ``n``: ``d = min(d, (1 + n) / (10 + n))`` in float32;
 * ``c = float32(1) - d``, computed in float32, then cast to the shadow's dtype;
 * one update is TF's ``assign_sub``: ``s = s - (s - x) * c``, each operation rounded in the dtype;
+* TensorFlow's CPU kernels run with subnormals flushed to zero (x86 FTZ+DAZ, Arm FZ), so a
+  subnormal input or result is zero; ``tf_float_mode()`` sets the same mode for a thread;
 * zero debias keeps a biased accumulator ``b`` (updated like ``s``) and a ``local_step`` counter of
   the same dtype; the shadow is ``b / (1 - (1 - c) ** local_step)`` with the *latest* ``c``.
 
@@ -14,8 +16,14 @@ State is updated in place so a replay can stream blocks of a tensor through it w
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import platform
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -78,7 +86,7 @@ def coefficient(decay: np.float32, dtype: np.dtype[np.generic]) -> np.generic:
     So float64 with decay 0.999 uses c = 0.0009999871253967285, not 0.001.
     """
     c32 = np.float32(1.0) - np.float32(decay)
-    return np.asarray(c32, dtype=np.float32).astype(dtype)[()]  # type: ignore[no-any-return]
+    return cast(np.generic, np.asarray(c32, dtype=np.float32).astype(dtype)[()])
 
 
 @dataclass
@@ -138,5 +146,63 @@ def average(state: ShadowState) -> Array:
     one = dtype.type(1)
     c = np.asarray(state.last_coefficient, dtype=dtype)
     with np.errstate(all="ignore"):  # decay 1 gives 0 / 0 = NaN, as in TF
-        bias_factor = one - np.power(one - c, state.local_step)
+        bias_factor = np.subtract(one, np.power(np.subtract(one, c), state.local_step))
         return np.asarray(np.divide(state.value, bias_factor.astype(dtype)))
+
+
+# --- TensorFlow's floating-point mode -----------------------------------------------------------
+# TF sets "flush denormals to zero" on every thread that runs kernels (tensorflow/core/platform/
+# denormal.h): x86 MXCSR FTZ (bit 15) and DAZ (bit 6), Arm FPCR FZ (bit 24). Numbers below
+# float32's (or float64's) smallest normal therefore act as zero, in inputs and in results.
+# numpy has no such switch, but its kernels obey the thread's control register, so we set the
+# register through the C library's fegetenv/fesetenv for the duration of a replay.
+
+_FENV_BYTES = 64  # larger than fenv_t on every platform below
+# (machine, os) -> (byte offset of the control register in fenv_t, its width, the bits to set)
+_FLUSH_BITS = {
+    ("x86_64", "linux"): (28, 4, 0x8040),  # glibc: x87 state (28 bytes), then __mxcsr
+    ("amd64", "linux"): (28, 4, 0x8040),
+    ("aarch64", "linux"): (0, 4, 1 << 24),  # glibc: __fpcr, __fpsr
+    ("x86_64", "darwin"): (4, 4, 0x8040),  # __control, __status, __mxcsr
+    ("arm64", "darwin"): (8, 8, 1 << 24),  # __fpsr, __fpcr (64-bit each)
+}
+
+
+def _libm() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("m") or ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+_LIBM = _libm()
+_FLUSH = _FLUSH_BITS.get((platform.machine().lower(), sys.platform))
+
+
+@contextlib.contextmanager
+def tf_float_mode() -> Iterator[bool]:
+    """Run the enclosed arithmetic (in this thread) with TensorFlow's CPU floating-point mode.
+
+    Yields True when subnormals are flushed as TF flushes them; False on platforms where the
+    mode cannot be set (there, results differ from TF only for values below 1.2e-38 in float32
+    or 2.2e-308 in float64). float16 is unaffected either way: its values are normal in float32.
+    """
+    if _LIBM is None or _FLUSH is None:
+        yield False
+        return
+    offset, width, bits = _FLUSH
+    saved = (ctypes.c_uint8 * _FENV_BYTES)()
+    if _LIBM.fegetenv(saved) != 0:
+        yield False
+        return
+    raw = bytearray(bytes(saved))
+    register = int.from_bytes(raw[offset : offset + width], "little") | bits
+    raw[offset : offset + width] = register.to_bytes(width, "little")
+    flushed = (ctypes.c_uint8 * _FENV_BYTES).from_buffer(raw)
+    try:
+        _LIBM.fesetenv(flushed)
+        tiny = np.full(1, np.finfo(np.float32).smallest_subnormal, dtype=np.float32)
+        yield bool(np.multiply(tiny, np.float32(1.0))[0] == 0.0)
+    finally:
+        _LIBM.fesetenv(saved)

@@ -16,8 +16,8 @@ from typing import Literal
 import numpy as np
 
 from ema_cli import engine
-from ema_cli.errors import CheckpointError, OptionError
 from ema_cli.checkpoint import TensorInfo, strip_format_suffix
+from ema_cli.errors import CheckpointError, OptionError
 
 NumUpdates = int | Literal["step", "index"] | None
 Order = Literal["step", "given"]
@@ -60,7 +60,9 @@ class Settings:
         if isinstance(self.num_updates, int) and self.num_updates < 0:
             raise OptionError(f"--num-updates must be >= 0, got {self.num_updates}")
         if not self.ema_name or self.ema_name.startswith("/") or self.ema_name.endswith("/"):
-            raise OptionError(f"--name must be a non-empty name without a leading or trailing '/', got {self.ema_name!r}")
+            raise OptionError(
+                f"--name must be a non-empty name without a leading or trailing '/', got {self.ema_name!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -131,11 +133,7 @@ def order_checkpoints(paths: Sequence[str], settings: Settings) -> list[Checkpoi
         why = "--order step" if settings.order == "step" else "--num-updates step"
         for p, s in zip(paths, steps, strict=True):
             if s is None:
-                hint = (
-                    "; pass its folder if the folder is numbered"
-                    if "/" in p.rstrip("/")
-                    else ""
-                )
+                hint = "; pass its folder if the folder is numbered" if "/" in p.rstrip("/") else ""
                 raise CheckpointError(
                     p,
                     f"no step number in the name (needed by {why}; use --order given to keep "
@@ -214,25 +212,25 @@ def build_plan(
 
     for ckpt, header in zip(checkpoints[:-1], headers[:-1], strict=True):
         for name in averaged_names:
-            info = header.get(name)
+            found = header.get(name)
             want = template[name]
-            if info is None:
+            if found is None:
                 raise CheckpointError(
                     ckpt.path,
                     f"missing (it is in {last_path}); --exclude it to copy it from the last "
                     "checkpoint instead",
                     tensor=name,
                 )
-            if info.dtype != want.dtype:
+            if found.dtype != want.dtype:
                 raise CheckpointError(
                     ckpt.path,
-                    f"dtype {info.dtype} differs from {want.dtype} in {last_path}",
+                    f"dtype {found.dtype} differs from {want.dtype} in {last_path}",
                     tensor=name,
                 )
-            if info.shape != want.shape:
+            if found.shape != want.shape:
                 raise CheckpointError(
                     ckpt.path,
-                    f"shape {list(info.shape)} differs from {list(want.shape)} in {last_path}",
+                    f"shape {list(found.shape)} differs from {list(want.shape)} in {last_path}",
                     tensor=name,
                 )
         for name, info in header.items():
@@ -256,8 +254,7 @@ def build_plan(
             raise CheckpointError(
                 last_path,
                 f"its shadow name '{job.shadow_name}' is already a tensor of the checkpoint "
-                f"(averaging an averaged checkpoint?); --exclude '*/{settings.ema_name}' or "
-                "choose another --name",
+                f"(an averaged checkpoint?); choose another --name, or --exclude '{job.name}'",
                 tensor=job.name,
             )
         if job.shadow_name in owners:

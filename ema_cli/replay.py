@@ -55,6 +55,10 @@ class _Replayer:
 
     def run(self, block: Block) -> int:
         """Replay one block through all checkpoints and write the result; returns bytes read."""
+        with engine.tf_float_mode():
+            return self._run(block)
+
+    def _run(self, block: Block) -> int:
         job, start, stop = block.job, block.start, block.stop
         info = job.info
         if not job.averaged:
@@ -98,7 +102,9 @@ def replay(
     blocks = (
         Block(job, start, stop)
         for job in plan.tensors
-        for start, stop in iter_blocks(job.info.size, max(1, block_bytes // job.info.dtype.itemsize))
+        for start, stop in iter_blocks(
+            job.info.size, max(1, block_bytes // job.info.dtype.itemsize)
+        )
     )
     if workers <= 1:
         for block in blocks:

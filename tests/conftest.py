@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy for safetensors
+import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -21,7 +21,7 @@ def write_checkpoint(
     """Save ``tensors`` with the reference safetensors writer."""
     path.parent.mkdir(parents=True, exist_ok=True)
     safetensors.numpy.save_file(
-        {k: np.ascontiguousarray(v) for k, v in tensors.items()},
+        {k: np.asarray(v, order="C") for k, v in tensors.items()},  # keeps 0-d arrays 0-d
         str(path),
         metadata=dict(metadata or {"format": "pt"}),
     )

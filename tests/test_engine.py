@@ -28,7 +28,9 @@ def run(
     state = engine.init_state(values[0].astype(work), zero_debias=zero_debias, dtype=work)
     for i, x in enumerate(values):
         n = None if num_updates is None else num_updates[i]
-        engine.apply(state, x.astype(work), engine.coefficient(engine.effective_decay(decay, n), work))
+        engine.apply(
+            state, x.astype(work), engine.coefficient(engine.effective_decay(decay, n), work)
+        )
     return np.asarray(engine.average(state)).astype(dtype)
 
 
@@ -94,7 +96,9 @@ def test_float16_local_step_saturates_in_native_precision() -> None:
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64])
 @pytest.mark.parametrize("precision", ["auto", "native"])
 @pytest.mark.parametrize("zero_debias", [False, True])
-def test_dtype_and_shape_are_kept(dtype: type, precision: engine.Precision, zero_debias: bool) -> None:
+def test_dtype_and_shape_are_kept(
+    dtype: type, precision: engine.Precision, zero_debias: bool
+) -> None:
     xs = [np.full((2, 3), v, dtype=dtype) for v in (1.0, 2.0)]
     out = run(xs, 0.9, zero_debias=zero_debias, precision=precision)
     assert out.dtype == np.dtype(dtype) and out.shape == (2, 3)
@@ -120,9 +124,7 @@ def test_names() -> None:
 
 
 finite = st.floats(-1e6, 1e6, allow_nan=False, width=32)
-sequences = st.lists(
-    hnp.arrays(np.float32, 5, elements=finite), min_size=1, max_size=8
-)
+sequences = st.lists(hnp.arrays(np.float32, 5, elements=finite), min_size=1, max_size=8)
 decays = st.floats(0.0, 1.0, allow_nan=False)
 
 
@@ -134,7 +136,9 @@ def test_constant_sequence_stays_constant(x: np.ndarray, n: int, decay: float) -
 
 @settings(max_examples=200, deadline=None)
 @given(xs=sequences, decay=decays, zero_debias=st.booleans())
-def test_result_lies_between_min_and_max(xs: list[np.ndarray], decay: float, zero_debias: bool) -> None:
+def test_result_lies_between_min_and_max(
+    xs: list[np.ndarray], decay: float, zero_debias: bool
+) -> None:
     if zero_debias and np.float32(decay) == 1.0:
         return  # c = 0 makes the bias factor 0: TF (and we) return 0 / 0 = NaN
     out = run(xs, decay, zero_debias=zero_debias)
@@ -163,15 +167,22 @@ def test_decay_zero_returns_the_last_and_decay_one_the_first(xs: list[np.ndarray
 
 @settings(max_examples=100, deadline=None)
 @given(xs=sequences, decay=decays)
-def test_zero_debias_after_one_checkpoint_is_that_checkpoint(xs: list[np.ndarray], decay: float) -> None:
+def test_zero_debias_after_one_checkpoint_is_that_checkpoint(
+    xs: list[np.ndarray], decay: float
+) -> None:
     out = run(xs[:1], decay, zero_debias=True)
     if np.float32(decay) < 1.0:  # at float32 1.0, c = 0 and TF divides 0 by 0
-        np.testing.assert_allclose(out, xs[0], rtol=1e-6, atol=0)
+        np.testing.assert_allclose(out, xs[0], rtol=1e-6, atol=1e-30)  # x * c may underflow
 
 
 @settings(max_examples=100, deadline=None)
 @given(xs=sequences, decay=decays, zero_debias=st.booleans(), split=st.integers(1, 4))
-def test_blockwise_equals_whole_tensor(xs: list[np.ndarray], decay: float, zero_debias: bool, split: int) -> None:
+def test_blockwise_equals_whole_tensor(
+    xs: list[np.ndarray], decay: float, zero_debias: bool, split: int
+) -> None:
     whole = run(xs, decay, zero_debias=zero_debias)
-    parts = [run([x[i : i + split] for x in xs], decay, zero_debias=zero_debias) for i in range(0, 5, split)]
+    parts = [
+        run([x[i : i + split] for x in xs], decay, zero_debias=zero_debias)
+        for i in range(0, 5, split)
+    ]
     assert np.array_equal(np.concatenate(parts), whole, equal_nan=True)

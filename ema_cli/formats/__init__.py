@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ema_cli.errors import CheckpointError, OptionError
 from ema_cli.checkpoint import CHECKPOINT_SUFFIXES, TensorInfo, strip_format_suffix
+from ema_cli.errors import CheckpointError, OptionError
 from ema_cli.formats.base import CheckpointReader, CheckpointWriter
 from ema_cli.formats.safetensors import SafetensorsReader, SafetensorsWriter
 

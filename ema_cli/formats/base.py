@@ -44,7 +44,11 @@ class CheckpointReader(ABC):
 
     @abstractmethod
     def read(
-        self, name: str, start: int = 0, stop: int | None = None, out: npt.NDArray[np.generic] | None = None
+        self,
+        name: str,
+        start: int = 0,
+        stop: int | None = None,
+        out: npt.NDArray[np.generic] | None = None,
     ) -> npt.NDArray[np.generic]:
         """Elements ``[start, stop)`` of tensor ``name`` in flat (C) order, as a 1-D array.
 
@@ -58,7 +62,10 @@ class CheckpointReader(ABC):
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.close()
 
@@ -103,7 +110,10 @@ class CheckpointWriter(ABC):
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         if exc_type is not None:
             self.abort()

@@ -10,6 +10,7 @@ memory stays at its block buffers however large the file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -22,14 +23,9 @@ import ml_dtypes
 import numpy as np
 import numpy.typing as npt
 
+from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import CheckpointError, TruncatedCheckpointError
-from ema_cli.formats.base import (
-    CheckpointReader,
-    CheckpointWriter,
-    TensorInfo,
-    publish,
-    temporary_sibling,
-)
+from ema_cli.formats.base import CheckpointReader, CheckpointWriter, publish, temporary_sibling
 
 SUFFIXES = (".safetensors",)
 
@@ -103,7 +99,8 @@ class SafetensorsReader(CheckpointReader):
         prefix = os.pread(self._fd, 8, 0)
         if len(prefix) < 8:
             raise TruncatedCheckpointError(
-                path, f"not a safetensors file (only {self.file_size} bytes, too short for a header)"
+                path,
+                f"not a safetensors file (only {self.file_size} bytes, too short for a header)",
             )
         (header_len,) = struct.unpack("<Q", prefix)
         if header_len > MAX_HEADER_BYTES:
@@ -122,7 +119,9 @@ class SafetensorsReader(CheckpointReader):
         try:
             header = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(path, f"not a safetensors file (header is not JSON: {e})") from None
+            raise CheckpointError(
+                path, f"not a safetensors file (header is not JSON: {e})"
+            ) from None
         if not isinstance(header, dict):
             raise CheckpointError(path, "not a safetensors file (header is not a JSON object)")
         self.data_start = 8 + header_len
@@ -187,7 +186,7 @@ class SafetensorsReader(CheckpointReader):
             out = np.empty(count, dtype=info.dtype)
         itemsize = info.dtype.itemsize
         offset = self.data_start + self._spans[name][0] + start * itemsize
-        view = memoryview(out.view(np.uint8))
+        view = out.view(np.uint8).data
         got = _read_exact(self._fd, view, offset)
         if got != count * itemsize:
             raise TruncatedCheckpointError(
@@ -290,7 +289,7 @@ class SafetensorsWriter(CheckpointWriter):
         info = self._infos[name]
         if values.dtype != info.dtype:
             raise TypeError(f"{name}: got {values.dtype}, expected {info.dtype}")
-        data = memoryview(np.ascontiguousarray(values).view(np.uint8))
+        data = np.ascontiguousarray(values).view(np.uint8).data
         offset = self._offsets[name] + start * info.dtype.itemsize
         fd = self._file.fileno()
         done = 0
@@ -313,7 +312,5 @@ class SafetensorsWriter(CheckpointWriter):
             return
         self._done = True
         self._file.close()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self._tmp.unlink()
-        except FileNotFoundError:
-            pass

@@ -1,0 +1,573 @@
+"""Sharded safetensors folders in the Hugging Face convention, read and written as one checkpoint.
+
+Layout (what ``transformers``' ``save_pretrained`` writes): a folder holding
+``model.safetensors.index.json`` -- ``{"metadata": {"total_size": N}, "weight_map": {tensor:
+shard file}}`` -- and shard files ``model-00001-of-0000N.safetensors``, each an ordinary
+safetensors file; a model small enough for one shard is a plain ``model.safetensors`` with no
+index. Beside the weights live the files that make the folder loadable (``config.json``,
+tokenizer files, ...), which the writer copies from the template checkpoint.
+
+Reading delegates every shard to :class:`SafetensorsReader`. Shards are opened lazily through a
+small least-recently-used cache: a replay opens tens of checkpoints of up to hundreds of shards
+each, so keeping every shard open would exhaust file descriptors, while the replay's tensor-major
+order (the template's order: shard by shard) means only a couple of shards per checkpoint are in
+use at any time.
+
+Writing lays every shard out up front with the single-file writer's precomputed header, stores
+blocks with positioned writes into a hidden temporary folder beside the destination, and moves
+the finished folder into place on ``commit()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from decimal import Decimal, InvalidOperation
+from pathlib import Path, PurePosixPath
+from typing import Generic, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from ema_cli.checkpoint import CHECKPOINT_SUFFIXES, TensorInfo
+from ema_cli.errors import CheckpointError, OptionError
+from ema_cli.formats.base import CheckpointReader, CheckpointWriter
+from ema_cli.formats.safetensors import SafetensorsReader, build_header
+
+#: The index that makes a folder one sharded checkpoint.
+INDEX_NAME = "model.safetensors.index.json"
+#: The single-file name Hugging Face uses when everything fits in one shard.
+SINGLE_NAME = "model.safetensors"
+#: ``save_pretrained``'s default shard limit ("5GB", decimal).
+DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
+#: Shards a reader keeps open: two replay threads plus one shard boundary each.
+DEFAULT_OPEN_SHARDS = 4
+
+#: Weight files in other formats (and their indexes) are not copied into an output folder: they
+#: would hold the template's un-averaged weights next to the averaged ones, and a loader that
+#: prefers them (``use_safetensors=False``, other frameworks) would silently load stale values.
+_OTHER_WEIGHT_SUFFIXES = (*CHECKPOINT_SUFFIXES, ".msgpack", ".gguf", ".onnx")
+
+_UNITS = {
+    "B": 1,
+    "kB": 1000,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "TB": 1000**4,
+    "KiB": 1024,
+    "MiB": 1024**2,
+    "GiB": 1024**3,
+    "TiB": 1024**4,
+}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*")
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"`` -> 5_000_000_000: a byte count, as ``--max-shard-size`` takes it.
+
+    Decimal units (B, kB/KB, MB, GB, TB: powers of 1000, as Hugging Face reads "5GB"), binary
+    ones (KiB, MiB, GiB, TiB: powers of 1024), or a plain integer of bytes. Units are
+    case-sensitive on purpose: Hugging Face reads a lower-case trailing ``b`` ("5Gb") as bits,
+    so we refuse such spellings rather than guess.
+    """
+    units = ", ".join(_UNITS)
+    match = _SIZE.fullmatch(text)
+    if match is None or (match.group(2) and match.group(2) not in _UNITS):
+        raise ValueError(
+            f"invalid size {text!r}: expected bytes or a number with a unit ({units}), "
+            "e.g. 5GB or 500MiB"
+        )
+    number, unit = match.groups()
+    try:
+        size = int(Decimal(number) * _UNITS[unit or "B"])
+    except InvalidOperation:  # pragma: no cover - the pattern only lets decimals through
+        raise ValueError(f"invalid size {text!r}") from None
+    if size < 1:
+        raise ValueError(f"invalid size {text!r}: must be at least 1 byte")
+    return size
+
+
+def shard_file_names(count: int) -> list[str]:
+    """Hugging Face's shard names: ``model-00001-of-00003.safetensors``..., or the single
+    ``model.safetensors`` when there is one shard (``from_pretrained`` then finds no index)."""
+    if count == 1:
+        return [SINGLE_NAME]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def split_into_shards(tensors: Sequence[TensorInfo], max_shard_size: int) -> list[list[TensorInfo]]:
+    """Group tensors, in the order given, into shards of at most ``max_shard_size`` data bytes.
+
+    Hugging Face's rule: a new shard starts when adding the next tensor would exceed the limit
+    (never while the current shard is empty), so a tensor larger than the limit sits alone in
+    its own shard. The order is kept and nothing is rearranged to fill shards better: sizes 6, 6,
+    2, 6, 2, 2 under a limit of 10 give [6], [6, 2], [6, 2, 2]. There is always at least one
+    shard, so a checkpoint without tensors is still a loadable ``model.safetensors``.
+    """
+    if max_shard_size < 1:
+        raise ValueError(f"max_shard_size must be at least 1 byte, got {max_shard_size}")
+    shards: list[list[TensorInfo]] = [[]]
+    used = 0
+    for info in tensors:
+        if shards[-1] and used + info.nbytes > max_shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(info)
+        used += info.nbytes
+    return shards
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _OpenHandles(Generic[K, V]):
+    """At most ``capacity`` open handles, the least recently used closed first; thread-safe.
+
+    A handle is pinned while a thread uses it, so it is never closed under a positioned read or
+    write; when every handle is pinned the cache briefly holds more than ``capacity``.
+    """
+
+    def __init__(self, opener: Callable[[K], V], closer: Callable[[V], None], capacity: int):
+        self._opener = opener
+        self._closer = closer
+        self._capacity = max(1, capacity)
+        self._lock = threading.Lock()
+        self._handles: OrderedDict[K, V] = OrderedDict()
+        self._pins: dict[K, int] = {}
+
+    @contextlib.contextmanager
+    def use(self, key: K) -> Iterator[V]:
+        with self._lock:
+            handle = self._handles.get(key)
+            if handle is None:
+                # Opened under the lock so two threads never open the same shard twice.
+                handle = self._opener(key)
+                self._handles[key] = handle
+            self._handles.move_to_end(key)
+            self._pins[key] = self._pins.get(key, 0) + 1
+            self._evict()
+        try:
+            yield handle
+        finally:
+            with self._lock:
+                self._pins[key] -= 1
+                if not self._pins[key]:
+                    del self._pins[key]
+                self._evict()
+
+    def _evict(self) -> None:
+        for key in list(self._handles):
+            if len(self._handles) <= self._capacity:
+                return
+            if key not in self._pins:
+                self._closer(self._handles.pop(key))
+
+    def close_all(self) -> None:
+        with self._lock:
+            while self._handles:
+                _, handle = self._handles.popitem(last=False)
+                self._closer(handle)
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+
+class ShardedReader(CheckpointReader):
+    """A folder holding ``model.safetensors.index.json`` and its shards, as one checkpoint.
+
+    A folder with a single ``model.safetensors`` and no index is read as a one-shard checkpoint.
+    ``tensors`` lists every tensor of the index, shard by shard (shard files in name order), in
+    file order within a shard; ``metadata`` is the first shard's ``__metadata__``.
+
+    Tensors a shard holds but the index does not list are ignored (and listed in
+    ``unindexed``): the index is what defines the checkpoint, and ``from_pretrained`` treats such
+    tensors as unexpected keys rather than weights. Index tensors missing from their shard are
+    errors.
+    """
+
+    format_name = "safetensors (sharded)"
+
+    def __init__(self, path: Path, max_open_shards: int = DEFAULT_OPEN_SHARDS) -> None:
+        super().__init__(path)
+        if not path.is_dir():
+            raise CheckpointError(path, "not a folder (a sharded checkpoint is a folder)")
+        index_path = path / INDEX_NAME
+        if index_path.is_file():
+            weight_map = _read_index(index_path)
+        elif (path / SINGLE_NAME).is_file():
+            weight_map = None
+        else:
+            raise CheckpointError(path, f"folder holds neither {INDEX_NAME} nor {SINGLE_NAME}")
+
+        by_shard: dict[str, list[str]] = {}
+        if weight_map is None:
+            by_shard[SINGLE_NAME] = []  # filled from the shard's own header below
+        else:
+            for name, shard in weight_map.items():
+                by_shard.setdefault(shard, []).append(name)
+
+        indexed = set(weight_map) if weight_map is not None else set()
+        tensors: dict[str, TensorInfo] = {}
+        self._shard_of: dict[str, str] = {}
+        self._unindexed: dict[str, str] = {}
+        self._metadata: dict[str, str] = {}
+        for position, shard in enumerate(sorted(by_shard)):
+            shard_path = path / shard
+            listed = by_shard[shard]
+            if not shard_path.is_file():
+                raise CheckpointError(
+                    shard_path,
+                    f"shard listed in {INDEX_NAME} is missing"
+                    + (f" ({len(listed) - 1} more tensors are mapped to it)" if listed[1:] else ""),
+                    tensor=listed[0] if listed else None,
+                )
+            with SafetensorsReader(shard_path) as reader:
+                header = dict(reader.tensors)
+                if position == 0:
+                    self._metadata = dict(reader.metadata)
+            wanted = set(listed) if weight_map is not None else set(header)
+            for name in listed:
+                if name not in header:
+                    raise CheckpointError(
+                        shard_path, f"missing from this shard ({INDEX_NAME} maps it here)", name
+                    )
+            for name, info in header.items():  # file order
+                if name in wanted:
+                    tensors[name] = info
+                    self._shard_of[name] = shard
+                elif name not in indexed:  # indexed elsewhere: a stale copy, not an extra
+                    self._unindexed[name] = shard
+        self._tensors = tensors
+        self._shards = _OpenHandles[str, SafetensorsReader](
+            self._open_shard, SafetensorsReader.close, max_open_shards
+        )
+        self._closed = False
+
+    def _open_shard(self, shard: str) -> SafetensorsReader:
+        reader = SafetensorsReader(self.path / shard)
+        try:
+            for name, shard_of in self._shard_of.items():
+                if shard_of == shard and reader.tensors.get(name) != self._tensors[name]:
+                    raise CheckpointError(
+                        reader.path, "changed since the checkpoint was opened", tensor=name
+                    )
+        except BaseException:
+            reader.close()
+            raise
+        return reader
+
+    @property
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        return self._tensors
+
+    @property
+    def metadata(self) -> Mapping[str, str]:
+        return self._metadata
+
+    @property
+    def shard_files(self) -> dict[str, str]:
+        """Tensor name -> the shard file (relative to the folder) holding it."""
+        return dict(self._shard_of)
+
+    @property
+    def unindexed(self) -> dict[str, str]:
+        """Tensors found in a shard but not listed in the index (ignored) -> their shard."""
+        return dict(self._unindexed)
+
+    def read(
+        self,
+        name: str,
+        start: int = 0,
+        stop: int | None = None,
+        out: npt.NDArray[np.generic] | None = None,
+    ) -> npt.NDArray[np.generic]:
+        if self._closed:
+            raise ValueError(f"{self.path}: read from a closed checkpoint")
+        shard = self._shard_of[name]
+        with self._shards.use(shard) as reader:
+            return reader.read(name, start, stop, out)
+
+    def close(self) -> None:
+        self._closed = True
+        self._shards.close_all()
+
+    @property
+    def open_shards(self) -> int:
+        """How many shard files are open now (for tests and diagnostics)."""
+        return len(self._shards)
+
+
+def _read_index(index_path: Path) -> dict[str, str]:
+    """The index's ``weight_map``, checked: a JSON object of tensor -> shard path inside the
+    folder (an index naming ``../elsewhere`` must not make us read files outside it)."""
+    try:
+        index = json.loads(index_path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise CheckpointError(index_path, f"cannot read: {e.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(index_path, f"not a safetensors index (not JSON: {e})") from None
+    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+        raise CheckpointError(
+            index_path, 'not a safetensors index (no "weight_map" object mapping tensors to shards)'
+        )
+    weight_map: dict[str, str] = {}
+    for name, shard in index["weight_map"].items():
+        if not isinstance(shard, str) or not shard.endswith(".safetensors"):
+            raise CheckpointError(
+                index_path, f"weight_map names {shard!r}, not a .safetensors file", tensor=name
+            )
+        pure = PurePosixPath(shard)
+        if pure.is_absolute() or ".." in pure.parts or "\\" in shard:
+            raise CheckpointError(
+                index_path, f"weight_map names {shard!r}, outside the checkpoint folder", name
+            )
+        weight_map[name] = shard
+    if not weight_map:
+        raise CheckpointError(index_path, "weight_map lists no tensors")
+    return weight_map
+
+
+def template_folder(template: CheckpointReader | None) -> Path | None:
+    """The model folder whose side files an output folder should carry, if the template has one.
+
+    A sharded template is a folder; a template file named ``model.safetensors`` is Hugging
+    Face's single-shard layout, so its folder is a model folder too. Any other file (say
+    ``run/ckpt-500.safetensors``) sits in a folder of checkpoints, whose other files are not
+    part of the model and are not copied.
+    """
+    if template is None:
+        return None
+    if template.path.is_dir():
+        return template.path
+    if template.path.name == SINGLE_NAME:
+        return template.path.parent
+    return None
+
+
+def side_files(folder: Path) -> list[Path]:
+    """The files of a model folder that are not weights: config, tokenizer, generation config...
+
+    Skipped: weight files in any format and their indexes (see ``_OTHER_WEIGHT_SUFFIXES``),
+    hidden files (``.gitattributes``, editor and OS droppings, our own temporaries) and
+    subfolders (a ``.git`` or an ``original/`` folder of full-precision weights is not part of
+    the loadable model). Symlinks are followed, so a Hugging Face cache snapshot -- a folder of
+    links into ``blobs/`` -- is copied as real files.
+    """
+    files = []
+    for entry in sorted(folder.iterdir()):
+        name = entry.name
+        if name.startswith(".") or not entry.is_file():
+            continue
+        bare = name.lower().removesuffix(".index.json")
+        if bare.endswith(_OTHER_WEIGHT_SUFFIXES):
+            continue
+        files.append(entry)
+    return files
+
+
+def check_output_folder(path: Path, template: CheckpointReader | None = None) -> None:
+    """Refuse a destination whose replacement would destroy what is not an earlier output.
+
+    ``commit()`` replaces a whole existing folder, so that folder must look like a checkpoint
+    this writer could have made (it holds ``model.safetensors`` or the index, and no
+    subfolders) or be empty; and it must not hold the template, which is still being read.
+    """
+    if not path.parent.is_dir():
+        raise OptionError(f"{path}: folder {path.parent} does not exist")
+    if template is not None:
+        real = Path(os.path.realpath(path))
+        source = Path(os.path.realpath(template.path))
+        if source == real or real in source.parents:
+            raise OptionError(
+                f"{path}: the output folder would replace the input checkpoint {template.path}"
+            )
+    if not (path.exists() or path.is_symlink()):
+        return
+    if not path.is_dir():
+        raise OptionError(f"{path}: exists and is not a folder; refusing to replace it")
+    entries = list(path.iterdir())
+    if not entries:
+        return
+    if not ((path / INDEX_NAME).is_file() or (path / SINGLE_NAME).is_file()):
+        raise OptionError(
+            f"{path}: folder exists and holds no safetensors checkpoint; refusing to replace it "
+            "(name a new output folder)"
+        )
+    subfolders = [e.name for e in entries if e.is_dir()]
+    if subfolders:
+        raise OptionError(
+            f"{path}: folder holds subfolders ({', '.join(sorted(subfolders)[:3])}); refusing to "
+            "replace it (name a new output folder)"
+        )
+
+
+class ShardedWriter(CheckpointWriter):
+    """Writes a Hugging Face model folder: shards, index and the template's side files.
+
+    Everything is built in a hidden sibling ``.<name>.tmp-XXXXXXXX`` and appears at ``path`` on
+    ``commit()``. An existing folder at ``path`` (an earlier output) is swapped out: renamed
+    aside to ``.<name>.old-XXXXXXXX``, the new folder renamed in, then the old one deleted. POSIX
+    has no atomic exchange of two non-empty folders, so a crash between the two renames leaves no
+    folder at ``path`` but the complete earlier output at ``.<name>.old-XXXXXXXX``: rename it
+    back to recover. Nothing outside the temporary folder is touched before ``commit()``.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        tensors: Sequence[TensorInfo],
+        metadata: Mapping[str, str],
+        template: CheckpointReader | None = None,
+        max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    ) -> None:
+        super().__init__(path, tensors, metadata, template)
+        names = [t.name for t in self.tensors]
+        if len(set(names)) != len(names):
+            raise ValueError("duplicate tensor names")
+        check_output_folder(path, template)
+        self._shards = split_into_shards(self.tensors, max_shard_size)
+        self._files = shard_file_names(len(self._shards))
+        self._infos = {t.name: t for t in self.tensors}
+        self._expected = sum(t.nbytes for t in self.tensors)
+        self._written = 0
+        self._lock = threading.Lock()
+        self._done = False
+        self._tmp = _unique_sibling(path, "tmp")
+        os.mkdir(self._tmp, 0o777)  # the umask applies, so the published folder gets usual modes
+        self._handles = _OpenHandles[int, int](self._open_shard, os.close, DEFAULT_OPEN_SHARDS)
+        try:
+            self._where: dict[str, tuple[int, int]] = {}
+            for number, shard in enumerate(self._shards):
+                header, offsets = build_header(shard, self.metadata)
+                for info in shard:
+                    self._where[info.name] = (number, offsets[info.name])
+                size = len(header) + sum(t.nbytes for t in shard)
+                _create_file(self._tmp / self._files[number], header, size)
+            # Copied now, not at commit, so an unreadable config fails before the long replay.
+            source = template_folder(template)
+            for side in side_files(source) if source is not None else []:
+                shutil.copyfile(side, self._tmp / side.name)
+        except BaseException:
+            self.abort()
+            raise
+
+    @property
+    def shard_names(self) -> list[str]:
+        """The shard files this writer produces, in order."""
+        return list(self._files)
+
+    def _open_shard(self, number: int) -> int:
+        return os.open(self._tmp / self._files[number], os.O_WRONLY)
+
+    def write(self, name: str, start: int, values: npt.NDArray[np.generic]) -> None:
+        if self._done:
+            raise RuntimeError(f"{self.path}: write after commit() or abort()")
+        info = self._infos[name]
+        if values.dtype != info.dtype:
+            raise TypeError(f"{name}: got {values.dtype}, expected {info.dtype}")
+        if start < 0 or start + values.size > info.size:
+            raise ValueError(
+                f"{name}: elements [{start}, {start + values.size}) outside its {info.size}"
+            )
+        data = np.ascontiguousarray(values).reshape(-1).view(np.uint8).data
+        number, base = self._where[name]
+        offset = base + start * info.dtype.itemsize
+        with self._handles.use(number) as fd:
+            done = 0
+            while done < len(data):
+                done += os.pwrite(fd, data[done:], offset + done)
+        with self._lock:
+            self._written += len(data)
+
+    def commit(self) -> None:
+        if self._done:
+            raise RuntimeError(f"{self.path}: commit() after commit() or abort()")
+        if self._written != self._expected:
+            raise RuntimeError(
+                f"internal error: wrote {self._written} of {self._expected} bytes of {self.path}"
+            )
+        self._handles.close_all()
+        if len(self._files) > 1:
+            index = {
+                "metadata": {"total_size": self._expected},
+                "weight_map": {
+                    info.name: self._files[number]
+                    for number, shard in enumerate(self._shards)
+                    for info in shard
+                },
+            }
+            text = json.dumps(index, indent=2, sort_keys=True) + "\n"  # as transformers writes it
+            _create_file(self._tmp / INDEX_NAME, text.encode("utf-8"), None)
+        for entry in self._tmp.iterdir():
+            _fsync(entry, os.O_RDONLY)
+        _fsync(self._tmp, os.O_RDONLY)
+        check_output_folder(self.path, self.template)  # anything may have appeared meanwhile
+        _swap_into_place(self._tmp, self.path)
+        self._done = True
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._handles.close_all()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def _unique_sibling(path: Path, tag: str) -> Path:
+    """An unused hidden name ``.<name>.<tag>-XXXXXXXX`` beside ``path`` (same disk: renames)."""
+    while True:
+        candidate = path.with_name(f".{path.name}.{tag}-{secrets.token_hex(4)}")
+        if not (candidate.exists() or candidate.is_symlink()):
+            return candidate
+
+
+def _create_file(path: Path, head: bytes, size: int | None) -> None:
+    """A new file holding ``head``, extended (sparsely) to ``size`` bytes when given."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        view = memoryview(head)
+        while view:
+            view = view[os.write(fd, view) :]
+        if size is not None:
+            os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _fsync(path: Path, flags: int) -> None:
+    """Flush a file or folder to disk (folders: their entries), where the system allows it."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, flags)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    """Rename the finished folder to ``path``, moving an existing one aside first."""
+    old: Path | None = None
+    if path.exists() or path.is_symlink():
+        old = _unique_sibling(path, "old")
+        os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        if old is not None:
+            os.rename(old, path)
+        raise
+    _fsync(path.parent, os.O_RDONLY)
+    if old is not None:
+        if old.is_symlink() or not old.is_dir():
+            old.unlink()  # a link to a folder: the link is replaced, never its target's files
+        else:
+            shutil.rmtree(old, ignore_errors=True)
