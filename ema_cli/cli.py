@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -57,6 +59,7 @@ class EmaCliGroup(click.Group):
         argv = list(sys.argv[1:] if args is None else args)
         debug = os.environ.get("EMA_CLI_DEBUG", "") not in ("", "0") or "--debug" in argv
         status = 0
+        previous_handler = _catch_sigterm()
         try:
             rv = super().main(
                 argv, prog_name or "ema-cli", complete_var, standalone_mode=False, **extra
@@ -76,6 +79,9 @@ class EmaCliGroup(click.Group):
         except EmaCliError as e:
             _error(str(e))
             status = e.exit_code
+        except _Terminated:
+            click.echo("ema-cli: terminated; nothing was written", err=True)
+            status = 128 + signal.SIGTERM
         except (KeyboardInterrupt, click.Abort):
             click.echo("ema-cli: interrupted; nothing was written", err=True)
             status = 130
@@ -93,7 +99,25 @@ class EmaCliGroup(click.Group):
                 + "please report it"
             )
             status = 1
+        finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
         sys.exit(status)
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived: unwind like Ctrl-C so temporary files are removed."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+def _catch_sigterm() -> Any:
+    """Turn SIGTERM (what cron wrappers and CI runners send) into an exception we clean up after."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 @click.group(

@@ -31,3 +31,11 @@ class TruncatedCheckpointError(CheckpointError):
 
 class OptionError(EmaCliError):
     """An option value or a combination of options that cannot work."""
+
+
+class OutputError(EmaCliError):
+    """The output (or mapping) cannot be written: permissions, a full disk, a missing folder."""
+
+    def __init__(self, path: str | os.PathLike[str], error: OSError):
+        self.path = os.fspath(path)
+        super().__init__(f"{self.path}: cannot write: {error.strerror or error}")

@@ -656,3 +656,58 @@ def test_errors_from_a_real_process_have_no_traceback(tmp_path: Path) -> None:
         == f"ema-cli: error: {tmp_path / 'ckpt-1.safetensors'}: no such file or directory\n"
     )
     assert proc.stdout == ""
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(
+    sequence: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from ema_cli.formats import safetensors as st
+
+    def full(*args: object) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(st.os, "pwrite", full)
+    out = tmp_path / "o.safetensors"
+    assert_fails(
+        average(*sequence, "-o", out, "--decay", "0.9"),
+        str(out),
+        "cannot write: No space left on device",
+    )
+    assert not any(p.name.startswith(".o.") for p in tmp_path.iterdir())
+
+
+def test_sigterm_removes_the_temporary_output(sequence: list[Path], tmp_path: Path) -> None:
+    """A terminated run (cron timeouts, CI cancels) cleans up and exits 143."""
+    script = (
+        "import os, signal, sys\n"
+        "from ema_cli import replay\n"
+        "real = replay._Replayer.run\n"
+        "def slow(self, block):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real(self, block)\n"
+        "replay._Replayer.run = slow\n"
+        "from ema_cli.cli import cli\n"
+        "cli.main(sys.argv[1:])\n"
+    )
+    out = tmp_path / "o.safetensors"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            "average",
+            *map(str, sequence),
+            "-o",
+            str(out),
+            "--decay",
+            "0.9",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stderr == "ema-cli: terminated; nothing was written\n"
+    assert not any(p.name.startswith((".o.", "o.")) for p in tmp_path.iterdir())

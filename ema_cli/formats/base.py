@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ema_cli.checkpoint import TensorInfo
+from ema_cli.errors import OutputError
 
 
 class CheckpointReader(ABC):
@@ -123,16 +124,22 @@ class CheckpointWriter(ABC):
 
 def temporary_sibling(path: Path) -> tuple[BinaryIO, Path]:
     """A new hidden file in ``path``'s folder, so the final ``os.replace`` is a same-disk rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OutputError(path, e) from None
     return os.fdopen(fd, "w+b"), Path(tmp)
 
 
 def publish(tmp: Path, path: Path) -> None:
     """Atomically move a finished temporary file into place, durably."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644 & ~_umask())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644 & ~_umask())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(path, e) from None
     _fsync_dir(path.parent)
 
 
@@ -140,8 +147,11 @@ def write_file_atomically(path: Path, data: bytes) -> None:
     """Write a small file (a mapping, an index) through a temporary file and a rename."""
     f, tmp = temporary_sibling(path)
     try:
-        with f:
-            f.write(data)
+        try:
+            with f:
+                f.write(data)
+        except OSError as e:
+            raise OutputError(path, e) from None
         publish(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ema_cli.checkpoint import TensorInfo
-from ema_cli.errors import CheckpointError, TruncatedCheckpointError
+from ema_cli.errors import CheckpointError, OutputError, TruncatedCheckpointError
 from ema_cli.formats.base import CheckpointReader, CheckpointWriter, publish, temporary_sibling
 
 SUFFIXES = (".safetensors",)
@@ -187,7 +187,10 @@ class SafetensorsReader(CheckpointReader):
         itemsize = info.dtype.itemsize
         offset = self.data_start + self._spans[name][0] + start * itemsize
         view = out.view(np.uint8).data
-        got = _read_exact(self._fd, view, offset)
+        try:
+            got = _read_exact(self._fd, view, offset)
+        except OSError as e:
+            raise CheckpointError(self.path, f"read error: {e.strerror}", tensor=name) from None
         if got != count * itemsize:
             raise TruncatedCheckpointError(
                 self.path, "truncated: the file ended while reading this tensor", tensor=name
@@ -281,6 +284,9 @@ class SafetensorsWriter(CheckpointWriter):
             self._file.write(header)
             self._file.flush()
             self._file.truncate(len(header) + self._expected)
+        except OSError as e:
+            self.abort()
+            raise OutputError(path, e) from None
         except BaseException:
             self.abort()
             raise
@@ -293,8 +299,11 @@ class SafetensorsWriter(CheckpointWriter):
         offset = self._offsets[name] + start * info.dtype.itemsize
         fd = self._file.fileno()
         done = 0
-        while done < len(data):
-            done += os.pwrite(fd, data[done:], offset + done)
+        try:
+            while done < len(data):
+                done += os.pwrite(fd, data[done:], offset + done)
+        except OSError as e:
+            raise OutputError(self.path, e) from None
         with self._lock:
             self._written += len(data)
 

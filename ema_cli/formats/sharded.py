@@ -37,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ema_cli.checkpoint import CHECKPOINT_SUFFIXES, TensorInfo
-from ema_cli.errors import CheckpointError, OptionError
+from ema_cli.errors import CheckpointError, OptionError, OutputError
 from ema_cli.formats.base import CheckpointReader, CheckpointWriter
 from ema_cli.formats.safetensors import SafetensorsReader, build_header
 
@@ -442,7 +442,10 @@ class ShardedWriter(CheckpointWriter):
         self._lock = threading.Lock()
         self._done = False
         self._tmp = _unique_sibling(path, "tmp")
-        os.mkdir(self._tmp, 0o777)  # the umask applies, so the published folder gets usual modes
+        try:
+            os.mkdir(self._tmp, 0o777)  # the umask applies: the published folder gets usual modes
+        except OSError as e:
+            raise OutputError(path, e) from None
         self._handles = _OpenHandles[int, int](self._open_shard, os.close, DEFAULT_OPEN_SHARDS)
         try:
             self._where: dict[str, tuple[int, int]] = {}
@@ -455,7 +458,15 @@ class ShardedWriter(CheckpointWriter):
             # Copied now, not at commit, so an unreadable config fails before the long replay.
             source = template_folder(template)
             for side in side_files(source) if source is not None else []:
-                shutil.copyfile(side, self._tmp / side.name)
+                try:
+                    shutil.copyfile(side, self._tmp / side.name)
+                except OSError as e:
+                    if e.filename == os.fspath(side):  # reading the template failed
+                        raise CheckpointError(side, f"cannot read: {e.strerror}") from None
+                    raise
+        except OSError as e:
+            self.abort()
+            raise OutputError(path, e) from None
         except BaseException:
             self.abort()
             raise
@@ -481,10 +492,13 @@ class ShardedWriter(CheckpointWriter):
         data = np.ascontiguousarray(values).reshape(-1).view(np.uint8).data
         number, base = self._where[name]
         offset = base + start * info.dtype.itemsize
-        with self._handles.use(number) as fd:
-            done = 0
-            while done < len(data):
-                done += os.pwrite(fd, data[done:], offset + done)
+        try:
+            with self._handles.use(number) as fd:
+                done = 0
+                while done < len(data):
+                    done += os.pwrite(fd, data[done:], offset + done)
+        except OSError as e:  # typically a full disk
+            raise OutputError(self.path, e) from None
         with self._lock:
             self._written += len(data)
 
@@ -496,6 +510,14 @@ class ShardedWriter(CheckpointWriter):
                 f"internal error: wrote {self._written} of {self._expected} bytes of {self.path}"
             )
         self._handles.close_all()
+        try:
+            self._finish()
+        except OSError as e:
+            raise OutputError(self.path, e) from None
+        self._done = True
+
+    def _finish(self) -> None:
+        """Index, flush to disk, and move into place (the part of ``commit()`` that does I/O)."""
         if len(self._files) > 1:
             index = {
                 "metadata": {"total_size": self._expected},
@@ -512,7 +534,6 @@ class ShardedWriter(CheckpointWriter):
         _fsync(self._tmp, os.O_RDONLY)
         check_output_folder(self.path, self.template)  # anything may have appeared meanwhile
         _swap_into_place(self._tmp, self.path)
-        self._done = True
 
     def abort(self) -> None:
         if self._done:
