@@ -102,18 +102,22 @@ class ShadowState:
     last_coefficient: np.generic | None = None
 
 
-def init_state(first: Array, *, zero_debias: bool, dtype: np.dtype[np.generic]) -> ShadowState:
+def init_state(
+    first: Array, *, zero_debias: bool, dtype: np.dtype[np.generic], out: Array | None = None
+) -> ShadowState:
     """Where the shadow starts.
 
     Default (TF's behaviour for variables): a copy of the first tensor, which the first ``apply``
     then updates with that same tensor. Zero debias (TF's behaviour for plain tensors): zeros, with
-    a zero ``local_step`` scalar of the same dtype.
+    a zero ``local_step`` scalar of the same dtype. ``out`` (``first``'s shape, ``dtype``) holds
+    the shadow instead of a new array.
     """
+    value = np.empty(first.shape, dtype=dtype) if out is None else out
     if zero_debias:
-        return ShadowState(
-            value=np.zeros(first.shape, dtype=dtype), local_step=np.zeros((), dtype=dtype)
-        )
-    return ShadowState(value=np.array(first, dtype=dtype, copy=True))
+        value.fill(0)
+        return ShadowState(value=value, local_step=np.zeros((), dtype=dtype))
+    np.copyto(value, first, casting="safe")
+    return ShadowState(value=value)
 
 
 def apply(state: ShadowState, x: Array, c: np.generic, scratch: Array | None = None) -> None:

@@ -530,8 +530,8 @@ class ShardedWriter(CheckpointWriter):
             text = json.dumps(index, indent=2, sort_keys=True) + "\n"  # as transformers writes it
             _create_file(self._tmp / INDEX_NAME, text.encode("utf-8"), None)
         for entry in self._tmp.iterdir():
-            _fsync(entry, os.O_RDONLY)
-        _fsync(self._tmp, os.O_RDONLY)
+            _fsync_file(entry)
+        _fsync_folder(self._tmp)
         check_output_folder(self.path, self.template)  # anything may have appeared meanwhile
         _swap_into_place(self._tmp, self.path)
 
@@ -564,14 +564,19 @@ def _create_file(path: Path, head: bytes, size: int | None) -> None:
         os.close(fd)
 
 
-def _fsync(path: Path, flags: int) -> None:
-    """Flush a file or folder to disk (folders: their entries), where the system allows it."""
+def _fsync_file(path: Path) -> None:
+    """Flush a file's data to disk; a failure here means lost data, so it is not ignored."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(path: Path) -> None:
+    """Make a folder's entries (renames, new files) durable, where the system allows it."""
     with contextlib.suppress(OSError):
-        fd = os.open(path, flags)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_file(path)
 
 
 def _swap_into_place(tmp: Path, path: Path) -> None:
@@ -586,7 +591,7 @@ def _swap_into_place(tmp: Path, path: Path) -> None:
         if old is not None:
             os.rename(old, path)
         raise
-    _fsync(path.parent, os.O_RDONLY)
+    _fsync_folder(path.parent)
     if old is not None:
         if old.is_symlink() or not old.is_dir():
             old.unlink()  # a link to a folder: the link is replaced, never its target's files

@@ -1,0 +1,66 @@
+"""The streaming replay: block size and thread count must never change a single bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from ema_cli.formats import create_writer, open_checkpoint
+from ema_cli.plan import Settings, build_plan, order_checkpoints
+from ema_cli.replay import replay, total_bytes
+from tests.conftest import write_checkpoint
+
+SETTINGS = [
+    Settings(decay=0.9),
+    Settings(decay=0.999, num_updates="step", precision="native"),
+    Settings(decay=0.99, zero_debias=True, num_updates="index"),
+    Settings(decay=0.9, zero_debias=True, precision="native", exclude=("b*",)),
+]
+
+
+@pytest.fixture
+def checkpoints(tmp_path: Path) -> list[str]:
+    rng = np.random.default_rng(7)
+    paths = []
+    for step in (3, 17, 40, 41):
+        values = {
+            "a": rng.standard_normal((37, 11)).astype(np.float32),  # 407 elements: ragged blocks
+            "b16": rng.standard_normal(129).astype(ml_dtypes.bfloat16),
+            "h": (rng.standard_normal((5, 5, 3)) * 1e3).astype(np.float16),
+            "d": rng.standard_normal(33),
+            "scalar": np.array(rng.standard_normal(), dtype=np.float32),
+            "empty": np.zeros((0, 4), np.float32),
+            "ids": np.arange(10, dtype=np.int32) * step,
+        }
+        values["a"][0, :3] = [np.inf, -np.inf, np.nan]
+        paths.append(str(write_checkpoint(tmp_path / f"ckpt-{step}.safetensors", values)))
+    return paths
+
+
+def run(paths: list[str], settings: Settings, out: Path, block_bytes: int, workers: int) -> bytes:
+    ordered = order_checkpoints(paths, settings)
+    readers = [open_checkpoint(Path(c.path)) for c in ordered]
+    try:
+        plan = build_plan(ordered, [r.tensors for r in readers], settings)
+        with create_writer(out, plan.output_tensors, {"format": "pt"}) as writer:
+            done = sum(replay(plan, readers, writer, block_bytes=block_bytes, workers=workers))
+            writer.commit()
+        assert done == total_bytes(plan)
+    finally:
+        for r in readers:
+            r.close()
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=range(len(SETTINGS)))
+def test_block_size_and_threads_do_not_change_the_bytes(
+    checkpoints: list[str], settings: Settings, tmp_path: Path
+) -> None:
+    reference = run(checkpoints, settings, tmp_path / "ref.safetensors", 1 << 20, 1)
+    for block_bytes in (2, 8, 100, 4096):
+        for workers in (1, 2, 3):
+            got = run(checkpoints, settings, tmp_path / "x.safetensors", block_bytes, workers)
+            assert got == reference, (block_bytes, workers)
