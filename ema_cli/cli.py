@@ -27,10 +27,12 @@ from ema_cli.formats import (
     check_output_path,
     create_writer,
     find_checkpoint,
+    is_folder_output,
     open_checkpoint,
     strip_format_suffix,
 )
 from ema_cli.formats.base import write_file_atomically
+from ema_cli.formats.sharded import parse_size
 from ema_cli.plan import NumUpdates, ReplayPlan, Settings, build_plan, order_checkpoints
 from ema_cli.replay import replay, total_bytes
 
@@ -178,6 +180,29 @@ def _expand_stdin(arguments: Sequence[str]) -> list[str]:
     return paths
 
 
+def _parse_max_shard_size(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx, param) from None
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` lies in ``folder`` (at any depth, symlinks resolved)."""
+    return Path(os.path.realpath(folder)) in Path(os.path.realpath(path)).parents
+
+
+def _disk_size(path: Path) -> int:
+    """Bytes of a file, or of the files of a folder output."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    return path.stat().st_size
+
+
 def _same_file(a: Path, b: Path) -> bool:
     if os.path.realpath(a) == os.path.realpath(b):
         return True
@@ -274,8 +299,10 @@ def _human_size(n: int) -> str:
     "-o",
     "--output",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The averaged checkpoint to write; its suffix picks the format (.safetensors).",
+    type=click.Path(path_type=Path),
+    help="The averaged checkpoint to write: a .safetensors file, or a name without a suffix for "
+    "a Hugging Face model folder (shards, index, and the last checkpoint's config and tokenizer "
+    "files). An earlier output there is replaced once the new one is complete.",
 )
 @click.option(
     "--decay",
@@ -346,6 +373,14 @@ def _human_size(n: int) -> str:
     help="Refuse tensors TF's EMA cannot average (integers, bools, float8) instead of copying them from the last checkpoint.",
 )
 @click.option(
+    "--max-shard-size",
+    callback=_parse_max_shard_size,
+    metavar="SIZE",
+    help="Folder outputs: the most tensor data per shard file, e.g. 5GB, 500MB, 2GiB (GB = 10^9 "
+    "bytes as Hugging Face counts, GiB = 2^30). A bigger tensor gets a shard of its own; a model "
+    "that fits in one shard is written as model.safetensors without an index.  [default: 5GB]",
+)
+@click.option(
     "--json",
     "as_json",
     is_flag=True,
@@ -371,13 +406,15 @@ def average(
     exclude: tuple[str, ...],
     precision: str,
     strict: bool,
+    max_shard_size: int | None,
     as_json: bool,
     quiet: bool,
 ) -> None:
     """Replay CHECKPOINT... (oldest first) through the EMA and write the averaged checkpoint.
 
-    A CHECKPOINT is a .safetensors file or a folder holding one; '-' reads more paths from
-    standard input, one per line. Float tensors are averaged; all others (and excluded ones)
+    A CHECKPOINT is a .safetensors file, a folder holding one, or a sharded Hugging Face model
+    folder (model.safetensors.index.json and its shards); '-' reads more paths from standard
+    input, one per line. Float tensors are averaged; all others (and excluded ones)
     are copied from the last checkpoint, so the output loads wherever the inputs load.
 
     \b
@@ -385,6 +422,7 @@ def average(
       ema-cli average run/ckpt-*.safetensors -o ema.safetensors --decay 0.999
       ema-cli average run/ckpt-*.safetensors -o ema.safetensors --decay 0.9999 --num-updates step
       ls run/*.safetensors | ema-cli average - -o ema.safetensors --decay 0.99 --json
+      ema-cli average run/checkpoint-* -o run-ema --decay 0.999 --max-shard-size 2GB
 
     Exit status: 0 done, 2 bad input or options (one line on stderr, nothing written), 1 bug.
     """
@@ -401,6 +439,12 @@ def average(
         strict=strict,
     )
     check_output_path(output)
+    folder_output = is_folder_output(output)
+    if max_shard_size is not None and not folder_output:
+        raise OptionError(
+            f"--max-shard-size applies to folder outputs, and {output} is a file "
+            "(name the output without a suffix to write a model folder)"
+        )
     mapping_path = mapping if mapping is not None else default_mapping_path(output)
     if _same_file(mapping_path, output):
         raise OptionError(f"{mapping_path}: the mapping file cannot be the output checkpoint")
@@ -413,6 +457,12 @@ def average(
                 raise OptionError(
                     f"{target}: the {what} is one of the input checkpoints ({given.path})"
                 )
+        if folder_output and _inside(file, output):
+            # Committing replaces the whole folder, which would delete this input.
+            raise OptionError(
+                f"{output}: the output folder holds the input checkpoint {given.path}; "
+                "name another output folder"
+            )
 
     with contextlib.ExitStack() as stack:
         readers = [stack.enter_context(open_checkpoint(f)) for f in files]
@@ -432,6 +482,7 @@ def average(
                 plan.output_tensors,
                 output_metadata(plan, dict(readers[-1].metadata)),
                 template=readers[-1],
+                max_shard_size=max_shard_size,
             )
         )
         show = not quiet and sys.stderr.isatty()
@@ -454,7 +505,7 @@ def average(
             err=True,
         )
         click.echo(
-            f"wrote {output} ({_human_size(output.stat().st_size)}) and mapping {mapping_path}",
+            f"wrote {output} ({_human_size(_disk_size(output))}) and mapping {mapping_path}",
             err=True,
         )
 

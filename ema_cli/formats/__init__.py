@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from ema_cli.checkpoint import CHECKPOINT_SUFFIXES, TensorInfo, strip_format_suf
 from ema_cli.errors import CheckpointError, OptionError
 from ema_cli.formats.base import CheckpointReader, CheckpointWriter
 from ema_cli.formats.safetensors import SafetensorsReader, SafetensorsWriter
+from ema_cli.formats.sharded import DEFAULT_MAX_SHARD_SIZE, INDEX_NAME, ShardedReader, ShardedWriter
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
@@ -18,6 +20,7 @@ __all__ = [
     "check_output_path",
     "create_writer",
     "find_checkpoint",
+    "is_folder_output",
     "open_checkpoint",
     "strip_format_suffix",
 ]
@@ -38,12 +41,33 @@ def _readable(path: Path) -> bool:
     return _suffix(path) in _READERS
 
 
+#: A last name part that looks like a file extension (``.safetensor``, ``.v2``), unlike the dots
+#: in a folder name such as ``llama-3.1-ema``.
+_FILE_EXTENSION = re.compile(r"\.[A-Za-z][A-Za-z0-9]*")
+
+
+def is_folder_output(path: Path) -> bool:
+    """Whether ``-o PATH`` names a Hugging Face model folder rather than a checkpoint file.
+
+    An existing folder, or a name without a file extension (``ema``, ``checkpoint-ema``,
+    ``llama-3.1-ema``), is a folder; a mistyped extension (``ema.safetensor``) stays a file name
+    and is refused as an unknown format instead of quietly becoming a folder.
+    """
+    if path.is_dir():
+        return True
+    return _suffix(path) not in CHECKPOINT_SUFFIXES and not _FILE_EXTENSION.fullmatch(path.suffix)
+
+
 def find_checkpoint(path: Path) -> Path:
     """The checkpoint file a command-line argument names.
 
-    A file is taken as is; a folder must hold exactly one checkpoint file of a format we read.
+    A file is taken as is. A folder holding ``model.safetensors.index.json`` is one sharded
+    checkpoint and is returned itself; any other folder must hold exactly one checkpoint file of
+    a format we read.
     """
     if path.is_dir():
+        if (path / INDEX_NAME).is_file():
+            return path
         found = sorted(p for p in path.iterdir() if p.is_file() and _readable(p))
         if len(found) == 1:
             return found[0]
@@ -59,7 +83,9 @@ def find_checkpoint(path: Path) -> Path:
 
 
 def open_checkpoint(path: Path) -> CheckpointReader:
-    """Open a checkpoint file for reading, by its suffix."""
+    """Open a checkpoint for reading: a folder as a sharded one, a file by its suffix."""
+    if path.is_dir():
+        return ShardedReader(path)
     reader = _READERS.get(_suffix(path))
     if reader is None:
         known = ", ".join(sorted(_READERS))
@@ -69,6 +95,8 @@ def open_checkpoint(path: Path) -> CheckpointReader:
 
 def check_output_path(path: Path) -> None:
     """Refuse an output whose format we cannot write, before any work is done."""
+    if is_folder_output(path):
+        return
     if _suffix(path) not in _WRITERS:
         known = ", ".join(sorted(_WRITERS))
         raise OptionError(f"{path}: unsupported output format (ema-cli writes {known})")
@@ -79,10 +107,15 @@ def create_writer(
     tensors: Sequence[TensorInfo],
     metadata: Mapping[str, str],
     template: CheckpointReader | None = None,
+    max_shard_size: int | None = None,
 ) -> CheckpointWriter:
     """Start writing a checkpoint at ``path`` in the format its suffix names.
 
-    ``template`` (the last input checkpoint) lets a format copy what is not a tensor.
+    ``template`` (the last input checkpoint) lets a format copy what is not a tensor. A folder
+    output is sharded at ``max_shard_size`` bytes (default 5 GB, as Hugging Face does).
     """
     check_output_path(path)
+    if is_folder_output(path):
+        limit = DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size
+        return ShardedWriter(path, tensors, metadata, template, max_shard_size=limit)
     return _WRITERS[_suffix(path)](path, tensors, metadata, template)

@@ -181,6 +181,8 @@ class SafetensorsReader(CheckpointReader):
     ) -> npt.NDArray[np.generic]:
         info = self._tensors[name]
         stop = info.size if stop is None else stop
+        if not 0 <= start <= stop <= info.size:
+            raise ValueError(f"{name}: elements [{start}, {stop}) outside its {info.size}")
         count = stop - start
         if out is None:
             out = np.empty(count, dtype=info.dtype)
@@ -295,6 +297,10 @@ class SafetensorsWriter(CheckpointWriter):
         info = self._infos[name]
         if values.dtype != info.dtype:
             raise TypeError(f"{name}: got {values.dtype}, expected {info.dtype}")
+        if start < 0 or start + values.size > info.size:
+            raise ValueError(
+                f"{name}: elements [{start}, {start + values.size}) outside its {info.size}"
+            )
         data = np.ascontiguousarray(values).view(np.uint8).data
         offset = self._offsets[name] + start * info.dtype.itemsize
         fd = self._file.fileno()

@@ -104,24 +104,32 @@ def shard_file_names(count: int) -> list[str]:
 
 
 def split_into_shards(tensors: Sequence[TensorInfo], max_shard_size: int) -> list[list[TensorInfo]]:
-    """Group tensors, in the order given, into shards of at most ``max_shard_size`` data bytes.
+    """Group tensors into shards of at most ``max_shard_size`` data bytes, as Hugging Face does.
 
-    Hugging Face's rule: a new shard starts when adding the next tensor would exceed the limit
-    (never while the current shard is empty), so a tensor larger than the limit sits alone in
-    its own shard. The order is kept and nothing is rearranged to fill shards better: sizes 6, 6,
-    2, 6, 2, 2 under a limit of 10 give [6], [6, 2], [6, 2, 2]. There is always at least one
-    shard, so a checkpoint without tensors is still a loadable ``model.safetensors``.
+    The rule of ``huggingface_hub``'s ``split_state_dict_into_shards`` (which ``save_pretrained``
+    uses), so our folders shard like theirs: tensors are taken in the order given; one that
+    would push the open shard past the limit closes it and opens the next; one larger than the
+    limit is put in a shard of its own at once, while the open shard stays open for the tensors
+    after it. Nothing is rearranged to fill shards better: sizes 6, 6, 2, 6, 2, 2 under a limit
+    of 10 give [6], [6, 2], [6, 2, 2]; sizes 3, 25, 3 give [25], [3, 3]. There is always at least
+    one shard, so a checkpoint without tensors is still a loadable ``model.safetensors``.
     """
     if max_shard_size < 1:
         raise ValueError(f"max_shard_size must be at least 1 byte, got {max_shard_size}")
-    shards: list[list[TensorInfo]] = [[]]
+    shards: list[list[TensorInfo]] = []
+    current: list[TensorInfo] = []
     used = 0
     for info in tensors:
-        if shards[-1] and used + info.nbytes > max_shard_size:
-            shards.append([])
-            used = 0
-        shards[-1].append(info)
+        if info.nbytes > max_shard_size:
+            shards.append([info])
+            continue
+        if used + info.nbytes > max_shard_size:
+            shards.append(current)
+            current, used = [], 0
+        current.append(info)
         used += info.nbytes
+    if current or not shards:
+        shards.append(current)
     return shards
 
 
@@ -247,16 +255,21 @@ class ShardedReader(CheckpointReader):
                 elif name not in indexed:  # indexed elsewhere: a stale copy, not an extra
                     self._unindexed[name] = shard
         self._tensors = tensors
+        self._by_shard: dict[str, list[str]] = {}
+        for name, shard in self._shard_of.items():
+            self._by_shard.setdefault(shard, []).append(name)
         self._shards = _OpenHandles[str, SafetensorsReader](
             self._open_shard, SafetensorsReader.close, max_open_shards
         )
         self._closed = False
 
     def _open_shard(self, shard: str) -> SafetensorsReader:
+        """Reopen a shard scanned at start-up; a header that no longer matches is an error
+        (the file was replaced, say by a training job still writing checkpoints)."""
         reader = SafetensorsReader(self.path / shard)
         try:
-            for name, shard_of in self._shard_of.items():
-                if shard_of == shard and reader.tensors.get(name) != self._tensors[name]:
+            for name in self._by_shard[shard]:
+                if reader.tensors.get(name) != self._tensors[name]:
                     raise CheckpointError(
                         reader.path, "changed since the checkpoint was opened", tensor=name
                     )
