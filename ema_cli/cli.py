@@ -1,8 +1,8 @@
-"""The ``ema-cli`` command line: options -> plan -> replay -> report.
+"""The ``ema-cli`` command line: a thin shell over ``job`` (the run) and ``report`` (the output).
 
 Exit status is decided in one place (``EmaCliGroup.main``): 0 success, 2 bad input or usage
-(one line on stderr, no traceback), 1 anything unexpected (traceback only with ``--debug`` or
-``EMA_CLI_DEBUG=1``), 130 when interrupted. Progress and messages go to stderr; stdout carries
+(one line on stderr, no traceback), 75 another run holds the lock, 1 anything unexpected
+(traceback only with ``--debug`` or ``EMA_CLI_DEBUG=1``), 130/143 when interrupted/terminated. Progress and messages go to stderr; stdout carries
 only what was asked for (``--json``).
 """
 
@@ -15,28 +15,17 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 
-from ema_cli import __version__, engine
+from ema_cli import __version__, engine, job, report
 from ema_cli.errors import EmaCliError, OptionError
-from ema_cli.formats import (
-    check_output_path,
-    create_writer,
-    find_checkpoint,
-    is_folder_output,
-    open_checkpoint,
-    strip_format_suffix,
-)
-from ema_cli.formats.base import write_file_atomically
+from ema_cli.formats import find_checkpoint, open_checkpoint
 from ema_cli.formats.sharded import parse_size
-from ema_cli.plan import NumUpdates, ReplayPlan, Settings, build_plan, order_checkpoints
-from ema_cli.replay import replay, total_bytes
-
-TOOL = f"ema-cli {__version__}"
+from ema_cli.plan import NumUpdates, Selection, Settings, step_from_name
 
 
 def _one_line(text: str) -> str:
@@ -161,11 +150,6 @@ class NumUpdatesType(click.ParamType):  # type: ignore[type-arg]
         return n
 
 
-def default_mapping_path(output: Path) -> Path:
-    """``out/avg.safetensors`` -> ``out/avg.mapping.json``."""
-    return output.with_name(strip_format_suffix(output.name) + ".mapping.json")
-
-
 def _expand_stdin(arguments: Sequence[str]) -> list[str]:
     paths: list[str] = []
     if arguments.count("-") > 1:
@@ -180,9 +164,7 @@ def _expand_stdin(arguments: Sequence[str]) -> list[str]:
     return paths
 
 
-def _parse_max_shard_size(
-    ctx: click.Context, param: click.Parameter, value: str | None
-) -> int | None:
+def _parse_size_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
     if value is None:
         return None
     try:
@@ -191,106 +173,16 @@ def _parse_max_shard_size(
         raise click.BadParameter(str(e), ctx, param) from None
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    """Whether ``path`` lies in ``folder`` (at any depth, symlinks resolved)."""
-    return Path(os.path.realpath(folder)) in Path(os.path.realpath(path)).parents
+def _warn(quiet: bool) -> Any:
+    def warn(message: str) -> None:
+        if not quiet:
+            click.echo(f"ema-cli: warning: {message}", err=True)
+
+    return warn
 
 
-def _disk_size(path: Path) -> int:
-    """Bytes of a file, or of the files of a folder output."""
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
-    return path.stat().st_size
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def summary(plan: ReplayPlan, output: Path) -> dict[str, Any]:
-    """The mapping file's content: names, settings and provenance. Deterministic."""
-    s = plan.settings
-    return {
-        "checkpoints": [
-            {"path": c.path, "step": c.step, "num_updates": c.num_updates, "decay": float(c.decay)}
-            for c in plan.checkpoints
-        ],
-        "decay": s.decay,
-        "ema_name": s.ema_name,
-        "exclude": list(s.exclude),
-        "include": list(s.include),
-        "mapping": plan.mapping,
-        "names": s.names,
-        "num_updates": s.num_updates,
-        "order": s.order,
-        "output": str(output),
-        "passthrough": sorted(t.name for t in plan.passthrough),
-        "precision": s.precision,
-        "tool": TOOL,
-        "zero_debias": s.zero_debias,
-    }
-
-
-def output_metadata(plan: ReplayPlan, template: dict[str, str]) -> dict[str, str]:
-    """The last checkpoint's metadata plus the EMA settings (``format`` defaults to ``pt``)."""
-    s = plan.settings
-    meta = dict(template)
-    meta.setdefault("format", "pt")
-    meta.update(
-        {
-            "ema.checkpoints": str(len(plan.checkpoints)),
-            "ema.decay": repr(s.decay),
-            "ema.name": s.ema_name,
-            "ema.names": s.names,
-            "ema.num_updates": "none" if s.num_updates is None else str(s.num_updates),
-            "ema.precision": s.precision,
-            "ema.tool": TOOL,
-            "ema.zero_debias": "true" if s.zero_debias else "false",
-        }
-    )
-    return meta
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool, total: int) -> Iterator[Any]:
-    """A rich progress bar on stderr, or a no-op sink."""
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    with Progress(
-        TextColumn("averaging"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as bar:
-        task = bar.add_task("averaging", total=total)
-        yield lambda n: bar.advance(task, n)
-
-
-def _human_size(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000  # type: ignore[assignment]
-    raise AssertionError
+def _print_json(record: dict[str, Any]) -> None:
+    click.echo(json.dumps(record, indent=2, sort_keys=True))
 
 
 @cli.command(context_settings={"max_content_width": 100})
@@ -300,9 +192,7 @@ def _human_size(n: int) -> str:
     "--output",
     required=True,
     type=click.Path(path_type=Path),
-    help="The averaged checkpoint to write: a .safetensors file, or a name without a suffix for "
-    "a Hugging Face model folder (shards, index, and the last checkpoint's config and tokenizer "
-    "files). An earlier output there is replaced once the new one is complete.",
+    help="The averaged checkpoint to write: a .safetensors file, or a name without a suffix for a Hugging Face model folder (shards, index, and the last checkpoint's config and tokenizer files). Written to a temporary name and renamed into place when complete.",
 )
 @click.option(
     "--decay",
@@ -314,7 +204,7 @@ def _human_size(n: int) -> str:
     "--num-updates",
     type=NumUpdatesType(),
     default=None,
-    help="TF's num_updates: a fixed count N, each checkpoint's 'step' number, or its 0-based 'index' in the replay. The decay used is min(decay, (1+n)/(10+n)). [default: off]",
+    help="TF's num_updates: a fixed count N, each checkpoint's 'step' number, or its 0-based 'index' in the replay. The decay used is min(decay, (1+n)/(10+n)).  [default: off]",
 )
 @click.option(
     "--zero-debias",
@@ -339,7 +229,7 @@ def _human_size(n: int) -> str:
     "--mapping",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Where to write the name mapping (JSON).  [default: OUTPUT with its suffix replaced by .mapping.json]",
+    help="Where to write the name mapping and provenance (JSON).  [default: OUTPUT with its suffix replaced by .mapping.json]",
 )
 @click.option(
     "--order",
@@ -373,24 +263,81 @@ def _human_size(n: int) -> str:
     help="Refuse tensors TF's EMA cannot average (integers, bools, float8) instead of copying them from the last checkpoint.",
 )
 @click.option(
+    "--last",
+    type=int,
+    default=None,
+    metavar="N",
+    help="Replay only the last N checkpoints (after ordering and --min-step/--max-step).",
+)
+@click.option(
+    "--min-step",
+    type=int,
+    default=None,
+    metavar="STEP",
+    help="Skip checkpoints whose step is below STEP.",
+)
+@click.option(
+    "--max-step",
+    type=int,
+    default=None,
+    metavar="STEP",
+    help="Skip checkpoints whose step is above STEP.",
+)
+@click.option(
+    "--every",
+    type=int,
+    default=None,
+    metavar="K",
+    help="Also write the average as it stood after every K-th checkpoint of the replay, named OUTPUT-stem.CHECKPOINT-name (ema.ckpt-200.safetensors), in the same pass.",
+)
+@click.option(
     "--max-shard-size",
-    callback=_parse_max_shard_size,
+    callback=_parse_size_option,
     metavar="SIZE",
-    help="Folder outputs: the most tensor data per shard file, e.g. 5GB, 500MB, 2GiB (GB = 10^9 "
-    "bytes as Hugging Face counts, GiB = 2^30). A bigger tensor gets a shard of its own; a model "
-    "that fits in one shard is written as model.safetensors without an index.  [default: 5GB]",
+    help="Folder outputs: the most tensor data per shard file, e.g. 5GB, 500MB, 2GiB (GB = 10^9 bytes as Hugging Face counts, GiB = 2^30). A bigger tensor gets a shard of its own; a model that fits in one shard is written as model.safetensors without an index.  [default: 5GB]",
+)
+@click.option(
+    "--state",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="Keep the EMA state in DIR and, on later runs, fold in only checkpoints newer than the last one folded in (for cron jobs). The output is byte-identical to a full replay.",
+)
+@click.option(
+    "--restart",
+    is_flag=True,
+    help="With --state: ignore the saved state and replay every checkpoint.",
+)
+@click.option(
+    "--settle",
+    type=float,
+    default=job.DEFAULT_SETTLE_SECONDS,
+    show_default=True,
+    metavar="SECONDS",
+    help="With --state: leave the newest checkpoint for the next run if it was modified less than SECONDS ago (it may still be being written); 0 turns the check off. A newest checkpoint shorter than its header says is always left for later.",
+)
+@click.option(
+    "--hash",
+    "hash_",
+    is_flag=True,
+    help="Record the sha256 of every input and output in the mapping file and --json summary (reads every input once more).",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Check everything and print the plan (order, steps, decay and weight of each checkpoint, tensors averaged and copied) without writing anything.",
 )
 @click.option(
     "--json",
     "as_json",
     is_flag=True,
-    help="Print a machine-readable summary (the mapping file's content plus 'mapping_file') on stdout.",
+    help="Print a machine-readable summary on stdout: the mapping file's content plus 'status' and 'mapping_file'.",
 )
 @click.option(
     "-q",
     "--quiet",
     is_flag=True,
-    help="No progress bar and no summary on stderr (errors are still shown).",
+    help="No progress bar, summary or warnings on stderr (errors are still shown).",
 )
 def average(
     checkpoints: tuple[str, ...],
@@ -406,7 +353,16 @@ def average(
     exclude: tuple[str, ...],
     precision: str,
     strict: bool,
+    last: int | None,
+    min_step: int | None,
+    max_step: int | None,
+    every: int | None,
     max_shard_size: int | None,
+    state: Path | None,
+    restart: bool,
+    settle: float,
+    hash_: bool,
+    dry_run: bool,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -414,8 +370,8 @@ def average(
 
     A CHECKPOINT is a .safetensors file, a folder holding one, or a sharded Hugging Face model
     folder (model.safetensors.index.json and its shards); '-' reads more paths from standard
-    input, one per line. Float tensors are averaged; all others (and excluded ones)
-    are copied from the last checkpoint, so the output loads wherever the inputs load.
+    input, one per line. Float tensors are averaged; all others (and excluded ones) are copied
+    from the last checkpoint, so the output loads wherever the inputs load.
 
     \b
     Examples:
@@ -423,8 +379,10 @@ def average(
       ema-cli average run/ckpt-*.safetensors -o ema.safetensors --decay 0.9999 --num-updates step
       ls run/*.safetensors | ema-cli average - -o ema.safetensors --decay 0.99 --json
       ema-cli average run/checkpoint-* -o run-ema --decay 0.999 --max-shard-size 2GB
+      ema-cli average 'run/ckpt-*.safetensors' -o ema.safetensors --decay 0.999 --state .ema-state
 
-    Exit status: 0 done, 2 bad input or options (one line on stderr, nothing written), 1 bug.
+    Exit status: 0 done (or up to date), 2 bad input or options (one line on stderr, nothing
+    written), 75 another run holds the lock (retry later), 1 a bug.
     """
     settings = Settings(
         decay=decay,
@@ -438,76 +396,84 @@ def average(
         precision=precision,  # type: ignore[arg-type]
         strict=strict,
     )
-    check_output_path(output)
-    folder_output = is_folder_output(output)
-    if max_shard_size is not None and not folder_output:
-        raise OptionError(
-            f"--max-shard-size applies to folder outputs, and {output} is a file "
-            "(name the output without a suffix to write a model folder)"
-        )
-    mapping_path = mapping if mapping is not None else default_mapping_path(output)
-    if _same_file(mapping_path, output):
-        raise OptionError(f"{mapping_path}: the mapping file cannot be the output checkpoint")
-
-    ordered = order_checkpoints(_expand_stdin(checkpoints), settings)
-    files = [find_checkpoint(Path(c.path)) for c in ordered]
-    for given, file in zip(ordered, files, strict=True):
-        for target, what in ((output, "output"), (mapping_path, "mapping file")):
-            if _same_file(file, target):
-                raise OptionError(
-                    f"{target}: the {what} is one of the input checkpoints ({given.path})"
-                )
-        if folder_output and _inside(file, output):
-            # Committing replaces the whole folder, which would delete this input.
-            raise OptionError(
-                f"{output}: the output folder holds the input checkpoint {given.path}; "
-                "name another output folder"
-            )
-
-    with contextlib.ExitStack() as stack:
-        readers = [stack.enter_context(open_checkpoint(f)) for f in files]
-        plan = build_plan(ordered, [r.tensors for r in readers], settings)
-        if not quiet:
-            for pattern in plan.unmatched_excludes:
-                click.echo(f"ema-cli: warning: --exclude {pattern!r} matches no tensor", err=True)
-        report = summary(plan, output)
-        mapping_bytes = (json.dumps(report, indent=2, sort_keys=True) + "\n").encode()
-        for target in (output, mapping_path):
-            if not target.parent.is_dir():
-                raise OptionError(f"{target}: folder {target.parent} does not exist")
-
-        writer = stack.enter_context(
-            create_writer(
-                output,
-                plan.output_tensors,
-                output_metadata(plan, dict(readers[-1].metadata)),
-                template=readers[-1],
-                max_shard_size=max_shard_size,
-            )
-        )
-        show = not quiet and sys.stderr.isatty()
-        with _progress(show, total_bytes(plan)) as advance:
-            for done in replay(plan, readers, writer):
-                advance(done)
-        writer.commit()
-    write_file_atomically(mapping_path, mapping_bytes)
-
+    request = job.Request(
+        checkpoints=_expand_stdin(checkpoints),
+        output=output,
+        settings=settings,
+        mapping=mapping,
+        selection=Selection(last=last, min_step=min_step, max_step=max_step),
+        max_shard_size=max_shard_size,
+        every=every,
+        state=state,
+        restart=restart,
+        settle=settle,
+        hash=hash_,
+        dry_run=dry_run,
+    )
+    show_progress = not quiet and sys.stderr.isatty()
+    result = job.run(
+        request,
+        progress=lambda total: report.progress_bar(show_progress, total),
+        warn=_warn(quiet),
+    )
+    record = {**result.record, "status": result.status, "mapping_file": str(result.mapping_path)}
+    if result.status == "dry run":
+        if as_json:
+            _print_json(record)
+        else:
+            report.print_plan(record, result.folded)
+        return
     if as_json:
+        _print_json(record)
+    if quiet:
+        return
+    if result.status == "up to date":
         click.echo(
-            json.dumps({**report, "mapping_file": str(mapping_path)}, indent=2, sort_keys=True)
+            f"up to date: all {result.folded} checkpoints are folded in; nothing written", err=True
         )
-    if not quiet:
-        first, last = plan.checkpoints[0].path, plan.checkpoints[-1].path
-        span = first if len(plan.checkpoints) == 1 else f"{first} ... {last}"
-        click.echo(
-            f"averaged {len(plan.averaged)} tensors over {len(plan.checkpoints)} checkpoints "
-            f"({span}); copied {len(plan.passthrough)} from the last",
-            err=True,
-        )
-        click.echo(
-            f"wrote {output} ({_human_size(_disk_size(output))}) and mapping {mapping_path}",
-            err=True,
-        )
+        return
+    plan = result.plan
+    assert plan is not None
+    checkpoints_done = record["checkpoints"]
+    first, final = checkpoints_done[0]["path"], checkpoints_done[-1]["path"]
+    span = first if len(checkpoints_done) == 1 else f"{first} ... {final}"
+    folded = f", {result.folded} of them from the saved state" if result.folded else ""
+    click.echo(
+        f"averaged {len(plan.averaged)} tensors over {len(checkpoints_done)} checkpoints "
+        f"({span}{folded}); copied {len(plan.passthrough)} from the last",
+        err=True,
+    )
+    for entry in record["outputs"]:
+        click.echo(f"wrote {entry['path']} ({report.human_size(entry['size'])})", err=True)
+    click.echo(f"wrote mapping {result.mapping_path}", err=True)
+
+
+@cli.command(context_settings={"max_content_width": 100})
+@click.argument("checkpoints", nargs=-1, required=True, metavar="CHECKPOINT...")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print a JSON list (one object per checkpoint) instead of tables.",
+)
+def inspect(checkpoints: tuple[str, ...], as_json: bool) -> None:
+    """Show what CHECKPOINT... hold: format, step, tensor count and bytes, and each tensor's
+    name, dtype and shape. Reads headers only, so it is instant on any size.
+
+    \b
+    Examples:
+      ema-cli inspect run/ckpt-1000.safetensors
+      ema-cli inspect run/checkpoint-500/ --json | jq '.[0].tensor_count'
+    """
+    records = []
+    for given in _expand_stdin(checkpoints):
+        file = find_checkpoint(Path(given))
+        with open_checkpoint(file) as reader:
+            records.append(report.describe_checkpoint(given, reader, step_from_name(given)))
+    if as_json:
+        click.echo(json.dumps(records, indent=2, sort_keys=True))
+    else:
+        report.print_inspection(records)
 
 
 def main() -> NoReturn:

@@ -154,6 +154,29 @@ def average(state: ShadowState) -> Array:
         return np.asarray(np.divide(state.value, bias_factor.astype(dtype)))
 
 
+def contribution_weights(coefficients: list[float], *, zero_debias: bool) -> list[float]:
+    """How much each checkpoint contributes to the final average (exact arithmetic, float64).
+
+    With ``c_k`` the coefficient of apply ``k`` (of ``n``), checkpoint ``k`` enters with weight
+    ``c_k * prod_{i>k} (1 - c_i)``. Under the default semantics the shadow also starts as the
+    first checkpoint, adding ``prod_i (1 - c_i)`` to its weight, and the weights sum to 1. Under
+    zero debias every weight is divided by TF's bias factor ``1 - (1 - c_last) ** n``, so they
+    sum to 1 only when ``c`` is constant. Rounding in the tensor's dtype is not modelled.
+    """
+    n = len(coefficients)
+    weights = [0.0] * n
+    keep = 1.0  # prod_{i>k} (1 - c_i), built from the last apply backwards
+    for k in range(n - 1, -1, -1):
+        weights[k] = coefficients[k] * keep
+        keep *= 1.0 - coefficients[k]
+    if n and zero_debias:
+        bias_factor = 1.0 - (1.0 - coefficients[-1]) ** n
+        return [w / bias_factor if bias_factor else float("nan") for w in weights]
+    if n:
+        weights[0] += keep
+    return weights
+
+
 # --- TensorFlow's floating-point mode -----------------------------------------------------------
 # TF sets "flush denormals to zero" on every thread that runs kernels (tensorflow/core/platform/
 # denormal.h): x86 MXCSR FTZ (bit 15) and DAZ (bit 6), Arm FPCR FZ (bit 24). Numbers below

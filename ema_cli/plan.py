@@ -114,30 +114,62 @@ class ReplayPlan:
         return [TensorInfo(t.output_name, t.info.dtype, t.info.shape) for t in self.tensors]
 
 
-def order_checkpoints(paths: Sequence[str], settings: Settings) -> list[Checkpoint]:
-    """Put the checkpoints in replay order and give each its ``num_updates`` and decay.
+@dataclass(frozen=True)
+class Selection:
+    """Which of the given checkpoints to replay (fairseq's and WeNet's habits)."""
 
-    Steps are needed (and must be unique) under ``--order step`` or ``--num-updates step``.
+    last: int | None = None
+    min_step: int | None = None
+    max_step: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.last is not None and self.last < 1:
+            raise OptionError(f"--last must be at least 1, got {self.last}")
+        low, high = self.min_step, self.max_step
+        if low is not None and high is not None and low > high:
+            raise OptionError(f"--min-step {self.min_step} is above --max-step {self.max_step}")
+
+    @property
+    def by_step(self) -> bool:
+        return self.min_step is not None or self.max_step is not None
+
+
+def order_checkpoints(
+    paths: Sequence[str], settings: Settings, selection: Selection | None = None
+) -> list[Checkpoint]:
+    """Put the checkpoints in replay order, apply the selection, and give each its
+    ``num_updates`` and decay (``index`` counts positions in the selected replay).
+
+    Steps are needed (and must be unique) under ``--order step``, ``--num-updates step`` and
+    ``--min-step``/``--max-step``.
     """
     if not paths:
         raise OptionError("no checkpoints given")
-    seen: dict[str, int] = {}
+    selection = selection or Selection()
+    seen: set[str] = set()
     for p in paths:
         key = p.rstrip("/")
         if key in seen:
             raise CheckpointError(p, "given twice")
-        seen[key] = 1
+        seen.add(key)
     steps = [step_from_name(p) for p in paths]
-    need_steps = settings.order == "step" or settings.num_updates == "step"
-    if need_steps:
-        why = "--order step" if settings.order == "step" else "--num-updates step"
+    needed_by = [
+        why
+        for why, needed in (
+            ("--order step", settings.order == "step"),
+            ("--num-updates step", settings.num_updates == "step"),
+            ("--min-step/--max-step", selection.by_step),
+        )
+        if needed
+    ]
+    if needed_by:
         for p, s in zip(paths, steps, strict=True):
             if s is None:
                 hint = "; pass its folder if the folder is numbered" if "/" in p.rstrip("/") else ""
                 raise CheckpointError(
                     p,
-                    f"no step number in the name (needed by {why}; use --order given to keep "
-                    f"the command-line order{hint})",
+                    f"no step number in the name (needed by {needed_by[0]}; use --order given "
+                    f"to keep the command-line order{hint})",
                 )
         by_step: dict[int, str] = {}
         for p, s in zip(paths, steps, strict=True):
@@ -148,6 +180,14 @@ def order_checkpoints(paths: Sequence[str], settings: Settings) -> list[Checkpoi
     pairs = list(zip(paths, steps, strict=True))
     if settings.order == "step":
         pairs.sort(key=lambda ps: ps[1] if ps[1] is not None else -1)
+    if selection.min_step is not None:
+        pairs = [(p, s) for p, s in pairs if s is not None and s >= selection.min_step]
+    if selection.max_step is not None:
+        pairs = [(p, s) for p, s in pairs if s is not None and s <= selection.max_step]
+    if selection.last is not None:
+        pairs = pairs[-selection.last :]
+    if not pairs:
+        raise OptionError("no checkpoint is left after --min-step/--max-step")
     checkpoints = []
     for index, (p, s) in enumerate(pairs):
         if settings.num_updates == "step":

@@ -2,21 +2,24 @@
 
 Each block of each tensor is run through every checkpoint before the next block is read, so
 memory holds a few blocks, not a model; blocks are independent, so two worker threads (numpy and
-positioned file I/O release the GIL) process them side by side and the writer stores each at its
-own offset. The replay reports progress by yielding byte counts; it never prints.
+positioned file I/O release the GIL) process them side by side and every writer stores each block
+at its own offset. One pass can feed several outputs: the final average, snapshots of the
+average after chosen checkpoints (a trajectory), and the engine state for a later incremental
+run. The replay reports progress by yielding byte counts; it never prints.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
 from ema_cli import engine
+from ema_cli.checkpoint import TensorInfo
 from ema_cli.formats.base import CheckpointReader, CheckpointWriter, iter_blocks
 from ema_cli.plan import ReplayPlan, TensorJob
 
@@ -27,28 +30,55 @@ Array = npt.NDArray[np.generic]
 DEFAULT_BLOCK_BYTES = 1 << 20
 
 
+def state_tensor_names(name: str) -> tuple[str, str]:
+    """Names of a tensor's engine state in a state checkpoint: the shadow (TF's ``biased``
+    under zero debias) in its compute dtype, and the zero-debias ``local_step``."""
+    return f"shadow/{name}", f"local_step/{name}"
+
+
+def state_tensors(plan: ReplayPlan) -> list[TensorInfo]:
+    """What a state checkpoint holds for ``plan``: every averaged tensor's shadow in its
+    compute dtype, plus its ``local_step`` scalar under zero debias."""
+    settings = plan.settings
+    infos = []
+    for job in plan.averaged:
+        dtype = engine.compute_dtype(job.info.dtype, settings.precision)
+        shadow, step = state_tensor_names(job.name)
+        infos.append(TensorInfo(shadow, dtype, job.info.shape))
+        if settings.zero_debias:
+            infos.append(TensorInfo(step, dtype, ()))
+    return infos
+
+
 @dataclass(frozen=True)
-class Block:
+class Outputs:
+    """Where a replay's results go.
+
+    ``snapshots`` maps a checkpoint's index in the replay to the writer that receives the
+    average as it stood right after that checkpoint (the last index is the final output);
+    copied tensors come from that same checkpoint. ``state`` receives the engine state after
+    the last checkpoint (see ``state_tensors``).
+    """
+
+    snapshots: Mapping[int, CheckpointWriter]
+    state: CheckpointWriter | None = None
+
+
+@dataclass(frozen=True)
+class _Block:
     job: TensorJob
     start: int
     stop: int
 
 
-def total_bytes(plan: ReplayPlan) -> int:
-    """Input bytes a replay reads: averaged tensors from every checkpoint, copies from one."""
-    n = len(plan.checkpoints)
-    return sum(t.info.nbytes * (n if t.averaged else 1) for t in plan.tensors)
-
-
+@dataclass
 class _Replayer:
-    def __init__(
-        self, plan: ReplayPlan, readers: Sequence[CheckpointReader], writer: CheckpointWriter
-    ) -> None:
-        self.plan = plan
-        self.readers = readers
-        self.writer = writer
-        self._coefficients: dict[np.dtype[np.generic], list[np.generic]] = {}
-        self._local = threading.local()
+    plan: ReplayPlan
+    readers: Sequence[CheckpointReader]
+    outputs: Outputs
+    resume: CheckpointReader | None
+    _coefficients: dict[np.dtype[np.generic], list[np.generic]] = field(default_factory=dict)
+    _local: threading.local = field(default_factory=threading.local)
 
     def coefficients(self, dtype: np.dtype[np.generic]) -> list[np.generic]:
         """Each checkpoint's ``c`` in ``dtype``, computed once per dtype."""
@@ -70,59 +100,104 @@ class _Replayer:
             array = buffers[key] = np.empty(size, dtype=dtype)
         return array[:size]
 
-    def run(self, block: Block) -> int:
-        """Replay one block through all checkpoints and write the result; returns bytes read."""
+    def run(self, block: _Block) -> int:
+        """Replay one block through all checkpoints and write it to every output; returns the
+        bytes read."""
         with engine.tf_float_mode():
-            return self._run(block)
+            if block.job.averaged:
+                return self._average(block)
+            return self._copy(block)
 
-    def _run(self, block: Block) -> int:
+    def _copy(self, block: _Block) -> int:
         job, start, stop = block.job, block.start, block.stop
-        info, size = job.info, block.stop - block.start
-        raw = self.buffer("raw", info.dtype, size)
-        if not job.averaged:
-            self.readers[-1].read(job.name, start, stop, out=raw)
-            self.writer.write(job.output_name, start, raw)
-            return raw.nbytes
+        raw = self.buffer("raw", job.info.dtype, stop - start)
+        for index, writer in self.outputs.snapshots.items():
+            self.readers[index].read(job.name, start, stop, out=raw)
+            writer.write(job.output_name, start, raw)
+        return raw.nbytes * len(self.outputs.snapshots)
+
+    def _average(self, block: _Block) -> int:
+        job, start, stop = block.job, block.start, block.stop
+        info, size = job.info, stop - start
         settings = self.plan.settings
         work_dtype = engine.compute_dtype(info.dtype, settings.precision)
+        raw = self.buffer("raw", info.dtype, size)
         x = raw if work_dtype == info.dtype else self.buffer("x", work_dtype, size)
-        state = engine.ShadowState(self.buffer("shadow", work_dtype, size))
         scratch = self.buffer("scratch", work_dtype, size)
+        state = self._initial_state(job, start, stop, work_dtype)
+        snapshots = self.outputs.snapshots
         for i, (reader, c) in enumerate(
             zip(self.readers, self.coefficients(work_dtype), strict=True)
         ):
             reader.read(job.name, start, stop, out=raw)
             if x is not raw:
                 np.copyto(x, raw, casting="safe")
-            if i == 0:
+            if state is None:
                 state = engine.init_state(
-                    x, zero_debias=settings.zero_debias, dtype=work_dtype, out=state.value
+                    x,
+                    zero_debias=settings.zero_debias,
+                    dtype=work_dtype,
+                    out=self.buffer("shadow", work_dtype, size),
                 )
             engine.apply(state, x, c, scratch)
-        result = engine.average(state)
-        if result.dtype != info.dtype:
-            np.copyto(raw, result, casting="unsafe")  # round once, to nearest even
-            result = raw
-        self.writer.write(job.output_name, start, result)
+            writer = snapshots.get(i)
+            if writer is not None:
+                result = engine.average(state)
+                if result.dtype != info.dtype:
+                    result = self.buffer("out", info.dtype, size)
+                    np.copyto(result, engine.average(state), casting="unsafe")  # round once (RNE)
+                writer.write(job.output_name, start, result)
+        if self.outputs.state is not None and state is not None:
+            shadow_name, step_name = state_tensor_names(job.name)
+            self.outputs.state.write(shadow_name, start, state.value)
+            if state.local_step is not None and start == 0:
+                self.outputs.state.write(step_name, 0, state.local_step.reshape(1))
         return raw.nbytes * len(self.readers)
+
+    def _initial_state(
+        self, job: TensorJob, start: int, stop: int, dtype: np.dtype[np.generic]
+    ) -> engine.ShadowState | None:
+        """The state a resumed replay continues from (None: start from the first checkpoint)."""
+        if self.resume is None:
+            return None
+        shadow_name, step_name = state_tensor_names(job.name)
+        value = self.resume.read(
+            shadow_name, start, stop, out=self.buffer("shadow", dtype, stop - start)
+        )
+        local_step = None
+        if self.plan.settings.zero_debias:
+            local_step = self.resume.read(step_name).reshape(())
+        return engine.ShadowState(value=value, local_step=local_step)
+
+
+def total_bytes(plan: ReplayPlan, snapshots: int = 1) -> int:
+    """Input bytes a replay reads: averaged tensors from every checkpoint, copied tensors once
+    per snapshot written."""
+    n = len(plan.checkpoints)
+    return sum(t.info.nbytes * (n if t.averaged else snapshots) for t in plan.tensors)
 
 
 def replay(
     plan: ReplayPlan,
     readers: Sequence[CheckpointReader],
-    writer: CheckpointWriter,
+    outputs: Outputs | CheckpointWriter,
     *,
+    resume: CheckpointReader | None = None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     workers: int = 2,
 ) -> Iterator[int]:
     """Run the plan, writing every output tensor; yields input bytes done after each block.
 
-    ``readers`` are in replay order (``plan.checkpoints``). The caller commits the writer once
-    the iterator is exhausted.
+    ``readers`` are in replay order (``plan.checkpoints``). A bare writer receives the final
+    average. ``resume`` (a state checkpoint written by an earlier replay with the same
+    settings) makes the replay continue from that state instead of starting at the first
+    checkpoint. The caller commits the writers once the iterator is exhausted.
     """
-    replayer = _Replayer(plan, readers, writer)
+    if isinstance(outputs, CheckpointWriter):
+        outputs = Outputs({len(readers) - 1: outputs})
+    replayer = _Replayer(plan, readers, outputs, resume)
     blocks = (
-        Block(job, start, stop)
+        _Block(job, start, stop)
         for job in plan.tensors
         for start, stop in iter_blocks(
             job.info.size, max(1, block_bytes // job.info.dtype.itemsize)

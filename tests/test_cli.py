@@ -82,7 +82,7 @@ def test_identical_runs_write_identical_bytes(sequence: list[Path], tmp_path: Pa
     assert a.read_bytes() == b.read_bytes()
     # The mapping records the output path, which differs; everything else is identical.
     m1, m2 = json.loads(first_mapping), json.loads((tmp_path / "m.json").read_bytes())
-    assert {**m1, "output": ""} == {**m2, "output": ""}
+    assert {**m1, "output": "", "outputs": []} == {**m2, "output": "", "outputs": []}
 
 
 def test_output_metadata(sequence: list[Path], tmp_path: Path) -> None:

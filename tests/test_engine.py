@@ -186,3 +186,29 @@ def test_blockwise_equals_whole_tensor(
         for i in range(0, 5, split)
     ]
     assert np.array_equal(np.concatenate(parts), whole, equal_nan=True)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    n=st.integers(1, 12),
+    decay=st.floats(0.0, 1.0),
+    zero_debias=st.booleans(),
+    ramp=st.booleans(),
+)
+def test_contribution_weights_match_a_one_hot_replay(
+    n: int, decay: float, zero_debias: bool, ramp: bool
+) -> None:
+    """Checkpoint k holds 1 at element k and 0 elsewhere: the average is the weight vector."""
+    if zero_debias and np.float32(decay) == 1.0:
+        return
+    updates = list(range(n)) if ramp else [None] * n
+    xs = [np.eye(n, dtype=np.float64)[k] for k in range(n)]
+    replayed = run(xs, decay, zero_debias=zero_debias, num_updates=updates)
+    cs = [
+        float(engine.coefficient(engine.effective_decay(decay, u), np.dtype(np.float64)))
+        for u in updates
+    ]
+    weights = engine.contribution_weights(cs, zero_debias=zero_debias)
+    np.testing.assert_allclose(replayed, weights, rtol=1e-9, atol=1e-12)
+    if not zero_debias or not ramp:
+        assert abs(sum(weights) - 1.0) < 1e-9

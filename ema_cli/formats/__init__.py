@@ -108,14 +108,18 @@ def create_writer(
     metadata: Mapping[str, str],
     template: CheckpointReader | None = None,
     max_shard_size: int | None = None,
+    folder: bool | None = None,
 ) -> CheckpointWriter:
     """Start writing a checkpoint at ``path`` in the format its suffix names.
 
     ``template`` (the last input checkpoint) lets a format copy what is not a tensor. A folder
-    output is sharded at ``max_shard_size`` bytes (default 5 GB, as Hugging Face does).
+    output (``folder``, or by default a name without a file suffix) is sharded at
+    ``max_shard_size`` bytes (default 5 GB, as Hugging Face does).
     """
-    check_output_path(path)
-    if is_folder_output(path):
+    if folder is None:
+        folder = is_folder_output(path)
+    if folder:
         limit = DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size
         return ShardedWriter(path, tensors, metadata, template, max_shard_size=limit)
+    check_output_path(path)
     return _WRITERS[_suffix(path)](path, tensors, metadata, template)

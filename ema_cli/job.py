@@ -1,0 +1,339 @@
+"""One ``ema-cli average`` run, start to finish: select, lock, open, plan, replay, commit, record.
+
+The order of commits is what makes a killed run harmless: every output is built in a hidden
+temporary file and renamed into place only when complete; the mapping follows the outputs; the
+incremental state (``--state``) is committed last, so a run killed after its outputs but before
+its state simply redoes the same work next time and writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ema_cli import lock, report, state
+from ema_cli.errors import OptionError, TruncatedCheckpointError
+from ema_cli.formats import (
+    CheckpointReader,
+    CheckpointWriter,
+    check_output_path,
+    create_writer,
+    find_checkpoint,
+    is_folder_output,
+    open_checkpoint,
+    strip_format_suffix,
+)
+from ema_cli.formats.base import write_file_atomically
+from ema_cli.formats.safetensors import SafetensorsWriter
+from ema_cli.plan import Checkpoint, ReplayPlan, Selection, Settings, build_plan, order_checkpoints
+from ema_cli.replay import Outputs, replay, state_tensors, total_bytes
+
+#: ``--settle``'s default: a newest checkpoint modified less than this many seconds ago may
+#: still be being written, so a ``--state`` run leaves it for the next run.
+DEFAULT_SETTLE_SECONDS = 60.0
+
+Status = Literal["written", "up to date", "dry run"]
+Progress = Callable[[int], AbstractContextManager[Callable[[int], None]]]
+
+
+@dataclass(frozen=True)
+class Request:
+    """Everything one run was asked to do (the command line, parsed)."""
+
+    checkpoints: Sequence[str]
+    output: Path
+    settings: Settings
+    mapping: Path | None = None
+    selection: Selection = field(default_factory=Selection)
+    max_shard_size: int | None = None
+    every: int | None = None
+    state: Path | None = None
+    restart: bool = False
+    settle: float = DEFAULT_SETTLE_SECONDS
+    hash: bool = False
+    dry_run: bool = False
+
+
+@dataclass
+class Result:
+    status: Status
+    record: dict[str, Any]
+    mapping_path: Path
+    plan: ReplayPlan | None = None
+    folded: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def default_mapping_path(output: Path) -> Path:
+    """``out/avg.safetensors`` -> ``out/avg.mapping.json``; ``out/run-ema`` (a folder) ->
+    ``out/run-ema.mapping.json``."""
+    return output.with_name(strip_format_suffix(output.name) + ".mapping.json")
+
+
+def trajectory_path(output: Path, checkpoint: str, folder: bool) -> Path:
+    """Where the average as it stood after ``checkpoint`` goes: the output's name, a dot, and the
+    checkpoint's name (``ema.safetensors`` after ``run/ckpt-200.safetensors`` ->
+    ``ema.ckpt-200.safetensors``), so trajectory files sort by step like their checkpoints."""
+    name = strip_format_suffix(Path(checkpoint.rstrip("/")).name)
+    if folder:
+        return output.with_name(f"{output.name}.{name}")
+    stem = strip_format_suffix(output.name)
+    return output.with_name(f"{stem}.{name}{output.name[len(stem) :]}")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return Path(os.path.realpath(folder)) in Path(os.path.realpath(path)).parents
+
+
+def _check_options(request: Request) -> None:
+    check_output_path(request.output)
+    if request.max_shard_size is not None and not is_folder_output(request.output):
+        raise OptionError(
+            f"--max-shard-size applies to folder outputs, and {request.output} is a file "
+            "(name the output without a suffix to write a model folder)"
+        )
+    if request.every is not None and request.every < 1:
+        raise OptionError(f"--every must be at least 1, got {request.every}")
+    if request.state is None and request.restart:
+        raise OptionError("--restart goes with --state")
+    if request.state is not None and request.selection.last is not None:
+        raise OptionError(
+            "--last cannot be combined with --state: a sliding window is not an incremental "
+            "average (use --min-step to start later)"
+        )
+    if request.settle < 0:
+        raise OptionError(f"--settle must be >= 0, got {request.settle}")
+
+
+def _check_targets(
+    request: Request, mapping: Path, ordered: Sequence[Checkpoint], files: Sequence[Path]
+) -> None:
+    """Refuse any output that is, or would destroy, an input."""
+    output = request.output
+    if _same_file(mapping, output):
+        raise OptionError(f"{mapping}: the mapping file cannot be the output checkpoint")
+    folder_output = is_folder_output(output)
+    for given, file in zip(ordered, files, strict=True):
+        for target, what in ((output, "output"), (mapping, "mapping file")):
+            if _same_file(file, target):
+                raise OptionError(
+                    f"{target}: the {what} is one of the input checkpoints ({given.path})"
+                )
+        if folder_output and _inside(file, output):
+            raise OptionError(
+                f"{output}: the output folder holds the input checkpoint {given.path}; "
+                "name another output folder"
+            )
+        if request.state is not None and (
+            _same_file(file, request.state) or _inside(file, request.state)
+        ):
+            raise OptionError(
+                f"{request.state}: the state folder holds the input checkpoint {given.path}"
+            )
+    for target in (output, mapping):
+        if not target.parent.is_dir():
+            raise OptionError(f"{target}: folder {target.parent} does not exist")
+    if request.state is not None and not request.state.parent.is_dir():
+        raise OptionError(f"{request.state}: folder {request.state.parent} does not exist")
+
+
+def _still_settling(file: Path, settle: float) -> bool:
+    if settle <= 0:
+        return False
+    newest = max(
+        (p.stat().st_mtime for p in file.iterdir() if p.is_file())
+        if file.is_dir()
+        else [file.stat().st_mtime],
+        default=0.0,
+    )
+    return time.time() - newest < settle
+
+
+def _resume_point(
+    saved: state.SavedState, ordered: Sequence[Checkpoint], files: Sequence[Path]
+) -> int:
+    """How many of ``ordered`` the saved state has folded in; raises when the inputs no longer
+    continue it (a folded-in checkpoint changed or vanished, or a new one sorts before them)."""
+    by_real = {os.path.realpath(f): i for i, f in enumerate(files)}
+    for position, folded in enumerate(saved.checkpoints):
+        index = by_real.get(folded["realpath"])
+        if index is None:
+            raise state.StateError(
+                saved.folder,
+                f"checkpoint {folded['path']} was folded in but is no longer among the inputs",
+            )
+        now = state.Fingerprint.of(ordered[index].path, files[index])
+        if (now.size, now.mtime_ns) != (folded["size"], folded["mtime_ns"]):
+            raise state.StateError(
+                saved.folder, f"checkpoint {folded['path']} changed since it was folded in"
+            )
+        if index != position:
+            newer = ordered[position].path
+            raise state.StateError(
+                saved.folder,
+                f"new checkpoint {newer} comes before {saved.checkpoints[-1]['path']}, the last "
+                "one folded in",
+            )
+    return len(saved.checkpoints)
+
+
+def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Result:
+    """Do the run; raise ``EmaCliError`` for anything the user can fix, before writing anything."""
+    _check_options(request)
+    settings = request.settings
+    output = request.output
+    mapping_path = request.mapping or default_mapping_path(output)
+    ordered = order_checkpoints(request.checkpoints, settings, request.selection)
+    files = [find_checkpoint(Path(c.path)) for c in ordered]
+    _check_targets(request, mapping_path, ordered, files)
+
+    with contextlib.ExitStack() as stack:
+        if not request.dry_run:
+            if request.state is not None:
+                stack.enter_context(lock.exclusive(request.state, "state"))
+            stack.enter_context(lock.exclusive(output, "output"))
+
+        saved = None
+        if request.state is not None and not request.restart:
+            saved = state.load(request.state)
+            if saved is not None and not (output.exists() or request.dry_run):
+                warn(f"{output} is missing; rebuilding it and the state from all checkpoints")
+                saved = None
+        if saved is not None:
+            saved.check_settings(settings)
+        folded = _resume_point(saved, ordered, files) if saved is not None else 0
+
+        warnings: list[str] = []
+        readers: list[CheckpointReader] = []
+        new = list(range(folded, len(ordered)))
+        for i in new:
+            newest = i == len(ordered) - 1
+            if request.state is not None and newest and _still_settling(files[i], request.settle):
+                warnings.append(
+                    f"skipping {ordered[i].path}: modified less than {request.settle:g}s ago, it "
+                    "may still be being written (next run picks it up; --settle 0 turns this off)"
+                )
+                break
+            try:
+                readers.append(stack.enter_context(open_checkpoint(files[i])))
+            except TruncatedCheckpointError as e:
+                if request.state is None or not newest:
+                    raise
+                warnings.append(f"skipping {e}; the next run picks it up once it is complete")
+        for message in warnings:
+            warn(message)
+        fresh = ordered[folded : folded + len(readers)]
+        history = [*ordered[:folded], *fresh]
+
+        if not readers:
+            record = {"status": "up to date", "checkpoints": [c.path for c in history]}
+            return Result("up to date", record, mapping_path, None, folded, warnings)
+
+        plan = build_plan(fresh, [r.tensors for r in readers], settings)
+        if saved is not None:
+            saved.check_plan(plan)
+        for pattern in plan.unmatched_excludes:
+            warn(f"--exclude {pattern!r} matches no tensor")
+
+        folder_output = is_folder_output(output)
+        snapshot_at: dict[int, Path] = {len(fresh) - 1: output}
+        if request.every is not None:
+            for position in range(folded, len(history) - 1):
+                if (position + 1) % request.every == 0:
+                    snapshot_at[position - folded] = trajectory_path(
+                        output, history[position].path, folder_output
+                    )
+        weights = report.weights(history, settings)
+        records = [
+            report.checkpoint_record(
+                c,
+                w,
+                report.disk_size(files[i]),
+                report.sha256(files[i]) if request.hash and not request.dry_run else None,
+            )
+            for i, (c, w) in enumerate(zip(history, weights, strict=True))
+        ]
+        extra = {
+            "selection": {
+                "last": request.selection.last,
+                "max_step": request.selection.max_step,
+                "min_step": request.selection.min_step,
+            },
+            "state": None if request.state is None else str(request.state),
+        }
+        outputs: list[dict[str, Any]] = [
+            {
+                "after": {"path": history[folded + i].path, "step": history[folded + i].step},
+                "path": str(p),
+            }
+            for i, p in sorted(snapshot_at.items())
+        ]
+        if request.dry_run:
+            record = report.summary(plan, records, output, outputs=outputs, extra=extra)
+            return Result("dry run", record, mapping_path, plan, folded, warnings)
+
+        writers: dict[int, CheckpointWriter] = {}
+        for i, path in sorted(snapshot_at.items()):
+            writers[i] = stack.enter_context(
+                create_writer(
+                    path,
+                    plan.output_tensors,
+                    report.output_metadata(plan, readers[i].metadata, folded + i + 1),
+                    template=readers[i],
+                    max_shard_size=request.max_shard_size,
+                    folder=folder_output,
+                )
+            )
+        state_writer = None
+        shadows_name = state.new_shadows_name()
+        if request.state is not None:
+            request.state.mkdir(exist_ok=True)
+            state_writer = stack.enter_context(
+                SafetensorsWriter(
+                    request.state / shadows_name, state_tensors(plan), {"format": "ema-cli-state"}
+                )
+            )
+        resume = stack.enter_context(open_checkpoint(saved.shadows_path)) if saved else None
+
+        with progress(total_bytes(plan, len(writers))) as advance:
+            for done in replay(plan, readers, Outputs(writers, state_writer), resume=resume):
+                advance(done)
+
+        for i in sorted(writers):  # the final output last: trajectory files are never newer
+            writers[i].commit()
+        for entry in outputs:
+            path = Path(entry["path"])
+            entry["size"] = report.disk_size(path)
+            if request.hash:
+                entry["sha256"] = report.sha256(path)
+        record = report.summary(plan, records, output, outputs=outputs, extra=extra)
+        write_file_atomically(
+            mapping_path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
+        )
+        if state_writer is not None and request.state is not None:
+            state_writer.commit()
+            fingerprints = [state.Fingerprint.of(c.path, files[i]) for i, c in enumerate(history)]
+            state.commit(
+                request.state,
+                settings,
+                list(zip(history, fingerprints, strict=True)),
+                plan,
+                shadows_name,
+            )
+        return Result("written", record, mapping_path, plan, folded, warnings)

@@ -1,0 +1,248 @@
+"""What a run tells people and machines: the mapping/summary record, output metadata, tables and
+the progress bar. Nothing here decides anything; it only describes what ``job`` did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ema_cli import __version__, engine
+from ema_cli.formats.base import CheckpointReader
+from ema_cli.plan import Checkpoint, ReplayPlan, Settings
+
+TOOL = f"ema-cli {__version__}"
+
+
+def human_size(n: float) -> str:
+    """``1234567`` -> ``1.2 MB`` (decimal units, as disk tools and Hugging Face count)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def disk_size(path: Path) -> int:
+    """Bytes of a file, or of the files of a folder checkpoint."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    return path.stat().st_size
+
+
+def sha256(path: Path) -> str | dict[str, str]:
+    """A file's sha256; for a folder checkpoint, each file's."""
+    if path.is_dir():
+        return {p.name: _sha256_file(p) for p in sorted(path.iterdir()) if p.is_file()}
+    return _sha256_file(path)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights(checkpoints: Sequence[Checkpoint], settings: Settings) -> list[float]:
+    """Each checkpoint's share of the final average, for float32 tensors (see
+    ``engine.contribution_weights``)."""
+    f32 = np.dtype(np.float32)
+    cs = [float(engine.coefficient(c.decay, f32)) for c in checkpoints]
+    return engine.contribution_weights(cs, zero_debias=settings.zero_debias)
+
+
+def checkpoint_record(
+    checkpoint: Checkpoint, weight: float, size: int | None, digest: str | dict[str, str] | None
+) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "decay": float(checkpoint.decay),
+        "num_updates": checkpoint.num_updates,
+        "path": checkpoint.path,
+        "step": checkpoint.step,
+        "weight": weight,
+    }
+    if size is not None:
+        record["size"] = size
+    if digest is not None:
+        record["sha256"] = digest
+    return record
+
+
+def summary(
+    plan: ReplayPlan,
+    checkpoints: Sequence[dict[str, Any]],
+    output: Path,
+    *,
+    outputs: Sequence[dict[str, Any]] = (),
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The mapping file's content: names, settings and provenance. Deterministic: the same run
+    writes the same bytes (keys are sorted when written)."""
+    s = plan.settings
+    return {
+        "checkpoints": list(checkpoints),
+        "decay": s.decay,
+        "ema_name": s.ema_name,
+        "exclude": list(s.exclude),
+        "include": list(s.include),
+        "mapping": plan.mapping,
+        "names": s.names,
+        "num_updates": s.num_updates,
+        "order": s.order,
+        "output": str(output),
+        "outputs": list(outputs),
+        "passthrough": sorted(t.name for t in plan.passthrough),
+        "precision": s.precision,
+        "tool": TOOL,
+        "zero_debias": s.zero_debias,
+        **(extra or {}),
+    }
+
+
+def output_metadata(plan: ReplayPlan, template: Mapping[str, str], count: int) -> dict[str, str]:
+    """The template's metadata plus the EMA settings (``format`` defaults to ``pt``, which
+    several loaders insist on). ``count`` is how many checkpoints the average covers."""
+    s = plan.settings
+    meta = dict(template)
+    meta.setdefault("format", "pt")
+    meta.update(
+        {
+            "ema.checkpoints": str(count),
+            "ema.decay": repr(s.decay),
+            "ema.name": s.ema_name,
+            "ema.names": s.names,
+            "ema.num_updates": "none" if s.num_updates is None else str(s.num_updates),
+            "ema.precision": s.precision,
+            "ema.tool": TOOL,
+            "ema.zero_debias": "true" if s.zero_debias else "false",
+        }
+    )
+    return meta
+
+
+@contextlib.contextmanager
+def progress_bar(
+    enabled: bool, total: int, label: str = "averaging"
+) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr (bytes, speed, time left), or a no-op sink."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    with Progress(
+        TextColumn(label),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def describe_checkpoint(given: str, reader: CheckpointReader, step: int | None) -> dict[str, Any]:
+    """``inspect``'s record of one checkpoint."""
+    tensors = [
+        {"dtype": t.dtype.name, "name": t.name, "nbytes": t.nbytes, "shape": list(t.shape)}
+        for t in reader.tensors.values()
+    ]
+    return {
+        "bytes": sum(t["nbytes"] for t in tensors),
+        "format": reader.format_name,
+        "metadata": dict(reader.metadata),
+        "path": given,
+        "size": disk_size(reader.path),
+        "step": step,
+        "tensor_count": len(tensors),
+        "tensors": tensors,
+    }
+
+
+def print_inspection(records: Sequence[dict[str, Any]]) -> None:
+    """Tables on stdout: one per checkpoint, one row per tensor."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(soft_wrap=False)
+    for record in records:
+        step = "no step" if record["step"] is None else f"step {record['step']}"
+        title = (
+            f"{record['path']}  ({record['format']}, {step}, {record['tensor_count']} tensors, "
+            f"{human_size(record['bytes'])})"
+        )
+        table = Table(title=title, title_justify="left")
+        table.add_column("tensor")
+        table.add_column("dtype")
+        table.add_column("shape")
+        table.add_column("bytes", justify="right")
+        for t in record["tensors"]:
+            table.add_row(t["name"], t["dtype"], str(tuple(t["shape"])), human_size(t["nbytes"]))
+        console.print(table)
+
+
+def print_plan(record: Mapping[str, Any], folded: int = 0) -> None:
+    """``--dry-run``: the replay order, each checkpoint's decay and weight (with bars), and what
+    is averaged and copied."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(soft_wrap=False)
+    checkpoints = record["checkpoints"]
+    top = max((c["weight"] for c in checkpoints), default=0.0) or 1.0
+    table = Table(title=f"replay plan: {len(checkpoints)} checkpoints", title_justify="left")
+    for column, justify in (
+        ("#", "right"),
+        ("checkpoint", "left"),
+        ("step", "right"),
+        ("num_updates", "right"),
+        ("decay", "right"),
+        ("weight", "right"),
+        ("", "left"),
+    ):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for i, c in enumerate(checkpoints):
+        bar = "█" * max(0, round(24 * c["weight"] / top)) if c["weight"] == c["weight"] else "?"
+        name = c["path"] + ("  (folded in)" if i < folded else "")
+        table.add_row(
+            str(i),
+            name,
+            "-" if c["step"] is None else str(c["step"]),
+            "-" if c["num_updates"] is None else str(c["num_updates"]),
+            f"{c['decay']:.6g}",
+            f"{c['weight']:.6f}",
+            bar,
+        )
+    console.print(table)
+    averaged = sorted(record["mapping"])
+    copied = record["passthrough"]
+    console.print(f"averaged ({len(averaged)}): {_name_list(averaged)}")
+    console.print(f"copied from the last checkpoint ({len(copied)}): {_name_list(copied)}")
+    console.print(
+        f"would write {record['output']}"
+        + "".join(f", {o['path']}" for o in record["outputs"] if o["path"] != record["output"])
+    )
+
+
+def _name_list(names: Sequence[str], limit: int = 12) -> str:
+    if not names:
+        return "none"
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")

@@ -1,0 +1,195 @@
+"""The incremental state of ``--state DIR``: what has been folded in, and the engine state after it.
+
+Layout of ``DIR``:
+
+* ``state.json`` -- the commit point: settings, the checkpoints folded in (path, step, size,
+  modification time, the decay used), and the name of the shadows file;
+* ``shadows-<token>.safetensors`` -- every averaged tensor's shadow in its compute dtype
+  (``shadow/<name>``) and, under zero debias, its ``local_step`` (``local_step/<name>``).
+
+A run writes a new shadows file under a fresh name, then replaces ``state.json`` atomically, then
+deletes the old shadows file: killed at any moment, the folder holds a complete, consistent state
+(the old one or the new one) and at worst an orphaned shadows file that the next commit removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ema_cli import __version__
+from ema_cli.errors import CheckpointError, EmaCliError
+from ema_cli.formats.base import write_file_atomically
+from ema_cli.plan import Checkpoint, ReplayPlan, Settings
+
+STATE_FILE = "state.json"
+STATE_FORMAT = "ema-cli-state/1"
+
+#: Settings that change the numbers: a state made with other values cannot be continued.
+_BINDING = ("decay", "num_updates", "zero_debias", "precision", "order", "include", "exclude")
+
+
+class StateError(EmaCliError):
+    """The saved state cannot be continued with this run's inputs or settings."""
+
+    def __init__(self, folder: Path, message: str):
+        super().__init__(
+            f"{folder}: {message}; run with --restart to rebuild the state from scratch"
+        )
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What identifies a checkpoint's bytes cheaply: where it is, its size and its mtime."""
+
+    path: str
+    realpath: str
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, given: str, file: Path) -> Fingerprint:
+        """A file's size and mtime; for a folder checkpoint, the sum and the newest of its files."""
+        if file.is_dir():
+            stats = [p.stat() for p in sorted(file.iterdir()) if p.is_file()]
+            size = sum(s.st_size for s in stats)
+            mtime = max((s.st_mtime_ns for s in stats), default=file.stat().st_mtime_ns)
+        else:
+            st = file.stat()
+            size, mtime = st.st_size, st.st_mtime_ns
+        return cls(given, os.path.realpath(file), size, mtime)
+
+
+def binding_settings(settings: Settings) -> dict[str, Any]:
+    return {
+        key: list(value) if isinstance(value, tuple) else value
+        for key, value in ((k, getattr(settings, k)) for k in _BINDING)
+    }
+
+
+@dataclass(frozen=True)
+class SavedState:
+    folder: Path
+    settings: dict[str, Any]
+    checkpoints: list[dict[str, Any]]
+    shadows: str
+    tensors: dict[str, dict[str, Any]]
+
+    @property
+    def shadows_path(self) -> Path:
+        return self.folder / self.shadows
+
+    def check_settings(self, settings: Settings) -> None:
+        wanted = binding_settings(settings)
+        for key, value in wanted.items():
+            if self.settings.get(key) != value:
+                option = "--" + key.replace("_", "-")
+                raise StateError(
+                    self.folder,
+                    f"the state was made with {option} {_show(self.settings.get(key))}, this run "
+                    f"asks for {_show(value)}",
+                )
+
+    def check_plan(self, plan: ReplayPlan) -> None:
+        """The averaged tensors must be those the state holds, with the same dtypes and shapes."""
+        now = {
+            j.name: {"dtype": j.info.dtype.name, "shape": list(j.info.shape)} for j in plan.averaged
+        }
+        for name in sorted(set(now) | set(self.tensors)):
+            if now.get(name) != self.tensors.get(name):
+                was = self.tensors.get(name)
+                raise StateError(
+                    self.folder,
+                    f"tensor '{name}' was {_describe(was)} in the folded-in checkpoints and is "
+                    f"{_describe(now.get(name))} now",
+                )
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "off"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return " ".join(map(str, value)) or "none"
+    return str(value)
+
+
+def _describe(info: dict[str, Any] | None) -> str:
+    if info is None:
+        return "not averaged"
+    return f"{info['dtype']} {info['shape']}"
+
+
+def load(folder: Path) -> SavedState | None:
+    """The state saved in ``folder``, or None when there is none yet."""
+    path = folder / STATE_FILE
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format") != STATE_FORMAT:
+            raise ValueError(f"unknown format {data.get('format')!r}")
+        state = SavedState(
+            folder=folder,
+            settings=dict(data["settings"]),
+            checkpoints=list(data["checkpoints"]),
+            shadows=str(data["shadows"]),
+            tensors=dict(data["tensors"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            path, f"corrupt state ({e}); run with --restart to rebuild it"
+        ) from None
+    if not state.shadows_path.is_file():
+        raise CheckpointError(
+            state.shadows_path, "the state's shadows file is missing; run with --restart"
+        )
+    return state
+
+
+def new_shadows_name() -> str:
+    return f"shadows-{secrets.token_hex(8)}.safetensors"
+
+
+def commit(
+    folder: Path,
+    settings: Settings,
+    checkpoints: list[tuple[Checkpoint, Fingerprint]],
+    plan: ReplayPlan,
+    shadows: str,
+) -> None:
+    """Make ``shadows`` (already in place) the current state, then drop older shadows files."""
+    record = {
+        "checkpoints": [
+            {
+                "decay": float(c.decay),
+                "mtime_ns": f.mtime_ns,
+                "num_updates": c.num_updates,
+                "path": c.path,
+                "realpath": f.realpath,
+                "size": f.size,
+                "step": c.step,
+            }
+            for c, f in checkpoints
+        ],
+        "format": STATE_FORMAT,
+        "settings": binding_settings(settings),
+        "shadows": shadows,
+        "tensors": {
+            j.name: {"dtype": j.info.dtype.name, "shape": list(j.info.shape)} for j in plan.averaged
+        },
+        "tool": f"ema-cli {__version__}",
+    }
+    write_file_atomically(
+        folder / STATE_FILE, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
+    )
+    for old in folder.glob("shadows-*.safetensors"):
+        if old.name != shadows:
+            with contextlib.suppress(OSError):
+                old.unlink()
