@@ -30,7 +30,7 @@ from ema_cli.formats import (
     open_checkpoint,
     strip_format_suffix,
 )
-from ema_cli.formats.base import write_file_atomically
+from ema_cli.formats.base import remove_stale_temporaries, write_file_atomically
 from ema_cli.formats.safetensors import SafetensorsWriter
 from ema_cli.plan import Checkpoint, ReplayPlan, Selection, Settings, build_plan, order_checkpoints
 from ema_cli.replay import Outputs, replay, state_tensors, total_bytes
@@ -207,7 +207,10 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
         if not request.dry_run:
             if request.state is not None:
                 stack.enter_context(lock.exclusive(request.state, "state"))
+                remove_stale_temporaries(request.state)
             stack.enter_context(lock.exclusive(output, "output"))
+            remove_stale_temporaries(output)
+            remove_stale_temporaries(mapping_path)
 
         saved = None
         if request.state is not None and not request.restart:
@@ -290,6 +293,7 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
 
         writers: dict[int, CheckpointWriter] = {}
         for i, path in sorted(snapshot_at.items()):
+            remove_stale_temporaries(path)  # under the output's lock, which covers its trajectory
             writers[i] = stack.enter_context(
                 create_writer(
                     path,

@@ -189,7 +189,7 @@ def commit(
     write_file_atomically(
         folder / STATE_FILE, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
     )
-    for old in folder.glob("shadows-*.safetensors"):
-        if old.name != shadows:
+    for old in [*folder.glob("shadows-*.safetensors"), *folder.glob(".shadows-*.tmp")]:
+        if old.name != shadows:  # earlier states, and what killed runs left half-written
             with contextlib.suppress(OSError):
                 old.unlink()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
@@ -129,6 +130,33 @@ def temporary_sibling(path: Path) -> tuple[BinaryIO, Path]:
     except OSError as e:
         raise OutputError(path, e) from None
     return os.fdopen(fd, "w+b"), Path(tmp)
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete what killed runs left while writing ``path``: hidden ``.<name>.*.tmp`` files and
+    ``.<name>.tmp-*`` folders beside it. Only call this while holding ``path``'s lock, when no
+    live run can be writing them. Returns what was removed."""
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for entry in path.parent.glob(f".{glob_escape(path.name)}.*"):
+        name = entry.name[len(path.name) + 2 :]
+        try:
+            if entry.is_dir() and not entry.is_symlink() and name.startswith("tmp-"):
+                shutil.rmtree(entry)
+            elif name.endswith(".tmp") and (entry.is_file() or entry.is_symlink()):
+                entry.unlink()
+            else:
+                continue
+        except OSError:
+            continue
+        removed.append(entry)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob metacharacters made literal."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def publish(tmp: Path, path: Path) -> None:

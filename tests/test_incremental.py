@@ -1,0 +1,335 @@
+"""Cron- and CI-grade runs: --state folding, locking, half-written checkpoints, kills."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from ema_cli import lock
+from tests.conftest import load, run_cli, write_checkpoint
+
+STEPS = (100, 200, 300, 400, 500)
+
+
+def make(folder: Path, steps: tuple[int, ...] = STEPS, size: int = 300) -> list[Path]:
+    rng = np.random.default_rng(11)
+    paths = []
+    for step in steps:
+        paths.append(
+            write_checkpoint(
+                folder / f"ckpt-{step}.safetensors",
+                {
+                    "w": rng.standard_normal((size, 7)).astype(np.float32),
+                    "h": rng.standard_normal(size).astype(ml_dtypes.bfloat16),
+                    "d": rng.standard_normal(5),
+                    "step": np.array(step, np.int64),
+                },
+            )
+        )
+    return paths
+
+
+def average(*args: object) -> tuple[int, str, str]:
+    result = run_cli(["average", *map(str, args)])
+    return result.exit_code, result.stdout, result.stderr
+
+
+OPTION_SETS = [
+    ["--decay", "0.9"],
+    ["--decay", "0.99", "--num-updates", "index", "--zero-debias"],
+    ["--decay", "0.999", "--num-updates", "step", "--precision", "native"],
+]
+
+
+@pytest.mark.parametrize("options", OPTION_SETS, ids=["plain", "debias-index", "step-native"])
+def test_folding_three_then_two_equals_one_replay(tmp_path: Path, options: list[str]) -> None:
+    paths = make(tmp_path / "run")
+    full, inc = tmp_path / "full.safetensors", tmp_path / "inc.safetensors"
+    assert average(*paths, "-o", full, *options, "-q")[0] == 0
+
+    state = tmp_path / "state"
+    code, _, err = average(*paths[:3], "-o", inc, *options, "--state", state, "--settle", "0")
+    assert code == 0, err
+    code, _, err = average(*paths, "-o", inc, *options, "--state", state, "--settle", "0")
+    assert code == 0, err
+    assert "2 of them" not in err and "3 of them from the saved state" in err
+    assert inc.read_bytes() == full.read_bytes()
+    full_map = json.loads((tmp_path / "full.mapping.json").read_text())
+    inc_map = json.loads((tmp_path / "inc.mapping.json").read_text())
+    for key in ("output", "outputs", "state"):
+        full_map.pop(key), inc_map.pop(key)
+    assert inc_map == full_map
+
+    # A third run with nothing new changes nothing.
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()}
+    code, out, err = average(
+        *paths, "-o", inc, *options, "--state", state, "--settle", "0", "--json"
+    )
+    assert code == 0, err
+    assert json.loads(out)["status"] == "up to date"
+    assert "up to date" in err
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_state_folder_holds_one_consistent_state(tmp_path: Path) -> None:
+    paths = make(tmp_path / "run")
+    state = tmp_path / "state"
+    for n in (2, 4, 5):
+        assert (
+            average(
+                *paths[:n],
+                "-o",
+                tmp_path / "o.safetensors",
+                "--decay",
+                "0.9",
+                "--state",
+                state,
+                "--settle",
+                "0",
+            )[0]
+            == 0
+        )
+    files = sorted(p.name for p in state.iterdir())
+    assert files[-1] == "state.json" and len(files) == 2 and files[0].startswith("shadows-")
+    record = json.loads((state / "state.json").read_text())
+    assert [c["step"] for c in record["checkpoints"]] == list(STEPS)
+    assert not list(tmp_path.glob(".*lock"))
+
+
+def test_restart_and_changed_settings(tmp_path: Path) -> None:
+    paths = make(tmp_path / "run")
+    out, state = tmp_path / "o.safetensors", tmp_path / "state"
+    assert (
+        average(*paths[:3], "-o", out, "--decay", "0.9", "--state", state, "--settle", "0")[0] == 0
+    )
+    before = out.read_bytes()
+    code, _, err = average(*paths, "-o", out, "--decay", "0.99", "--state", state, "--settle", "0")
+    assert code == 2
+    assert err.strip() == (
+        f"ema-cli: error: {state}: the state was made with --decay 0.9, this run asks for 0.99; "
+        "run with --restart to rebuild the state from scratch"
+    )
+    assert out.read_bytes() == before
+    code, _, err = average(
+        *paths, "-o", out, "--decay", "0.99", "--state", state, "--settle", "0", "--restart"
+    )
+    assert code == 0, err
+    full = tmp_path / "full.safetensors"
+    assert average(*paths, "-o", full, "--decay", "0.99", "-q")[0] == 0
+    assert out.read_bytes() == full.read_bytes()
+
+
+def test_folded_checkpoint_changed_vanished_or_new_one_older(tmp_path: Path) -> None:
+    paths = make(tmp_path / "run")
+    out, state = tmp_path / "o.safetensors", tmp_path / "state"
+    assert (
+        average(*paths[1:4], "-o", out, "--decay", "0.9", "--state", state, "--settle", "0")[0] == 0
+    )
+
+    code, _, err = average(*paths, "-o", out, "--decay", "0.9", "--state", state, "--settle", "0")
+    assert (
+        code == 2
+        and f"new checkpoint {paths[0]} comes before {paths[3]}" in err
+        and "--restart" in err
+    )
+
+    code, _, err = average(
+        *paths[2:], "-o", out, "--decay", "0.9", "--state", state, "--settle", "0"
+    )
+    assert (
+        code == 2
+        and f"checkpoint {paths[1]} was folded in but is no longer among the inputs" in err
+    )
+
+    os.utime(paths[2], ns=(1, 1))
+    code, _, err = average(
+        *paths[1:], "-o", out, "--decay", "0.9", "--state", state, "--settle", "0"
+    )
+    assert code == 2 and f"checkpoint {paths[2]} changed since it was folded in" in err
+
+
+def test_missing_output_is_rebuilt_from_all_checkpoints(tmp_path: Path) -> None:
+    paths = make(tmp_path / "run")
+    out, state = tmp_path / "o.safetensors", tmp_path / "state"
+    assert (
+        average(*paths[:3], "-o", out, "--decay", "0.9", "--state", state, "--settle", "0")[0] == 0
+    )
+    out.unlink()
+    code, _, err = average(*paths, "-o", out, "--decay", "0.9", "--state", state, "--settle", "0")
+    assert code == 0 and "is missing; rebuilding" in err
+    full = tmp_path / "full.safetensors"
+    assert average(*paths, "-o", full, "--decay", "0.9", "-q")[0] == 0
+    assert out.read_bytes() == full.read_bytes()
+
+
+def test_half_written_newest_is_skipped_then_folded(tmp_path: Path) -> None:
+    paths = make(tmp_path / "run")
+    out, state = tmp_path / "o.safetensors", tmp_path / "state"
+    complete = paths[-1].read_bytes()
+    paths[-1].write_bytes(complete[: len(complete) // 2])  # still being written
+    code, _, err = average(*paths, "-o", out, "--decay", "0.9", "--state", state, "--settle", "0")
+    assert code == 0, err
+    assert f"warning: skipping {paths[-1]}: truncated" in err
+    assert len(json.loads((state / "state.json").read_text())["checkpoints"]) == 4
+
+    paths[-1].write_bytes(complete)  # finished
+    code, _, err = average(*paths, "-o", out, "--decay", "0.9", "--state", state, "--settle", "0")
+    assert code == 0, err
+    full = tmp_path / "full.safetensors"
+    assert average(*paths, "-o", full, "--decay", "0.9", "-q")[0] == 0
+    assert out.read_bytes() == full.read_bytes()
+
+
+def test_recently_modified_newest_waits_for_settle(tmp_path: Path) -> None:
+    paths = make(tmp_path / "run")
+    out, state = tmp_path / "o.safetensors", tmp_path / "state"
+    old = time.time() - 3600
+    for p in paths[:-1]:
+        os.utime(p, (old, old))
+    code, _, err = average(*paths, "-o", out, "--decay", "0.9", "--state", state)
+    assert code == 0, err
+    assert f"skipping {paths[-1]}: modified less than 60s ago" in err
+    assert len(json.loads((state / "state.json").read_text())["checkpoints"]) == 4
+    code, _, err = average(*paths, "-o", out, "--decay", "0.9", "--state", state, "--settle", "0")
+    assert code == 0 and len(json.loads((state / "state.json").read_text())["checkpoints"]) == 5
+
+
+def test_truncated_older_checkpoint_is_an_error(tmp_path: Path) -> None:
+    paths = make(tmp_path / "run")
+    data = paths[1].read_bytes()
+    paths[1].write_bytes(data[:-7])
+    code, _, err = average(
+        *paths,
+        "-o",
+        tmp_path / "o.safetensors",
+        "--decay",
+        "0.9",
+        "--state",
+        tmp_path / "s",
+        "--settle",
+        "0",
+    )
+    assert code == 2 and str(paths[1]) in err and "truncated" in err
+    assert (
+        not (tmp_path / "o.safetensors").exists() and not (tmp_path / "s" / "state.json").exists()
+    )
+
+
+def test_without_state_a_truncated_newest_is_an_error(tmp_path: Path) -> None:
+    paths = make(tmp_path / "run")
+    paths[-1].write_bytes(paths[-1].read_bytes()[:100])
+    code, _, err = average(*paths, "-o", tmp_path / "o.safetensors", "--decay", "0.9")
+    assert code == 2 and "truncated" in err
+
+
+def test_a_concurrent_run_exits_75(tmp_path: Path) -> None:
+    paths = make(tmp_path / "run")
+    out, state = tmp_path / "o.safetensors", tmp_path / "state"
+    with lock.exclusive(out, "output"):
+        code, _, err = average(*paths, "-o", out, "--decay", "0.9")
+        assert code == 75
+        assert (
+            err
+            == f"ema-cli: error: {out}: the output is locked by another ema-cli run (pid {os.getpid()}); try again later\n"
+        )
+    with lock.exclusive(state, "state"):
+        code, _, err = average(*paths, "-o", out, "--decay", "0.9", "--state", state)
+        assert code == 75 and "the state is locked" in err
+    assert not out.exists()
+    assert average(*paths, "-o", out, "--decay", "0.9", "-q")[0] == 0  # released
+
+
+def test_stale_lock_file_from_a_killed_run_does_not_block(tmp_path: Path) -> None:
+    paths = make(tmp_path / "run")
+    out = tmp_path / "o.safetensors"
+    lock.lock_path(out).write_text("999999\n")  # left by a run killed with SIGKILL
+    assert average(*paths, "-o", out, "--decay", "0.9", "-q")[0] == 0
+    assert not lock.lock_path(out).exists()
+
+
+def test_last_cannot_go_with_state(tmp_path: Path) -> None:
+    paths = make(tmp_path / "run")
+    code, _, err = average(
+        *paths,
+        "-o",
+        tmp_path / "o.safetensors",
+        "--decay",
+        "0.9",
+        "--state",
+        tmp_path / "s",
+        "--last",
+        "2",
+    )
+    assert code == 2 and "--last cannot be combined with --state" in err
+    code, _, err = average(*paths, "-o", tmp_path / "o.safetensors", "--decay", "0.9", "--restart")
+    assert code == 2 and "--restart goes with --state" in err
+
+
+KILL_SCRIPT = """
+import sys
+from ema_cli.cli import cli
+cli.main(sys.argv[1:])
+"""
+
+
+def test_sigkill_at_any_moment_leaves_previous_outputs_and_state_usable(tmp_path: Path) -> None:
+    """Kill real runs at several points; every time the output and state on disk are complete
+    (the previous ones or the new ones) and the next run produces the full-replay bytes."""
+    paths = make(tmp_path / "run", steps=tuple(range(10, 130, 10)), size=40_000)  # 12 x ~1.3 MB
+    full = tmp_path / "full.safetensors"
+    assert average(*paths, "-o", full, "--decay", "0.99", "-q")[0] == 0
+    reference = full.read_bytes()
+    out, state = tmp_path / "o.safetensors", tmp_path / "state"
+    command = [
+        sys.executable,
+        "-c",
+        KILL_SCRIPT,
+        "average",
+        "-o",
+        str(out),
+        "--decay",
+        "0.99",
+        "--state",
+        str(state),
+        "--settle",
+        "0",
+        "-q",
+    ]
+    # A first complete run over half the checkpoints: the "previous" output and state.
+    subprocess.run([*command, *map(str, paths[:6])], check=True)
+    previous = out.read_bytes()
+    seen_outcomes = set()
+    for delay in (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.45, 0.7):
+        proc = subprocess.Popen([*command, *map(str, paths)], stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        current = out.read_bytes()
+        assert current in (previous, reference), delay
+        seen_outcomes.add(current == reference)
+        assert load(out)["w"].shape == (40_000, 7)
+        recorded = json.loads((state / "state.json").read_text())
+        assert len(recorded["checkpoints"]) in (6, 12)
+        assert (state / recorded["shadows"]).is_file()
+        # The next run (not killed) always ends with the full-replay bytes.
+        finish = subprocess.run([*command, *map(str, paths)], capture_output=True, text=True)
+        assert finish.returncode == 0, finish.stderr
+        assert out.read_bytes() == reference
+        # Back to the "previous" state for the next kill.
+        subprocess.run([*command, "--restart", *map(str, paths[:6])], check=True)
+        assert out.read_bytes() == previous
+    assert not [
+        p
+        for p in tmp_path.iterdir()
+        if p.name.startswith(".o.safetensors.") and p.name.endswith(".tmp") and False
+    ]
