@@ -176,19 +176,35 @@ def describe_checkpoint(given: str, reader: CheckpointReader, step: int | None) 
     }
 
 
+def _console(widest: int) -> Any:
+    """A stdout console; when stdout is not a terminal, wide enough that nothing is cut."""
+    import sys
+
+    from rich.console import Console
+
+    if sys.stdout.isatty():
+        return Console()
+    return Console(width=max(80, widest), no_color=True)
+
+
 def print_inspection(records: Sequence[dict[str, Any]]) -> None:
     """Tables on stdout: one per checkpoint, one row per tensor."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(soft_wrap=False)
+    widest = max(
+        (len(t["name"]) + len(str(t["shape"])) for r in records for t in r["tensors"]), default=0
+    )
+    console = _console(widest + 50)
     for record in records:
         step = "no step" if record["step"] is None else f"step {record['step']}"
-        title = (
-            f"{record['path']}  ({record['format']}, {step}, {record['tensor_count']} tensors, "
-            f"{human_size(record['bytes'])})"
+        console.print(
+            f"{record['path']}: {record['format']}, {step}, {record['tensor_count']} tensors, "
+            f"{human_size(record['bytes'])}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
         )
-        table = Table(title=title, title_justify="left")
+        table = Table()
         table.add_column("tensor")
         table.add_column("dtype")
         table.add_column("shape")
@@ -201,11 +217,10 @@ def print_inspection(records: Sequence[dict[str, Any]]) -> None:
 def print_plan(record: Mapping[str, Any], folded: int = 0) -> None:
     """``--dry-run``: the replay order, each checkpoint's decay and weight (with bars), and what
     is averaged and copied."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(soft_wrap=False)
     checkpoints = record["checkpoints"]
+    console = _console(max((len(c["path"]) for c in checkpoints), default=0) + 90)
     top = max((c["weight"] for c in checkpoints), default=0.0) or 1.0
     table = Table(title=f"replay plan: {len(checkpoints)} checkpoints", title_justify="left")
     for column, justify in (
