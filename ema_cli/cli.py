@@ -192,7 +192,7 @@ def _print_json(record: dict[str, Any]) -> None:
     "--output",
     required=True,
     type=click.Path(path_type=Path),
-    help="The averaged checkpoint to write: a .safetensors file, or a name without a suffix for a Hugging Face model folder (shards, index, and the last checkpoint's config and tokenizer files). Written to a temporary name and renamed into place when complete.",
+    help="The averaged checkpoint to write: a .safetensors, .weights.h5, .h5, .hdf5, .keras or .npz file (the suffix picks the format), or a name without a suffix for a Hugging Face model folder (shards, index, and the last checkpoint's config and tokenizer files). Written to a temporary name and renamed into place when complete.",
 )
 @click.option(
     "--decay",
@@ -261,6 +261,13 @@ def _print_json(record: dict[str, Any]) -> None:
     "--strict",
     is_flag=True,
     help="Refuse tensors TF's EMA cannot average (integers, bools, float8) instead of copying them from the last checkpoint.",
+)
+@click.option(
+    "--average-optimizer",
+    is_flag=True,
+    help="Also average Keras optimizer state (optimizer/ in .weights.h5 and .keras, "
+    "optimizer_weights/ in legacy .h5). By default it is copied from the last checkpoint: it is "
+    "not model weights, and averaged Adam moments would corrupt a resumed run.",
 )
 @click.option(
     "--last",
@@ -353,6 +360,7 @@ def average(
     exclude: tuple[str, ...],
     precision: str,
     strict: bool,
+    average_optimizer: bool,
     last: int | None,
     min_step: int | None,
     max_step: int | None,
@@ -368,10 +376,11 @@ def average(
 ) -> None:
     """Replay CHECKPOINT... (oldest first) through the EMA and write the averaged checkpoint.
 
-    A CHECKPOINT is a .safetensors file, a folder holding one, or a sharded Hugging Face model
-    folder (model.safetensors.index.json and its shards); '-' reads more paths from standard
-    input, one per line. Float tensors are averaged; all others (and excluded ones) are copied
-    from the last checkpoint, so the output loads wherever the inputs load.
+    A CHECKPOINT is a .safetensors, .weights.h5, .h5, .hdf5, .keras or .npz file, a folder
+    holding one, or a sharded Hugging Face model folder (model.safetensors.index.json and its
+    shards); '-' reads more paths from standard input, one per line. Float tensors are averaged;
+    all others (and excluded ones, and Keras optimizer state unless --average-optimizer) are
+    copied from the last checkpoint, so the output loads wherever the inputs load.
 
     \b
     Examples:
@@ -395,6 +404,7 @@ def average(
         exclude=exclude,
         precision=precision,  # type: ignore[arg-type]
         strict=strict,
+        average_optimizer=average_optimizer,
     )
     request = job.Request(
         checkpoints=_expand_stdin(checkpoints),

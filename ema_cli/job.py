@@ -248,7 +248,12 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
             record = {"status": "up to date", "checkpoints": [c.path for c in history]}
             return Result("up to date", record, mapping_path, None, folded, warnings)
 
-        plan = build_plan(fresh, [r.tensors for r in readers], settings)
+        plan = build_plan(
+            fresh,
+            [r.tensors for r in readers],
+            settings,
+            optimizer_prefixes=readers[-1].optimizer_prefixes,
+        )
         if saved is not None:
             saved.check_plan(plan)
         for pattern in plan.unmatched_excludes:
@@ -298,7 +303,12 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
                 create_writer(
                     path,
                     plan.output_tensors,
-                    report.output_metadata(plan, readers[i].metadata, folded + i + 1),
+                    report.output_metadata(
+                        plan,
+                        readers[i].metadata,
+                        folded + i + 1,
+                        safetensors=folder_output or path.suffix.lower() == ".safetensors",
+                    ),
                     template=readers[i],
                     max_shard_size=request.max_shard_size,
                     folder=folder_output,

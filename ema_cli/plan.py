@@ -53,6 +53,7 @@ class Settings:
     exclude: tuple[str, ...] = ()
     precision: engine.Precision = "auto"
     strict: bool = False
+    average_optimizer: bool = False
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.decay <= 1.0):  # also refuses NaN
@@ -200,7 +201,13 @@ def order_checkpoints(
     return checkpoints
 
 
-def _selected(name: str, settings: Settings) -> bool:
+def _selected(name: str, settings: Settings, optimizer_prefixes: tuple[str, ...] = ()) -> bool:
+    if (
+        optimizer_prefixes
+        and not settings.average_optimizer
+        and name.startswith(optimizer_prefixes)
+    ):
+        return False  # optimizer state: copied from the last checkpoint
     if settings.include and not any(fnmatch.fnmatchcase(name, g) for g in settings.include):
         return False
     return not any(fnmatch.fnmatchcase(name, g) for g in settings.exclude)
@@ -210,13 +217,16 @@ def build_plan(
     checkpoints: Sequence[Checkpoint],
     headers: Sequence[Mapping[str, TensorInfo]],
     settings: Settings,
+    optimizer_prefixes: Sequence[str] = (),
 ) -> ReplayPlan:
     """Validate the headers against each other and decide each tensor's fate.
 
     The last checkpoint is the template: the output has its tensors, dtypes and shapes. Every
     averaged tensor must be in every checkpoint with the same dtype and shape; copied tensors
-    come from the last checkpoint alone.
+    come from the last checkpoint alone. Tensors under ``optimizer_prefixes`` (the template's
+    optimizer state) are copied unless ``settings.average_optimizer``.
     """
+    prefixes = tuple(optimizer_prefixes)
     last_path = checkpoints[-1].path
     template = headers[-1]
     names = list(template)
@@ -230,8 +240,9 @@ def build_plan(
 
     jobs: list[TensorJob] = []
     for name, info in template.items():
-        averaged = _selected(name, settings) and engine.is_averageable(info.dtype)
-        if settings.strict and _selected(name, settings) and not averaged:
+        selected = _selected(name, settings, prefixes)
+        averaged = selected and engine.is_averageable(info.dtype)
+        if settings.strict and selected and not averaged:
             raise CheckpointError(
                 last_path,
                 f"dtype {info.dtype} cannot be averaged (TF's EMA takes half, bfloat16, float "
@@ -276,7 +287,7 @@ def build_plan(
         for name, info in header.items():
             if (
                 name not in template
-                and _selected(name, settings)
+                and _selected(name, settings, prefixes)
                 and engine.is_averageable(info.dtype)
             ):
                 raise CheckpointError(

@@ -87,6 +87,7 @@ def summary(
     writes the same bytes (keys are sorted when written)."""
     s = plan.settings
     return {
+        "average_optimizer": s.average_optimizer,
         "checkpoints": list(checkpoints),
         "decay": s.decay,
         "ema_name": s.ema_name,
@@ -106,12 +107,16 @@ def summary(
     }
 
 
-def output_metadata(plan: ReplayPlan, template: Mapping[str, str], count: int) -> dict[str, str]:
-    """The template's metadata plus the EMA settings (``format`` defaults to ``pt``, which
-    several loaders insist on). ``count`` is how many checkpoints the average covers."""
+def output_metadata(
+    plan: ReplayPlan, template: Mapping[str, str], count: int, *, safetensors: bool = True
+) -> dict[str, str]:
+    """The template's metadata plus the EMA settings (``format`` defaults to ``pt`` in
+    safetensors outputs, which several loaders insist on; HDF5 outputs store metadata as root
+    attributes, where it would only mislead). ``count`` is how many checkpoints it covers."""
     s = plan.settings
     meta = dict(template)
-    meta.setdefault("format", "pt")
+    if safetensors:
+        meta.setdefault("format", "pt")
     meta.update(
         {
             "ema.checkpoints": str(count),

@@ -9,6 +9,9 @@ from pathlib import Path
 from ema_cli.checkpoint import CHECKPOINT_SUFFIXES, TensorInfo, strip_format_suffix
 from ema_cli.errors import CheckpointError, OptionError
 from ema_cli.formats.base import CheckpointReader, CheckpointWriter
+from ema_cli.formats.hdf5 import HDF5Reader, HDF5Writer
+from ema_cli.formats.keras_archive import KerasArchiveReader, KerasArchiveWriter
+from ema_cli.formats.npz import NpzReader, NpzWriter
 from ema_cli.formats.safetensors import SafetensorsReader, SafetensorsWriter
 from ema_cli.formats.sharded import DEFAULT_MAX_SHARD_SIZE, INDEX_NAME, ShardedReader, ShardedWriter
 
@@ -25,8 +28,22 @@ __all__ = [
     "strip_format_suffix",
 ]
 
-_READERS: dict[str, type[CheckpointReader]] = {".safetensors": SafetensorsReader}
-_WRITERS: dict[str, type[CheckpointWriter]] = {".safetensors": SafetensorsWriter}
+_READERS: dict[str, type[CheckpointReader]] = {
+    ".safetensors": SafetensorsReader,
+    ".weights.h5": HDF5Reader,
+    ".h5": HDF5Reader,
+    ".hdf5": HDF5Reader,
+    ".keras": KerasArchiveReader,
+    ".npz": NpzReader,
+}
+_WRITERS: dict[str, type[CheckpointWriter]] = {
+    ".safetensors": SafetensorsWriter,
+    ".weights.h5": HDF5Writer,
+    ".h5": HDF5Writer,
+    ".hdf5": HDF5Writer,
+    ".keras": KerasArchiveWriter,
+    ".npz": NpzWriter,
+}
 
 
 def _suffix(path: Path) -> str:
@@ -72,7 +89,8 @@ def find_checkpoint(path: Path) -> Path:
         if len(found) == 1:
             return found[0]
         if not found:
-            raise CheckpointError(path, "folder holds no checkpoint file (*.safetensors)")
+            patterns = ", ".join(f"*{s}" for s in _READERS)
+            raise CheckpointError(path, f"folder holds no checkpoint file ({patterns})")
         names = ", ".join(p.name for p in found[:4])
         raise CheckpointError(
             path, f"folder holds {len(found)} checkpoint files ({names}); name the file to use"
@@ -118,8 +136,19 @@ def create_writer(
     """
     if folder is None:
         folder = is_folder_output(path)
+    if not folder:
+        check_output_path(path)
+    writer = ShardedWriter if folder else _WRITERS[_suffix(path)]
+    if template is not None and template.non_tensors and not writer.carries_non_tensors(template):
+        # A conversion keeps every tensor; refuse it when the input holds data that is not one.
+        lost = template.non_tensors
+        more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
+        kind = "a model folder" if folder else f"a {_suffix(path)} file"
+        raise OptionError(
+            f"{path}: {template.path} holds {lost[0]}{more}, which {kind} cannot hold; write "
+            f"a {_suffix(Path(template.path))} output to keep it"
+        )
     if folder:
         limit = DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size
         return ShardedWriter(path, tensors, metadata, template, max_shard_size=limit)
-    check_output_path(path)
-    return _WRITERS[_suffix(path)](path, tensors, metadata, template)
+    return writer(path, tensors, metadata, template)

@@ -44,6 +44,18 @@ class CheckpointReader(ABC):
         """Free-form string metadata stored with the checkpoint (may be empty)."""
         return {}
 
+    @property
+    def optimizer_prefixes(self) -> tuple[str, ...]:
+        """Name prefixes of optimizer state (Keras ``optimizer/``, ``optimizer_weights/``),
+        copied from the last checkpoint unless asked to average it: not model weights."""
+        return ()
+
+    @property
+    def non_tensors(self) -> Sequence[str]:
+        """What the checkpoint holds besides tensors and metadata, one description each (an
+        HDF5 string dataset, a zip member): only a writer of the same format carries it over."""
+        return ()
+
     @abstractmethod
     def read(
         self,
@@ -93,6 +105,11 @@ class CheckpointWriter(ABC):
         self.metadata = dict(metadata)
         self.template = template
 
+    @classmethod
+    def carries_non_tensors(cls, template: CheckpointReader) -> bool:
+        """Whether this format copies ``template.non_tensors`` into its output."""
+        return False
+
     @abstractmethod
     def write(self, name: str, start: int, values: npt.NDArray[np.generic]) -> None:
         """Store ``values`` (1-D, the tensor's dtype) at flat element offset ``start`` of ``name``.
@@ -136,7 +153,7 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
     """Delete what killed runs left while writing ``path``: hidden ``.<name>.*.tmp`` files and
     ``.<name>.tmp-*`` folders beside it. Only call this while holding ``path``'s lock, when no
     live run can be writing them. Returns what was removed."""
-    removed = []
+    removed: list[Path] = []
     if not path.parent.is_dir():
         return removed
     for entry in path.parent.glob(f".{glob_escape(path.name)}.*"):

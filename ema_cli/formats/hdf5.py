@@ -1,0 +1,734 @@
+"""HDF5 checkpoints: Keras 3 ``.weights.h5``, legacy Keras ``.h5``, and any other HDF5 file.
+
+Every numeric dataset is a tensor named by its path without the leading ``/``. The layouts Keras
+writes (checked against Keras 3.15 and its legacy saver):
+
+* Keras 3 ``.weights.h5``: ``layers/<layer>/vars/<i>`` (``<layer>`` is the snake-cased class
+  name, deduplicated ``dense_1``; each ``vars`` group has a ``name`` attribute, the layer's
+  name), the model's own ``vars``, and the optimizer's ``optimizer/vars/<i>``. No root attributes.
+* legacy ``.h5`` full model: root attributes ``model_config``, ``training_config``,
+  ``keras_version``, ``backend`` (str); ``model_weights/`` with ``layer_names`` (an array of byte
+  strings, split into ``layer_names0``, ``layer_names1``, ... when larger than 64 kB), and one
+  group per layer whose ``weight_names`` attribute lists its datasets in load order (by path,
+  ``model_weights/dense/sequential/dense/kernel``); optimizer state in ``optimizer_weights/``.
+  A legacy weights-only file has ``layer_names`` and the layer groups at the root.
+* bfloat16 has no HDF5 type: h5py stores it as a 2-byte opaque type (empty tag). Keras 3 marks
+  those datasets with a ``dtype="bfloat16"`` attribute; the legacy saver does not. We read every
+  2-byte opaque dataset as bfloat16 (and an opaque dataset whose ``dtype`` attribute names
+  another ml_dtypes type as that type), and write them back opaque, unchanged in kind.
+
+The writer rebuilds the template (the replay's last checkpoint) exactly: every group, attribute,
+link and non-tensor dataset in the template's order and with its creation properties, so Keras
+loads the output; tensor datasets keep their type, shape, chunking and filters and are filled
+block by block. Tensors the template does not hold (another format's names, ``--names shadow``)
+are created under their paths, contiguous, with the intermediate groups. h5py serialises its
+calls behind one global lock; we take our own per file too, so a block's selection and its I/O
+are one step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import h5py
+import ml_dtypes
+import numpy as np
+import numpy.typing as npt
+from h5py import h5a, h5d, h5f, h5g, h5o, h5p, h5s, h5t
+
+from ema_cli.checkpoint import TensorInfo
+from ema_cli.errors import CheckpointError, OptionError, OutputError, TruncatedCheckpointError
+from ema_cli.formats.base import CheckpointReader, CheckpointWriter, publish, temporary_sibling
+from ema_cli.formats.npz import check_range
+
+SUFFIXES = (".weights.h5", ".h5", ".hdf5")
+
+#: The attribute Keras 3 puts on datasets whose numpy dtype HDF5 cannot name.
+DTYPE_ATTRIBUTE = "dtype"
+
+#: What every HDF5 file starts with (after an optional user block).
+_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+#: Dtypes HDF5 stores natively that are tensors. Anything else (strings, compound, references,
+#: long double) is kept as it is in HDF5 outputs and is not a tensor.
+_NATIVE_TENSOR_DTYPES = frozenset(
+    np.dtype(t)
+    for t in (
+        np.bool_,
+        np.int8,
+        np.int16,
+        np.int32,
+        np.int64,
+        np.uint8,
+        np.uint16,
+        np.uint32,
+        np.uint64,
+        np.float16,
+        np.float32,
+        np.float64,
+    )
+)
+
+#: Dtypes stored as opaque bytes, by the name Keras writes in the ``dtype`` attribute.
+_OPAQUE_DTYPES: dict[str, np.dtype[Any]] = {
+    name: np.dtype(getattr(ml_dtypes, name))
+    for name in (
+        "bfloat16",
+        "float8_e4m3fn",
+        "float8_e4m3fnuz",
+        "float8_e4m3b11fnuz",
+        "float8_e5m2",
+        "float8_e5m2fnuz",
+    )
+    if hasattr(ml_dtypes, name)
+}
+_BFLOAT16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
+
+#: Per-dataset chunk cache of written files: compressed chunks written by several blocks are
+#: compressed once when they stay cached between those writes.
+_WRITE_CHUNK_CACHE_BYTES = 8 << 20
+#: Datasets kept open per file. An open chunked dataset holds a cache of its chunks, so keeping
+#: a model's every dataset open would keep the model; the replay works tensor by tensor.
+_OPEN_DATASETS = 4
+
+
+class _OpenDatasets:
+    """The few datasets in use, opened by path on demand, least recently used closed first.
+
+    Callers hold the file's lock.
+    """
+
+    def __init__(self, file: h5py.File, size: int = _OPEN_DATASETS) -> None:
+        self._file = file
+        self._size = size
+        self._open: OrderedDict[str, h5d.DatasetID] = OrderedDict()
+
+    def get(self, name: str) -> h5d.DatasetID:
+        dataset = self._open.pop(name, None)
+        if dataset is None:
+            dataset = h5d.open(self._file.id, ("/" + name).encode("utf-8"))
+            while len(self._open) >= self._size:
+                self._open.popitem(last=False)  # dropping the last reference closes it
+        self._open[name] = dataset
+        return dataset
+
+    def clear(self) -> None:
+        self._open.clear()
+
+
+def _flat_boxes(
+    shape: tuple[int, ...], start: int, stop: int
+) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Hyperslabs ``(offset, count)`` that together are flat C-order elements ``[start, stop)``.
+
+    A partial leading row, a block of whole rows, a partial trailing row, recursively: at most
+    ``2 * ndim - 1`` boxes, whose union HDF5 visits in C order, matching a 1-D memory buffer.
+    """
+    if len(shape) == 1:
+        yield (start,), (stop - start,)
+        return
+    inner = int(np.prod(shape[1:], dtype=np.int64))
+    first_row, first_offset = divmod(start, inner)
+    last_row, last_offset = divmod(stop, inner)
+    rest = len(shape) - 1
+    if first_row == last_row:
+        for offset, count in _flat_boxes(shape[1:], first_offset, last_offset):
+            yield (first_row, *offset), (1, *count)
+        return
+    if first_offset:
+        for offset, count in _flat_boxes(shape[1:], first_offset, inner):
+            yield (first_row, *offset), (1, *count)
+        first_row += 1
+    if last_row > first_row:
+        yield (first_row, *(0,) * rest), (last_row - first_row, *shape[1:])
+    if last_offset:
+        for offset, count in _flat_boxes(shape[1:], 0, last_offset):
+            yield (last_row, *offset), (1, *count)
+
+
+def _select_flat_range(
+    dataset: h5d.DatasetID, shape: tuple[int, ...], start: int, stop: int
+) -> tuple[h5s.SpaceID, h5s.SpaceID]:
+    """File and memory dataspaces for elements ``[start, stop)`` of ``dataset``."""
+    file_space = dataset.get_space()
+    if shape:
+        file_space.select_none()
+        for offset, count in _flat_boxes(shape, start, stop):
+            file_space.select_hyperslab(offset, count, op=h5s.SELECT_OR)
+    else:
+        file_space.select_all()
+    return file_space, h5s.create_simple((stop - start,))
+
+
+def _tensor_dtype(dataset: h5py.Dataset) -> np.dtype[Any] | None:
+    """The numpy dtype of a tensor dataset, or None when the dataset is not a tensor."""
+    file_type = dataset.id.get_type()
+    if file_type.get_class() == h5t.OPAQUE:
+        size = file_type.get_size()
+        marker = dataset.attrs.get(DTYPE_ATTRIBUTE)
+        if isinstance(marker, bytes):
+            marker = marker.decode("utf-8", "replace")
+        if isinstance(marker, str) and marker in _OPAQUE_DTYPES:
+            marked = _OPAQUE_DTYPES[marker]
+            return marked if marked.itemsize == size else None
+        return _BFLOAT16 if size == 2 else None
+    try:
+        dtype = dataset.dtype
+    except (TypeError, ValueError):  # a type numpy cannot express
+        return None
+    native = dtype.newbyteorder("=")
+    return native if native in _NATIVE_TENSOR_DTYPES else None
+
+
+def _memory_type(file_type: h5t.TypeID, dtype: np.dtype[Any]) -> h5t.TypeID:
+    """How a tensor's elements sit in our buffers: opaque data as its own bytes (no conversion
+    exists between opaque types), numbers in native order (HDF5 converts)."""
+    return file_type if file_type.get_class() == h5t.OPAQUE else h5t.py_create(dtype)
+
+
+def _describe_type(dataset: h5py.Dataset) -> str:
+    try:
+        string = h5py.check_string_dtype(dataset.dtype)
+        if string is not None:
+            return "a string dataset"
+        return f"a dataset of type {dataset.dtype}"
+    except (TypeError, ValueError):
+        return "a dataset of a type numpy cannot express"
+
+
+def _open_error(path: Path, prefix: str, error: OSError) -> CheckpointError:
+    """One line naming the file for an h5py open failure."""
+    text = str(error)
+    if isinstance(error, FileNotFoundError):
+        return CheckpointError(path, "no such file")
+    if isinstance(error, IsADirectoryError):
+        return CheckpointError(path, "is a directory, not an HDF5 file")
+    if isinstance(error, PermissionError):
+        return CheckpointError(path, "cannot open: permission denied")
+    if "truncated file" in text:
+        sizes = re.search(r"\beof = (\d+).*stored_eof = (\d+)", text)
+        detail = (
+            f"the file has {sizes[1]} bytes but its HDF5 superblock says {sizes[2]}"
+            if sizes
+            else text.splitlines()[0]
+        )
+        return TruncatedCheckpointError(path, f"{prefix}truncated HDF5 file: {detail}")
+    if "signature not found" in text:
+        return CheckpointError(path, f"{prefix}not an HDF5 file (no HDF5 signature)")
+    return CheckpointError(path, f"{prefix}cannot open as HDF5: {text.splitlines()[0]}")
+
+
+def _first_line(error: BaseException) -> str:
+    text = error.args[0] if isinstance(error, KeyError) and error.args else error  # unquoted
+    lines = str(text).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+class HDF5Reader(CheckpointReader):
+    """An HDF5 file, from a path or (inside a ``.keras`` archive) an open binary file.
+
+    ``member`` names the file inside ``path`` for messages when reading from ``file``.
+    """
+
+    format_name = "HDF5"
+
+    def __init__(
+        self, path: Path, file: IO[bytes] | None = None, member: str | None = None
+    ) -> None:
+        super().__init__(path)
+        self._prefix = f"{member}: " if member else ""
+        self._lock = threading.Lock()
+        self._fileobj = file
+        try:
+            if file is None:
+                self.file = h5py.File(path, "r", locking=False)
+            else:
+                self.file = h5py.File(file, "r")
+        except OSError as e:
+            raise self._classify_open_error(e, file) from None
+        try:
+            self._scan()
+        except (KeyError, OSError, RuntimeError, ValueError) as e:
+            self.file.close()
+            raise CheckpointError(
+                path, f"{self._prefix}corrupt HDF5 file ({_first_line(e)})"
+            ) from None
+        except BaseException:
+            self.file.close()
+            raise
+
+    def _classify_open_error(self, error: OSError, file: IO[bytes] | None) -> CheckpointError:
+        # A file cut inside its 8-byte signature has none to find, but is still a truncation.
+        try:
+            if file is None:
+                with open(self.path, "rb") as f:
+                    head = f.read(len(_SIGNATURE))
+            else:
+                file.seek(0)
+                head = file.read(len(_SIGNATURE))
+        except OSError:
+            head = b"-"
+        if len(head) < len(_SIGNATURE) and _SIGNATURE.startswith(head):
+            what = "empty" if not head else f"only {len(head)} bytes"
+            return TruncatedCheckpointError(
+                self.path, f"{self._prefix}truncated HDF5 file ({what})"
+            )
+        return _open_error(self.path, self._prefix, error)
+
+    def _scan(self) -> None:
+        self._tensors: dict[str, TensorInfo] = {}
+        self._datasets = _OpenDatasets(self.file)
+        self._memory_types: dict[str, h5t.TypeID] = {}
+        self._non_tensors: list[str] = []
+        seen: dict[tuple[int, int], str] = {}
+        self._walk(self.file, "", seen)
+        self._metadata = {
+            key: value
+            for key, value in ((k, self._string_attribute(self.file, k)) for k in self.file.attrs)
+            if value is not None
+        }
+        root = self.file
+        prefixes = []
+        if isinstance(root.get("optimizer/vars"), h5py.Group):
+            prefixes.append("optimizer/")  # Keras 3: the model's optimizer attribute
+        if isinstance(root.get("optimizer_weights"), h5py.Group):
+            prefixes.append("optimizer_weights/")  # legacy Keras full model
+        self._optimizer_prefixes = tuple(prefixes)
+        if "model_weights" in root and "layer_names" in root["model_weights"].attrs:
+            self.format_name = "HDF5 (legacy Keras model)"
+        elif "layer_names" in root.attrs:
+            self.format_name = "HDF5 (legacy Keras weights)"
+        elif "optimizer/" in prefixes or isinstance(root.get("layers"), h5py.Group):
+            self.format_name = "HDF5 (Keras weights)"
+
+    @staticmethod
+    def _string_attribute(obj: h5py.HLObject, key: str) -> str | None:
+        try:
+            value = obj.attrs[key]
+        except (OSError, TypeError, ValueError):
+            return None
+        if isinstance(value, bytes):
+            try:
+                return value.decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+        return value if isinstance(value, str) else None
+
+    def _walk(self, group: h5py.Group, prefix: str, seen: dict[tuple[int, int], str]) -> None:
+        for name in group:
+            path = prefix + name
+            link = group.get(name, getlink=True)
+            if isinstance(link, h5py.SoftLink | h5py.ExternalLink):
+                self._non_tensors.append(f"link '{path}'")
+                continue
+            try:
+                obj = group[name]
+            except (KeyError, OSError, RuntimeError, ValueError) as e:
+                # HDF5 checks an object's header against the file's end when opening it.
+                raise TruncatedCheckpointError(
+                    self.path,
+                    f"{self._prefix}cannot open object '{path}', the file is truncated or "
+                    f"corrupt ({_first_line(e)})",
+                ) from None
+            info = h5o.get_info(obj.id)
+            key = (info.fileno, info.addr)
+            if key in seen:
+                self._non_tensors.append(f"hard link '{path}' to '{seen[key]}'")
+                continue
+            seen[key] = path
+            if isinstance(obj, h5py.Group):
+                self._walk(obj, path + "/", seen)
+            elif isinstance(obj, h5py.Dataset):
+                self._add_dataset(path, obj)
+            else:
+                self._non_tensors.append(f"named datatype '{path}'")
+
+    def _add_dataset(self, name: str, dataset: h5py.Dataset) -> None:
+        dtype = _tensor_dtype(dataset)
+        if dtype is None or dataset.shape is None:
+            self._non_tensors.append(f"dataset '{name}' ({_describe_type(dataset)})")
+            return
+        self._tensors[name] = TensorInfo(name, dtype, tuple(int(d) for d in dataset.shape))
+        self._memory_types[name] = _memory_type(dataset.id.get_type(), dtype)
+
+    @property
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        return self._tensors
+
+    @property
+    def metadata(self) -> Mapping[str, str]:
+        """The root group's string attributes (a legacy model's ``model_config``, ...)."""
+        return self._metadata
+
+    @property
+    def optimizer_prefixes(self) -> tuple[str, ...]:
+        """Keras optimizer state: ``optimizer/`` (Keras 3), ``optimizer_weights/`` (legacy)."""
+        return self._optimizer_prefixes
+
+    @property
+    def non_tensors(self) -> Sequence[str]:
+        """Datasets that are not tensors and links, which only an HDF5 output can carry."""
+        return self._non_tensors
+
+    @property
+    def hdf5_source(self) -> HDF5Reader:
+        """The HDF5 file a writer copies structure from (a ``.keras`` reader returns its own)."""
+        return self
+
+    def read(
+        self,
+        name: str,
+        start: int = 0,
+        stop: int | None = None,
+        out: npt.NDArray[np.generic] | None = None,
+    ) -> npt.NDArray[np.generic]:
+        info = self._tensors[name]
+        stop = info.size if stop is None else stop
+        check_range(info, start, stop)
+        if out is None:
+            out = np.empty(stop - start, dtype=info.dtype)
+        if stop == start:
+            return out
+        with self._lock:
+            try:
+                dataset = self._datasets.get(name)
+                file_space, memory_space = _select_flat_range(dataset, info.shape, start, stop)
+                dataset.read(memory_space, file_space, out, self._memory_types[name])
+            except (OSError, RuntimeError, ValueError) as e:
+                raise TruncatedCheckpointError(
+                    self.path,
+                    f"{self._prefix}cannot read its data, the file is truncated or corrupt "
+                    f"({_first_line(e)})",
+                    tensor=name,
+                ) from None
+        return out
+
+    def userblock(self) -> bytes:
+        """The bytes before the HDF5 superblock (usually none)."""
+        size = self.file.id.get_create_plist().get_userblock()
+        if not size:
+            return b""
+        with self._lock:
+            if self._fileobj is not None:
+                self._fileobj.seek(0)
+                return self._fileobj.read(size)
+            with open(self.path, "rb") as f:
+                return f.read(size)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._datasets.clear()
+            self.file.close()
+
+
+def _hdf5_source(template: CheckpointReader | None) -> HDF5Reader | None:
+    source = getattr(template, "hdf5_source", None)
+    return source if isinstance(source, HDF5Reader) else None
+
+
+def check_names(path: Path, names: Sequence[str]) -> None:
+    """Refuse tensor names an HDF5 file cannot hold, naming the first problem.
+
+    A dataset cannot have children, so ``a`` and ``a/b`` cannot both be tensors; empty path
+    components and ``.`` or ``..`` have no dataset of their own.
+    """
+    parents: dict[str, str] = {}
+    for name in names:
+        parts = name.split("/")
+        if not name or any(p in ("", ".", "..") for p in parts):
+            raise OptionError(
+                f"{path}: tensor name {name!r} is not an HDF5 dataset path (empty, '.' or '..' "
+                "components); write a .safetensors output instead"
+            )
+        for i in range(1, len(parts)):
+            parents.setdefault("/".join(parts[:i]), name)
+    for name in names:
+        if name in parents:
+            raise OptionError(
+                f"{path}: tensors '{name}' and '{parents[name]}' cannot both be stored in HDF5 "
+                "(a dataset cannot contain another); write a .safetensors or .npz output instead"
+            )
+
+
+def _copy_attributes(source: h5py.HLObject, target: h5o.ObjectID) -> None:
+    """Copy every attribute with its exact file type and dataspace, in the source's order."""
+    for name in source.attrs:
+        attr = source.attrs.get_id(name)
+        file_type = attr.get_type()
+        new = h5a.create(target, name.encode("utf-8"), file_type, attr.get_space())
+        if attr.shape is None or 0 in attr.shape:
+            continue
+        klass = file_type.get_class()
+        pointers = klass in (h5t.VLEN, h5t.REFERENCE) or (
+            klass == h5t.STRING and file_type.is_variable_str()
+        )
+        if klass in (h5t.COMPOUND, h5t.ARRAY):
+            pointers = bool(file_type.detect_class(h5t.VLEN) or file_type.detect_class(h5t.STRING))
+        if pointers:
+            # Variable-length data lives behind pointers: let h5py's memory type hold it, and
+            # HDF5 converts it back to the very same file type.
+            dtype = attr.dtype
+            memory_type = h5t.py_create(dtype)
+            shape = attr.shape
+            if dtype.subdtype is not None:
+                dtype, subshape = dtype.subdtype
+                shape = shape + subshape
+            values = np.zeros(shape, dtype=dtype)
+            attr.read(values, mtype=memory_type)
+            new.write(values, mtype=memory_type)
+        else:  # fixed-size: the stored bytes, untouched
+            raw = np.zeros(attr.shape, dtype=np.dtype(f"V{file_type.get_size()}"))
+            attr.read(raw, mtype=file_type)
+            new.write(raw, mtype=file_type)
+
+
+def _link_properties(group: h5py.Group, name: str) -> h5p.PropLCID:
+    lcpl = h5p.create(h5p.LINK_CREATE)
+    lcpl.set_char_encoding(group.id.links.get_info(name.encode("utf-8")).cset)
+    return lcpl
+
+
+def _utf8_links() -> h5p.PropLCID:
+    lcpl = h5p.create(h5p.LINK_CREATE)
+    lcpl.set_char_encoding(h5t.CSET_UTF8)
+    return lcpl
+
+
+class HDF5Writer(CheckpointWriter):
+    """Builds the output in a hidden temporary HDF5 file beside ``path``.
+
+    With an HDF5 template (or a ``.keras`` one) the template is rebuilt object by object first;
+    tensors are then filled by ``write()``.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        tensors: Sequence[TensorInfo],
+        metadata: Mapping[str, str],
+        template: CheckpointReader | None = None,
+    ) -> None:
+        super().__init__(path, tensors, metadata, template)
+        check_names(path, [t.name for t in self.tensors])
+        self._source = _hdf5_source(template)
+        self._infos = {t.name: t for t in self.tensors}
+        self._lock = threading.Lock()
+        self._memory_types: dict[str, h5t.TypeID] = {}
+        self._expected = sum(t.size for t in self.tensors)
+        self._written = 0
+        self._done = False
+        handle, self._tmp = temporary_sibling(path)
+        handle.close()  # HDF5 opens the file itself
+        try:
+            self._file = self._create_file()
+            self._datasets = _OpenDatasets(self._file)
+            if self._source is not None:
+                self._copy_group(self._source.file, self._file, "", {})
+            for info in self.tensors:
+                if info.name not in self._memory_types:
+                    self._create_fresh_tensor(info)
+            self._write_metadata()
+        except OSError as e:
+            self.abort()
+            raise OutputError(path, e) from None
+        except BaseException:
+            self.abort()
+            raise
+
+    @classmethod
+    def carries_non_tensors(cls, template: CheckpointReader) -> bool:
+        """True when all the template holds besides tensors is in its HDF5 file, rebuilt here
+        (a ``.keras`` archive's ``assets/`` are not)."""
+        source = _hdf5_source(template)
+        return source is not None and list(template.non_tensors) == list(source.non_tensors)
+
+    def _create_file(self) -> h5py.File:
+        fapl = h5p.create(h5p.FILE_ACCESS)
+        fapl.set_fclose_degree(h5f.CLOSE_STRONG)
+        fapl.set_libver_bounds(h5f.LIBVER_EARLIEST, h5f.LIBVER_LATEST)
+        fapl.set_cache(0, 521, _WRITE_CHUNK_CACHE_BYTES, 1.0)
+        with contextlib.suppress(AttributeError, ValueError):  # HDF5 < 1.12.1 has no setting
+            fapl.set_file_locking(False, True)
+        fcpl = None
+        if self._source is not None:
+            # The template's sizes and layout, and its root group's creation-order tracking
+            # (which HDF5 reports on the root group, not in the file's properties).
+            fcpl = self._source.file.id.get_create_plist()
+            root = self._source.file["/"].id.get_create_plist()
+            fcpl.set_link_creation_order(root.get_link_creation_order())
+            fcpl.set_attr_creation_order(root.get_attr_creation_order())
+        fid = h5f.create(os.fsencode(self._tmp), h5f.ACC_TRUNC, fcpl=fcpl, fapl=fapl)
+        return h5py.File(fid)
+
+    def _copy_group(
+        self,
+        source: h5py.Group,
+        target: h5py.Group,
+        prefix: str,
+        copied: dict[tuple[int, int], tuple[h5g.GroupID, bytes]],
+    ) -> None:
+        """Rebuild ``source``'s attributes and members in ``target``, in the source's order."""
+        assert self._source is not None
+        _copy_attributes(source, target.id)
+        for name in source:
+            path = prefix + name
+            encoded = name.encode("utf-8")
+            link = source.get(name, getlink=True)
+            lcpl = _link_properties(source, name)
+            if isinstance(link, h5py.SoftLink):
+                target.id.links.create_soft(encoded, link.path.encode("utf-8"), lcpl=lcpl)
+                continue
+            if isinstance(link, h5py.ExternalLink):
+                target.id.links.create_external(
+                    encoded, link.filename.encode("utf-8"), link.path.encode("utf-8"), lcpl=lcpl
+                )
+                continue
+            obj = source[name]
+            info = h5o.get_info(obj.id)
+            key = (info.fileno, info.addr)
+            if key in copied:  # a second hard link to an object already rebuilt
+                where, first = copied[key]
+                target.id.links.create_hard(encoded, where, first, lcpl=lcpl)
+                continue
+            copied[key] = (target.id, encoded)
+            if isinstance(obj, h5py.Group):
+                gid = h5g.create(target.id, encoded, lcpl=lcpl, gcpl=obj.id.get_create_plist())
+                self._copy_group(obj, h5py.Group(gid), path + "/", copied)
+            elif isinstance(obj, h5py.Dataset) and path in self._source.tensors:
+                wanted = self._infos.get(path)
+                if wanted is None:
+                    continue  # written under another name (--names shadow), created later
+                self._create_tensor_like(target, encoded, lcpl, obj, wanted)
+            else:  # not a tensor: copied whole, exactly
+                h5o.copy(source.id, encoded, target.id, encoded, lcpl=lcpl)
+
+    def _create_tensor_like(
+        self,
+        group: h5py.Group,
+        name: bytes,
+        lcpl: h5p.PropLCID,
+        source: h5py.Dataset,
+        info: TensorInfo,
+    ) -> None:
+        assert self._source is not None
+        known = self._source.tensors[info.name]
+        if (known.dtype, known.shape) != (info.dtype, info.shape):
+            self._create_fresh_tensor(info, group, name)
+            return
+        file_type = source.id.get_type().copy()  # a transient copy of a committed type
+        dcpl = source.id.get_create_plist()
+        if dcpl.get_layout() == h5d.VIRTUAL or dcpl.get_external_count():
+            dcpl = None  # writing through would write into other files: store it here instead
+        dataset = h5d.create(group.id, name, file_type, source.id.get_space(), dcpl=dcpl, lcpl=lcpl)
+        _copy_attributes(source, dataset)
+        self._memory_types[info.name] = _memory_type(file_type, info.dtype)
+
+    def _create_fresh_tensor(
+        self, info: TensorInfo, group: h5py.Group | None = None, name: bytes | None = None
+    ) -> None:
+        """A contiguous dataset at the tensor's path; opaque plus a ``dtype`` attribute for
+        ml_dtypes types (Keras 3's convention), so it reads back as the same dtype."""
+        if group is None or name is None:
+            group, name = self._parent_group(info.name)
+        dtype = np.dtype(info.dtype)
+        opaque = dtype.kind == "V"
+        if opaque:
+            file_type = h5t.create(h5t.OPAQUE, dtype.itemsize)
+        elif dtype in _NATIVE_TENSOR_DTYPES:
+            file_type = h5t.py_create(dtype)
+        else:
+            raise OptionError(f"{self.path}: tensor '{info.name}': HDF5 cannot store dtype {dtype}")
+        space = h5s.create_simple(info.shape) if info.shape else h5s.create(h5s.SCALAR)
+        dataset = h5d.create(group.id, name, file_type, space, lcpl=_utf8_links())
+        if opaque:
+            h5py.AttributeManager(h5py.Dataset(dataset))[DTYPE_ATTRIBUTE] = dtype.name
+        self._memory_types[info.name] = _memory_type(file_type, dtype)
+
+    def _parent_group(self, name: str) -> tuple[h5py.Group, bytes]:
+        group: h5py.Group = self._file
+        *parents, leaf = name.split("/")
+        for i, part in enumerate(parents):
+            member = group.get(part, getclass=True)
+            if member is None:
+                gid = h5g.create(group.id, part.encode("utf-8"), lcpl=_utf8_links())
+                group = h5py.Group(gid)
+            elif member is h5py.Group:
+                group = group[part]
+            else:
+                where = "/".join(parents[: i + 1])
+                raise OptionError(
+                    f"{self.path}: tensor '{name}' cannot be stored in HDF5: '{where}' is a "
+                    "dataset of the template, not a group; write a .safetensors output instead"
+                )
+        if leaf in group:
+            raise OptionError(
+                f"{self.path}: tensor '{name}' cannot be stored in HDF5: the template already "
+                "has an object at that path; write a .safetensors output instead"
+            )
+        return group, leaf.encode("utf-8")
+
+    def _write_metadata(self) -> None:
+        """Metadata as root string attributes, leaving the template's own ones as they are."""
+        kept = self._source.metadata if self._source is not None else {}
+        for key, value in self.metadata.items():
+            if kept.get(key) != value:
+                self._file.attrs[key] = value
+
+    def write(self, name: str, start: int, values: npt.NDArray[np.generic]) -> None:
+        info = self._infos[name]
+        if values.dtype != info.dtype:
+            raise TypeError(f"{name}: got {values.dtype}, expected {info.dtype}")
+        count = len(values)
+        check_range(info, start, start + count)
+        if count == 0:
+            return
+        data = np.ascontiguousarray(values)
+        with self._lock:
+            try:
+                dataset = self._datasets.get(name)
+                file_space, memory_space = _select_flat_range(
+                    dataset, info.shape, start, start + count
+                )
+                dataset.write(memory_space, file_space, data, self._memory_types[name])
+            except OSError as e:
+                raise OutputError(self.path, e) from None
+            self._written += count
+
+    def finish(self) -> Path:
+        """Close the complete file and return its temporary path (``commit`` publishes it)."""
+        if self._written != self._expected:
+            raise RuntimeError(
+                f"internal error: wrote {self._written} of {self._expected} elements of {self.path}"
+            )
+        try:
+            self._datasets.clear()
+            self._file.close()
+            userblock = self._source.userblock() if self._source is not None else b""
+            if userblock:
+                with open(self._tmp, "r+b") as f:
+                    f.write(userblock)
+        except OSError as e:
+            raise OutputError(self.path, e) from None
+        return self._tmp
+
+    def commit(self) -> None:
+        publish(self.finish(), self.path)
+        self._done = True
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        file = getattr(self, "_file", None)
+        if file is not None:
+            with contextlib.suppress(Exception):
+                file.close()
+        with contextlib.suppress(FileNotFoundError):
+            self._tmp.unlink()

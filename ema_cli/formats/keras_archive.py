@@ -1,0 +1,234 @@
+"""Keras 3 ``.keras`` archives: a zip of ``metadata.json``, ``config.json`` and
+``model.weights.h5`` (Keras writes all three stored, uncompressed), sometimes ``assets/``.
+
+The tensors are those of ``model.weights.h5`` (see ``hdf5``), read in place: a stored member is
+a contiguous byte range of the archive, which HDF5 reads through a file window without copying;
+a compressed one is first inflated into an anonymous temporary file. The output archive is the
+last checkpoint's, member for member and in the same order, with only ``model.weights.h5``
+replaced by the averaged weights (same zip date, compression and permissions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ema_cli.checkpoint import TensorInfo
+from ema_cli.errors import CheckpointError, OptionError, OutputError
+from ema_cli.formats.base import CheckpointReader, CheckpointWriter, publish, temporary_sibling
+from ema_cli.formats.hdf5 import HDF5Reader, HDF5Writer
+from ema_cli.formats.npz import (
+    copy_member,
+    copy_zip_info,
+    open_zip,
+    stored_data_offset,
+    stream_member,
+)
+
+SUFFIXES = (".keras",)
+
+WEIGHTS_MEMBER = "model.weights.h5"
+CONFIG_MEMBER = "config.json"
+#: Members describing the model rather than holding its state: a conversion may leave them.
+DESCRIPTION_MEMBERS = ("config.json", "metadata.json")
+
+
+class _Window(io.RawIOBase):
+    """Read-only bytes ``[start, start + size)`` of an open file, as a file of their own."""
+
+    def __init__(self, fd: int, start: int, size: int) -> None:
+        super().__init__()
+        self._fd = fd
+        self._start = start
+        self._size = size
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: self._size}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        count = max(0, min(len(view), self._size - self._position))
+        done = 0
+        while done < count:
+            n = os.preadv(self._fd, [view[done:count]], self._start + self._position + done)
+            if n == 0:
+                break
+            done += n
+        self._position += done
+        return done
+
+
+class KerasArchiveReader(CheckpointReader):
+    format_name = "Keras archive"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._raw, self.archive = open_zip(path, ".keras archive", "a .keras archive")
+        self._weights_file: IO[bytes] | None = None
+        try:
+            self.weights = self._open_weights()
+        except BaseException:
+            self.close()
+            raise
+        #: Every member in archive order (the writer copies them).
+        self.members = self.archive.infolist()
+        self._non_tensors = [
+            *self.weights.non_tensors,
+            *(
+                f"archive member '{m.filename}'"
+                for m in self.members
+                if m.filename not in (WEIGHTS_MEMBER, *DESCRIPTION_MEMBERS) and not m.is_dir()
+            ),
+        ]
+
+    def _open_weights(self) -> HDF5Reader:
+        names = set(self.archive.namelist())
+        if WEIGHTS_MEMBER not in names:
+            if "model.weights.npz" in names:
+                raise CheckpointError(
+                    self.path,
+                    "its weights are model.weights.npz (saved with weights_format='npz'), "
+                    "which ema-cli does not read; save the model with the default h5 weights",
+                )
+            raise CheckpointError(self.path, f"not a Keras archive: no {WEIGHTS_MEMBER} inside")
+        if CONFIG_MEMBER not in names:
+            raise CheckpointError(self.path, f"not a Keras archive: no {CONFIG_MEMBER} inside")
+        info = self.archive.getinfo(WEIGHTS_MEMBER)
+        try:
+            if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1:
+                start = stored_data_offset(self._raw, info)
+                self._weights_file = io.BufferedReader(
+                    _Window(self._raw.fileno(), start, info.file_size)
+                )
+            else:
+                self._weights_file = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
+                with self.archive.open(info) as member:
+                    shutil.copyfileobj(member, self._weights_file, 1 << 20)
+        except (zipfile.BadZipFile, EOFError, OSError, RuntimeError) as e:
+            raise CheckpointError(self.path, f"corrupt {WEIGHTS_MEMBER} member ({e})") from None
+        return HDF5Reader(self.path, file=self._weights_file, member=WEIGHTS_MEMBER)
+
+    @property
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        return self.weights.tensors
+
+    @property
+    def metadata(self) -> Mapping[str, str]:
+        return self.weights.metadata
+
+    @property
+    def optimizer_prefixes(self) -> tuple[str, ...]:
+        return self.weights.optimizer_prefixes
+
+    @property
+    def non_tensors(self) -> Sequence[str]:
+        """Non-tensor weights content and archive members beyond the model's description
+        (``assets/...``): only a ``.keras`` output carries them over."""
+        return self._non_tensors
+
+    @property
+    def hdf5_source(self) -> HDF5Reader:
+        return self.weights
+
+    def read(
+        self,
+        name: str,
+        start: int = 0,
+        stop: int | None = None,
+        out: npt.NDArray[np.generic] | None = None,
+    ) -> npt.NDArray[np.generic]:
+        return self.weights.read(name, start, stop, out)
+
+    def close(self) -> None:
+        weights = getattr(self, "weights", None)
+        if weights is not None:
+            weights.close()
+        if self._weights_file is not None:
+            self._weights_file.close()
+        self.archive.close()
+        self._raw.close()
+
+
+class KerasArchiveWriter(CheckpointWriter):
+    """The template archive with its ``model.weights.h5`` rebuilt by an ``HDF5Writer``."""
+
+    def __init__(
+        self,
+        path: Path,
+        tensors: Sequence[TensorInfo],
+        metadata: Mapping[str, str],
+        template: CheckpointReader | None = None,
+    ) -> None:
+        super().__init__(path, tensors, metadata, template)
+        if not isinstance(template, KerasArchiveReader):
+            raise OptionError(
+                f"{path}: a .keras output needs .keras inputs (it takes config.json and the "
+                "other archive members from the last checkpoint); write a .weights.h5 output "
+                "for the weights alone"
+            )
+        self._template = template
+        self._weights = HDF5Writer(path, tensors, metadata, template)
+        self._done = False
+
+    @classmethod
+    def carries_non_tensors(cls, template: CheckpointReader) -> bool:
+        """A ``.keras`` template's members and weights file are rebuilt whole."""
+        return isinstance(template, KerasArchiveReader)
+
+    def write(self, name: str, start: int, values: npt.NDArray[np.generic]) -> None:
+        self._weights.write(name, start, values)
+
+    def commit(self) -> None:
+        weights = self._weights.finish()
+        handle, tmp = temporary_sibling(self.path)
+        try:
+            with handle, zipfile.ZipFile(handle, "w", allowZip64=True) as out:
+                out.comment = self._template.archive.comment
+                for info in self._template.members:
+                    if info.filename != WEIGHTS_MEMBER:
+                        copy_member(self._template.archive, info, out)
+                        continue
+                    new = copy_zip_info(info)
+                    new.file_size = weights.stat().st_size
+                    with open(weights, "rb") as data:
+                        stream_member(out, new, data)
+            publish(tmp, self.path)
+        except OSError as e:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise OutputError(self.path, e) from None
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        finally:
+            self._weights.abort()  # removes the temporary weights file
+        self._done = True
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._weights.abort()

@@ -1,0 +1,529 @@
+"""numpy ``.npz`` archives: a zip of ``.npy`` files, one tensor per member ``<name>.npy``.
+
+Reading streams: ``np.load`` cannot memory-map inside a zip, so we parse each member's ``.npy``
+header ourselves and read element ranges in place with positioned reads when the member is
+stored (``np.savez``), or decompress it forward with a look-back window when it is deflated
+(``np.savez_compressed``), so blocks arriving slightly out of order do not restart it. A
+Fortran-ordered member has no contiguous C-order ranges: it is loaded whole, two at a time.
+
+bfloat16: numpy saves an ml_dtypes bfloat16 array with the descr ``<V2`` (raw 2-byte void), and
+that is how we write it; reading, every 2-byte void member is taken as bfloat16 (as 2-byte
+opaque HDF5 data is). Members that are not numeric tensors (Python objects, strings, other void
+or structured dtypes, files that are not ``.npy``) are copied unchanged into an ``.npz`` output
+and refuse conversion to other formats.
+
+Writing is deterministic: members in the template's (else the given) order, fixed timestamps,
+the template's compression, so identical runs give identical bytes. Blocks arriving in any order
+land at their offsets in a staging file beside the output; ``commit()`` streams it into the zip
+(which needs each member's CRC, known only once the member is complete).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import lzma
+import os
+import shutil
+import struct
+import threading
+import zipfile
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+import ml_dtypes
+import numpy as np
+import numpy.typing as npt
+
+from ema_cli.checkpoint import TensorInfo
+from ema_cli.errors import CheckpointError, OptionError, OutputError, TruncatedCheckpointError
+from ema_cli.formats.base import CheckpointReader, CheckpointWriter, publish, temporary_sibling
+from ema_cli.formats.safetensors import _read_exact
+
+SUFFIXES = (".npz",)
+
+#: Zip timestamps of written members that have no template member: the earliest zip date.
+FIXED_DATE_TIME = (1980, 1, 1, 0, 0, 0)
+
+_BFLOAT16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
+_TENSOR_DTYPES = frozenset(
+    np.dtype(t)
+    for t in (
+        np.bool_,
+        np.int8,
+        np.int16,
+        np.int32,
+        np.int64,
+        np.uint8,
+        np.uint16,
+        np.uint32,
+        np.uint64,
+        np.float16,
+        np.float32,
+        np.float64,
+    )
+)
+
+#: How far back a deflated member can be re-read without decompressing it again from the start.
+INFLATE_WINDOW_BYTES = 16 << 20
+_COPY_BYTES = 1 << 20
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., file name length, extra length
+
+
+def check_range(info: TensorInfo, start: int, stop: int) -> None:
+    """Refuse a block outside the tensor: a caller's bug, never bad input."""
+    if not 0 <= start <= stop <= info.size:
+        raise ValueError(f"{info.name}: elements [{start}, {stop}) outside its {info.size}")
+
+
+# ---------------------------------------------------------------- zip helpers, shared with .keras
+
+
+def open_zip(path: Path, kind: str, a_kind: str) -> tuple[IO[bytes], zipfile.ZipFile]:
+    """Open a zip-based checkpoint (``kind`` "npz file", ``a_kind`` "an npz file"); every
+    failure is one line naming ``path``."""
+    try:
+        raw = open(path, "rb")  # noqa: SIM115 - closed by the reader
+    except FileNotFoundError:
+        raise CheckpointError(path, "no such file") from None
+    except IsADirectoryError:
+        raise CheckpointError(path, f"is a directory, not {a_kind}") from None
+    except OSError as e:
+        raise CheckpointError(path, f"cannot open: {e.strerror}") from None
+    try:
+        return raw, zipfile.ZipFile(raw)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as e:
+        raw.seek(0)
+        head = raw.read(4)
+        raw.close()
+        if not head:
+            raise TruncatedCheckpointError(path, f"truncated: empty, not {a_kind}") from None
+        if head == b"PK\x03\x04":  # a zip that lost its end, where the directory is
+            raise TruncatedCheckpointError(
+                path, f"truncated {kind} (the zip directory at its end is missing)"
+            ) from None
+        raise CheckpointError(path, f"not {a_kind} (not a zip archive: {e})") from None
+
+
+def stored_data_offset(raw: IO[bytes], info: zipfile.ZipInfo) -> int:
+    """Where a member's bytes start in the archive (after its local header)."""
+    raw.seek(info.header_offset)
+    header = raw.read(_LOCAL_HEADER.size)
+    if len(header) < _LOCAL_HEADER.size:
+        raise EOFError(f"zip member {info.filename!r}: local header is cut off")
+    signature, name_length, extra_length = _LOCAL_HEADER.unpack(header)
+    if signature != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"zip member {info.filename!r}: bad local header")
+    return int(info.header_offset) + _LOCAL_HEADER.size + int(name_length) + int(extra_length)
+
+
+def copy_zip_info(info: zipfile.ZipInfo) -> zipfile.ZipInfo:
+    """A fresh ``ZipInfo`` with a member's name, date, compression, permissions and comment."""
+    new = zipfile.ZipInfo(info.filename, info.date_time)
+    new.compress_type = info.compress_type
+    new.external_attr = info.external_attr
+    new.create_system = info.create_system
+    new.comment = info.comment
+    return new
+
+
+def copy_member(source: zipfile.ZipFile, info: zipfile.ZipInfo, target: zipfile.ZipFile) -> None:
+    """Copy one member's content unchanged (re-compressed the same way), streaming."""
+    new = copy_zip_info(info)
+    new.file_size = info.file_size
+    with source.open(info) as src, target.open(new, "w") as dst:
+        shutil.copyfileobj(src, dst, _COPY_BYTES)
+
+
+class Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+def stream_member(target: zipfile.ZipFile, info: zipfile.ZipInfo, *parts: Readable) -> None:
+    """Write member ``info`` from ``parts`` read to their end, in order."""
+    with target.open(info, "w") as dst:
+        for part in parts:
+            shutil.copyfileobj(part, dst, _COPY_BYTES)
+
+
+# ---------------------------------------------------------------- reading
+
+
+class _Member:
+    """Where one tensor's bytes are and how to get at them."""
+
+    def __init__(
+        self, info: zipfile.ZipInfo, header_size: int, dtype: np.dtype[Any], fortran: bool
+    ) -> None:
+        self.info = info
+        self.header_size = header_size
+        self.file_dtype = dtype  # as stored (byte order included)
+        self.fortran = fortran
+        self.offset: int | None = None  # absolute data offset, for stored C-order members
+        self.inflater: _Inflater | None = None
+
+
+class _Inflater:
+    """Forward decompression of one member's data with a look-back window of recent bytes."""
+
+    def __init__(self, archive: zipfile.ZipFile, member: _Member) -> None:
+        self._archive = archive
+        self._member = member
+        self._restart()
+
+    def _restart(self) -> None:
+        self._stream = self._archive.open(self._member.info)
+        self._stream.read(self._member.header_size)
+        self._window = bytearray()
+        self._window_start = 0  # data offset of self._window[0]
+
+    def read_into(self, view: memoryview, offset: int) -> int:
+        """Fill ``view`` from data offset ``offset``; returns the bytes available."""
+        if offset < self._window_start:
+            self._restart()
+        end = offset + len(view)
+        while self._window_start + len(self._window) < end:
+            chunk = self._stream.read(
+                max(_COPY_BYTES, end - self._window_start - len(self._window))
+            )
+            if not chunk:
+                break
+            self._window += chunk
+            excess = min(len(self._window) - INFLATE_WINDOW_BYTES, offset - self._window_start)
+            if excess > 0:
+                del self._window[:excess]
+                self._window_start += excess
+        lo = offset - self._window_start
+        got = max(0, min(len(view), len(self._window) - lo))
+        view[:got] = self._window[lo : lo + got]
+        excess = len(self._window) - INFLATE_WINDOW_BYTES
+        if excess > 0:
+            del self._window[:excess]
+            self._window_start += excess
+        return got
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+def _tensor_dtype(dtype: np.dtype[Any]) -> np.dtype[Any] | None:
+    """The in-memory dtype of a member that is a tensor, else None."""
+    if dtype.kind == "V" and dtype.itemsize == 2 and dtype.fields is None and not dtype.subdtype:
+        return _BFLOAT16
+    native: np.dtype[Any] = dtype.newbyteorder("=")
+    return native if native in _TENSOR_DTYPES else None
+
+
+class NpzReader(CheckpointReader):
+    format_name = "npz"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._raw, self.archive = open_zip(path, "npz file", "an npz file")
+        self._lock = threading.Lock()
+        try:
+            self._scan()
+        except BaseException:
+            self.close()
+            raise
+
+    def _scan(self) -> None:
+        size = os.fstat(self._raw.fileno()).st_size
+        self._tensors: dict[str, TensorInfo] = {}
+        self._members: dict[str, _Member] = {}
+        self._non_tensors: list[str] = []
+        #: Every member in archive order, with its tensor name (None: copied as is).
+        self.members: list[tuple[zipfile.ZipInfo, str | None]] = []
+        self._cache: dict[str, npt.NDArray[np.generic]] = {}
+        for info in self.archive.infolist():
+            self.members.append((info, self._scan_member(info, size)))
+
+    def _scan_member(self, info: zipfile.ZipInfo, size: int) -> str | None:
+        filename = info.filename
+        if info.is_dir() or not filename.endswith(".npy"):
+            self._non_tensors.append(f"zip member '{filename}' (not a .npy array)")
+            return None
+        name = filename[: -len(".npy")]
+        if name in self._tensors:
+            raise CheckpointError(self.path, "corrupt: two zip members hold it", tensor=name)
+        if info.flag_bits & 0x1:
+            raise CheckpointError(self.path, "encrypted zip member; ema-cli cannot read it", name)
+        try:
+            with self.archive.open(info) as stream:
+                version = np.lib.format.read_magic(stream)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+                elif version == (2, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+                else:  # 3.0 only adds UTF-8 field names of structured dtypes: not a tensor
+                    self._non_tensors.append(f"zip member '{filename}' (.npy format {version})")
+                    return None
+                header_size = stream.tell()
+        except ValueError as e:
+            raise CheckpointError(self.path, f"corrupt .npy header ({e})", tensor=name) from None
+        except (zipfile.BadZipFile, EOFError, OSError) as e:
+            raise CheckpointError(self.path, f"corrupt zip member ({e})", tensor=name) from None
+        tensor_dtype = None if dtype.hasobject else _tensor_dtype(dtype)
+        if tensor_dtype is None:
+            what = "Python objects" if dtype.hasobject else f"dtype {dtype}"
+            self._non_tensors.append(f"array '{name}' ({what}, not a tensor)")
+            return None
+        tensor = TensorInfo(name, tensor_dtype, tuple(int(d) for d in shape))
+        if info.file_size != header_size + tensor.nbytes:
+            raise CheckpointError(
+                self.path,
+                f"corrupt: shape {list(tensor.shape)} of {dtype} needs {tensor.nbytes} bytes but "
+                f"the zip member holds {info.file_size - header_size}",
+                tensor=name,
+            )
+        member = _Member(info, header_size, dtype, fortran and len(shape) > 1)
+        if info.compress_type == zipfile.ZIP_STORED and not member.fortran:
+            try:
+                member.offset = stored_data_offset(self._raw, info) + header_size
+            except (zipfile.BadZipFile, EOFError) as e:
+                raise CheckpointError(self.path, f"corrupt zip ({e})", tensor=name) from None
+            if member.offset + tensor.nbytes > size:
+                raise TruncatedCheckpointError(
+                    self.path,
+                    f"truncated: its data ends at byte {member.offset + tensor.nbytes} but the "
+                    f"file has {size}",
+                    tensor=name,
+                )
+        self._tensors[name] = tensor
+        self._members[name] = member
+        return name
+
+    @property
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        return self._tensors
+
+    @property
+    def non_tensors(self) -> Sequence[str]:
+        """Members that are not tensors, which only an npz output can carry over."""
+        return self._non_tensors
+
+    def read(
+        self,
+        name: str,
+        start: int = 0,
+        stop: int | None = None,
+        out: npt.NDArray[np.generic] | None = None,
+    ) -> npt.NDArray[np.generic]:
+        info = self._tensors[name]
+        stop = info.size if stop is None else stop
+        check_range(info, start, stop)
+        if out is None:
+            out = np.empty(stop - start, dtype=info.dtype)
+        if stop == start:
+            return out
+        member = self._members[name]
+        if member.fortran:
+            np.copyto(out, self._whole(name)[start:stop])
+            return out
+        itemsize = info.dtype.itemsize
+        view = out.view(np.uint8).data
+        try:
+            if member.offset is not None:
+                got = _read_exact(self._raw.fileno(), view, member.offset + start * itemsize)
+            else:
+                with self._lock:
+                    if member.inflater is None:
+                        member.inflater = _Inflater(self.archive, member)
+                    got = member.inflater.read_into(view, start * itemsize)
+        except (zipfile.BadZipFile, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
+            raise CheckpointError(self.path, f"corrupt zip member ({e})", tensor=name) from None
+        if got != len(view):
+            raise TruncatedCheckpointError(
+                self.path, "truncated: the file ended while reading this tensor", tensor=name
+            )
+        if not member.file_dtype.isnative and member.file_dtype.kind != "V":
+            out.byteswap(inplace=True)
+        return out
+
+    def _whole(self, name: str) -> npt.NDArray[np.generic]:
+        """A Fortran-ordered member, loaded once and kept (the two most recent) in C order."""
+        with self._lock:
+            if name not in self._cache:
+                member = self._members[name]
+                try:
+                    with self.archive.open(member.info) as f:
+                        array = np.lib.format.read_array(f, allow_pickle=False)
+                except (ValueError, zipfile.BadZipFile, EOFError, OSError) as e:
+                    raise CheckpointError(self.path, f"cannot read ({e})", tensor=name) from None
+                if len(self._cache) >= 2:
+                    del self._cache[next(iter(self._cache))]
+                flat = np.ascontiguousarray(array).reshape(-1)
+                self._cache[name] = flat.astype(self._tensors[name].dtype, copy=False)
+            return self._cache[name]
+
+    def close(self) -> None:
+        for member in getattr(self, "_members", {}).values():
+            if member.inflater is not None:
+                member.inflater.close()
+        self.archive.close()
+        self._raw.close()
+
+
+# ---------------------------------------------------------------- writing
+
+
+def npy_header(info: TensorInfo) -> bytes:
+    """The ``.npy`` header numpy itself would write for this tensor (version 1.0 when it fits)."""
+    fields = {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(info.dtype)),
+        "fortran_order": False,
+        "shape": info.shape,
+    }
+    buffer = io.BytesIO()
+    try:
+        np.lib.format.write_array_header_1_0(buffer, fields)
+    except ValueError:  # a header over 64 kB (a huge shape) needs version 2.0
+        buffer = io.BytesIO()
+        np.lib.format.write_array_header_2_0(buffer, fields)
+    return buffer.getvalue()
+
+
+def _check_dtype(path: Path, info: TensorInfo) -> None:
+    dtype = np.dtype(info.dtype)
+    if dtype in _TENSOR_DTYPES or dtype == _BFLOAT16:
+        return
+    raise OptionError(
+        f"{path}: tensor '{info.name}' is {dtype}, which .npz cannot mark (numpy would store "
+        "raw bytes of an unnamed dtype); write a .safetensors or .h5 output instead"
+    )
+
+
+class NpzWriter(CheckpointWriter):
+    def __init__(
+        self,
+        path: Path,
+        tensors: Sequence[TensorInfo],
+        metadata: Mapping[str, str],
+        template: CheckpointReader | None = None,
+    ) -> None:
+        super().__init__(path, tensors, metadata, template)
+        for info in self.tensors:
+            _check_dtype(path, info)
+            if not info.name or info.name.endswith("/"):
+                raise OptionError(f"{path}: tensor name {info.name!r} cannot be an npz member")
+        self._source = template if isinstance(template, NpzReader) else None
+        self._infos = {t.name: t for t in self.tensors}
+        self._layout = self._plan_members()
+        self._offsets: dict[str, int] = {}
+        position = 0
+        for info in self.tensors:
+            self._offsets[info.name] = position
+            position += info.nbytes
+        self._expected = position
+        self._written = 0
+        self._lock = threading.Lock()
+        self._done = False
+        self._staging, self._staging_path = temporary_sibling(path)
+        self._staging_closed = False
+        try:
+            self._staging.truncate(self._expected)
+        except OSError as e:
+            self.abort()
+            raise OutputError(path, e) from None
+
+    @classmethod
+    def carries_non_tensors(cls, template: CheckpointReader) -> bool:
+        """An npz template's other members are copied as they are."""
+        return isinstance(template, NpzReader)
+
+    def _plan_members(self) -> list[tuple[zipfile.ZipInfo, str | None]]:
+        """Output members in order: the template's (tensors keep their zip settings, other
+        members are copied), then tensors it does not have, with fixed settings."""
+        layout: list[tuple[zipfile.ZipInfo, str | None]] = []
+        placed: set[str] = set()
+        if self._source is not None:
+            for info, name in self._source.members:
+                if name is None:
+                    layout.append((info, None))
+                elif name in self._infos:
+                    layout.append((copy_zip_info(info), name))
+                    placed.add(name)
+        for tensor in self.tensors:
+            if tensor.name not in placed:
+                info = zipfile.ZipInfo(tensor.name + ".npy", FIXED_DATE_TIME)
+                info.compress_type = zipfile.ZIP_STORED  # as np.savez
+                info.external_attr = 0o644 << 16
+                info.create_system = 3
+                layout.append((info, tensor.name))
+        return layout
+
+    def write(self, name: str, start: int, values: npt.NDArray[np.generic]) -> None:
+        info = self._infos[name]
+        if values.dtype != info.dtype:
+            raise TypeError(f"{name}: got {values.dtype}, expected {info.dtype}")
+        check_range(info, start, start + values.size)
+        data = np.ascontiguousarray(values).view(np.uint8).data
+        offset = self._offsets[name] + start * info.dtype.itemsize
+        done = 0
+        try:
+            while done < len(data):
+                done += os.pwrite(self._staging.fileno(), data[done:], offset + done)
+        except OSError as e:
+            raise OutputError(self.path, e) from None
+        with self._lock:
+            self._written += len(data)
+
+    def commit(self) -> None:
+        if self._written != self._expected:
+            raise RuntimeError(
+                f"internal error: wrote {self._written} of {self._expected} bytes of {self.path}"
+            )
+        handle, tmp = temporary_sibling(self.path)
+        try:
+            with handle, zipfile.ZipFile(handle, "w", allowZip64=True) as out:
+                for info, name in self._layout:
+                    if name is None:
+                        assert self._source is not None
+                        copy_member(self._source.archive, info, out)
+                        continue
+                    tensor = self._infos[name]
+                    header = npy_header(tensor)
+                    info.file_size = len(header) + tensor.nbytes
+                    self._staging.seek(self._offsets[name])
+                    data = _Slice(self._staging, tensor.nbytes)
+                    stream_member(out, info, io.BytesIO(header), data)
+            publish(tmp, self.path)
+        except OSError as e:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise OutputError(self.path, e) from None
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        self._discard_staging()
+        self._done = True
+
+    def _discard_staging(self) -> None:
+        if not self._staging_closed:
+            self._staging_closed = True
+            self._staging.close()
+            with contextlib.suppress(FileNotFoundError):
+                self._staging_path.unlink()
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._discard_staging()
+
+
+class _Slice:
+    """The next ``size`` bytes of ``file``, read as a stream that ends there."""
+
+    def __init__(self, file: IO[bytes], size: int) -> None:
+        self._file = file
+        self._left = size
+
+    def read(self, size: int = -1) -> bytes:
+        n = self._left if size < 0 else min(size, self._left)
+        data = self._file.read(n)
+        self._left -= len(data)
+        return data

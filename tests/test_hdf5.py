@@ -1,0 +1,499 @@
+"""HDF5 checkpoints: reading element ranges of any layout, rebuilding a template exactly, errors."""
+
+from __future__ import annotations
+
+import random
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import h5py
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ema_cli.checkpoint import TensorInfo
+from ema_cli.errors import OptionError, TruncatedCheckpointError
+from ema_cli.formats.hdf5 import HDF5Reader, HDF5Writer, _flat_boxes, check_names
+from tests.conftest import run_cli
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
+
+
+# ---------------------------------------------------------------- structure comparison
+
+
+def assert_same_structure(expected: Path, actual: Path) -> None:
+    """Every group, link, attribute (type, shape, value, order), dataset type, shape and storage
+    of ``expected`` is in ``actual``, in the same order. ``actual``'s root may add string
+    attributes: the run's metadata (``ema.decay``, ...)."""
+    with h5py.File(expected, "r") as e, h5py.File(actual, "r") as a:
+        assert [k for k in a.attrs if k in e.attrs] == list(e.attrs)
+        added = [k for k in a.attrs if k not in e.attrs]
+        assert all(isinstance(a.attrs[k], str) for k in added), added
+        _compare(e, a, "/")
+
+
+def _compare_attrs(e: h5py.HLObject, a: h5py.HLObject, where: str, root: bool = False) -> None:
+    if not root:
+        assert list(e.attrs) == list(a.attrs), where
+    for name in e.attrs:
+        ea, aa = e.attrs.get_id(name), a.attrs.get_id(name)
+        assert ea.get_type() == aa.get_type(), (where, name)  # H5Tequal: exact file type
+        assert ea.shape == aa.shape, (where, name)
+        np.testing.assert_equal(e.attrs[name], a.attrs[name], err_msg=f"{where}@{name}")
+
+
+def _compare(e: h5py.HLObject, a: h5py.HLObject, where: str) -> None:
+    _compare_attrs(e, a, where, root=where == "/")
+    if isinstance(e, h5py.Group):
+        assert isinstance(a, h5py.Group), where
+        assert list(e) == list(a), where
+        ecpl, acpl = e.id.get_create_plist(), a.id.get_create_plist()
+        assert ecpl.get_link_creation_order() == acpl.get_link_creation_order(), where
+        for name in e:
+            el, al = e.get(name, getlink=True), a.get(name, getlink=True)
+            assert type(el) is type(al), where + name
+            if isinstance(el, h5py.SoftLink):
+                assert el.path == al.path
+                continue
+            _compare(e[name], a[name], where + name + "/")
+        return
+    assert isinstance(a, h5py.Dataset), where
+    assert e.id.get_type() == a.id.get_type(), where
+    assert e.shape == a.shape and e.chunks == a.chunks, where
+    assert (e.compression, e.compression_opts) == (a.compression, a.compression_opts), where
+    if h5py.check_string_dtype(e.dtype) is not None:
+        assert e[()].tolist() == a[()].tolist(), where
+
+
+def h5_values(path: Path) -> dict[str, np.ndarray]:
+    """Every dataset's raw values by path (opaque data as its bytes)."""
+    out: dict[str, np.ndarray] = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(
+            lambda n, o: out.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset) else None
+        )
+    return out
+
+
+# ---------------------------------------------------------------- a template with everything
+
+
+def make_rich_file(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
+    """A legacy-Keras-like file with every kind of content; returns the tensors written."""
+    rng = np.random.default_rng(seed)
+    tensors: dict[str, np.ndarray] = {}
+
+    def tensor(group: h5py.Group, name: str, value: np.ndarray, **kwargs: object) -> h5py.Dataset:
+        ds = group.create_dataset(name, data=value, **kwargs)
+        tensors[ds.name[1:]] = value.astype(value.dtype.newbyteorder("="))  # as read back
+        return ds
+
+    with h5py.File(path, "w", track_order=True) as f:
+        f.attrs["model_config"] = '{"class_name": "Sequential"}'
+        f.attrs["keras_version"] = "2.15.0"
+        f.attrs["scale"] = np.float32(0.5)
+        weights = f.create_group("model_weights")
+        weights.attrs["backend"] = b"tensorflow"
+        # save_attributes_to_hdf5_group splits large lists into numbered attributes
+        weights.attrs["layer_names0"] = np.array([b"conv", b"bn"])
+        weights.attrs["layer_names1"] = np.array([b"dense"])
+        conv = weights.create_group("conv")
+        conv.attrs["weight_names"] = np.array([b"conv/kernel:0", b"conv/bias:0"], dtype=object)
+        tensor(
+            conv,
+            "kernel",
+            rng.standard_normal((5, 3, 2, 4)).astype(np.float32),
+            chunks=(2, 3, 1, 4),
+            compression="gzip",
+            compression_opts=4,
+        )
+        tensor(conv, "bias", rng.standard_normal(4).astype(">f8"))  # big-endian on disk
+        bn = weights.create_group("bn")
+        bn.attrs["weight_names"] = np.array([b"bn/gamma:0"])
+        tensor(bn, "gamma", rng.standard_normal(4).astype(BF16))  # unmarked opaque (legacy)
+        dense = weights.create_group("dense", track_order=True)
+        dense.attrs["weight_names"] = np.array([b"dense/kernel:0"])
+        kernel = tensor(dense, "kernel", rng.standard_normal((4, 3)).astype(BF16))
+        kernel.attrs["dtype"] = "bfloat16"  # Keras 3's marker
+        fp8 = tensor(dense, "scale", rng.standard_normal(3).astype(FP8))
+        fp8.attrs["dtype"] = "float8_e4m3fn"
+        tensor(dense, "b16", rng.standard_normal((2, 2)).astype(np.float16), chunks=(1, 2))
+        f.create_group("empty_group").attrs["weight_names"] = np.array([])
+        opt = f.create_group("optimizer_weights")
+        tensor(opt, "iteration", np.array(7, dtype=np.int64))
+        tensor(opt, "m", rng.standard_normal((4, 3)).astype(np.float32))
+        tensor(f, "mask", np.array([True, False, True]))
+        tensor(f, "counts", np.arange(6, dtype=np.uint16).reshape(2, 3))
+        tensor(f, "nothing", np.zeros((0, 3), dtype=np.float32))
+        f.create_dataset("labels", data=np.array(["cat", "dog"], dtype=h5py.string_dtype()))
+        f.create_dataset("pairs", data=np.zeros(2, dtype=[("a", "i4"), ("b", "f4")]))
+        f.create_dataset("null", data=h5py.Empty("f4"))
+        f["alias"] = h5py.SoftLink("/model_weights/conv/kernel")
+    return tensors
+
+
+NON_TENSORS = [
+    "dataset 'labels' (a string dataset)",
+    "dataset 'pairs' (a dataset of type [('a', '<i4'), ('b', '<f4')])",
+    "dataset 'null' (a dataset of type float32)",
+    "link 'alias'",
+]
+
+
+@pytest.fixture
+def rich(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    path = tmp_path / "rich.h5"
+    return path, make_rich_file(path)
+
+
+def test_reader_lists_tensors_with_numpy_dtypes(rich: tuple[Path, dict[str, np.ndarray]]) -> None:
+    path, tensors = rich
+    with HDF5Reader(path) as reader:
+        assert set(reader.tensors) == set(tensors)
+        for name, value in tensors.items():
+            info = reader.tensors[name]
+            assert info.dtype == value.dtype, name
+            assert info.shape == value.shape, name
+            assert np.array_equal(reader.read(name).reshape(value.shape), value), name
+        assert list(reader.non_tensors) == NON_TENSORS
+        assert reader.optimizer_prefixes == ("optimizer_weights/",)
+        assert reader.metadata == {
+            "model_config": '{"class_name": "Sequential"}',
+            "keras_version": "2.15.0",
+        }
+
+
+def test_bfloat16_marked_and_unmarked_and_float8(rich: tuple[Path, dict[str, np.ndarray]]) -> None:
+    path, _ = rich
+    with HDF5Reader(path) as reader:
+        assert reader.tensors["model_weights/bn/gamma"].dtype == BF16  # no marker: 2 bytes
+        assert reader.tensors["model_weights/dense/kernel"].dtype == BF16
+        assert reader.tensors["model_weights/dense/scale"].dtype == FP8  # marker names it
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(1, 5), min_size=1, max_size=4), st.data())
+def test_flat_boxes_cover_exactly_the_range_in_order(shape: list[int], data: st.DataObject) -> None:
+    size = int(np.prod(shape))
+    start = data.draw(st.integers(0, size - 1))
+    stop = data.draw(st.integers(start + 1, size))
+    boxes = list(_flat_boxes(tuple(shape), start, stop))
+    assert len(boxes) <= 2 * len(shape) - 1
+    covered = []
+    for offset, count in boxes:
+        grid = np.indices(count).reshape(len(shape), -1).T + np.array(offset)
+        covered.extend(np.ravel_multi_index(grid.T, shape).tolist())
+    assert covered == list(range(start, stop))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "chunked-gzip"])
+def test_every_flat_range_of_a_4d_dataset(tmp_path: Path, layout: str) -> None:
+    value = np.arange(2 * 3 * 2 * 4, dtype=np.float32).reshape(2, 3, 2, 4)
+    path = tmp_path / "x.h5"
+    options: dict[str, object] = {}
+    if layout != "contiguous":
+        options = {"chunks": (1, 2, 2, 3), "compression": "gzip"}
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=value, **options)
+    flat = value.reshape(-1)
+    with HDF5Reader(path) as reader:
+        for start in range(flat.size):
+            for stop in range(start, flat.size + 1):
+                out = np.full(stop - start, -1, np.float32)
+                reader.read("x", start, stop, out=out)
+                assert np.array_equal(out, flat[start:stop]), (start, stop)
+        with pytest.raises(ValueError, match="outside"):
+            reader.read("x", 5, flat.size + 1)
+
+
+def write_in_random_order(
+    writer: HDF5Writer, tensors: dict[str, np.ndarray], block: int = 5, seed: int = 0
+) -> None:
+    """Blocks of every tensor, shuffled, from two threads: the replay's worst case."""
+    jobs = []
+    for name, value in tensors.items():
+        flat = value.reshape(-1)
+        jobs += [(name, s, flat[s : s + block]) for s in range(0, flat.size, block)]
+        if flat.size == 0:
+            jobs.append((name, 0, flat))
+    random.Random(seed).shuffle(jobs)
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda job: writer.write(*job), jobs))
+
+
+def changed(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """New values of the same dtypes, so a test sees what was written, not the template's."""
+    out = {}
+    for name, value in tensors.items():
+        if value.dtype.kind == "f" or value.dtype in (BF16, FP8):
+            out[name] = (value.astype(np.float32) * 2 + 1).astype(value.dtype)
+        else:
+            out[name] = value
+    return out
+
+
+def infos(tensors: dict[str, np.ndarray]) -> list[TensorInfo]:
+    return [TensorInfo(n, v.dtype, v.shape) for n, v in tensors.items()]
+
+
+def test_writer_rebuilds_the_template_exactly(
+    rich: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
+) -> None:
+    path, tensors = rich
+    new = changed(tensors)
+    out = tmp_path / "out.h5"
+    with (
+        HDF5Reader(path) as template,
+        HDF5Writer(out, infos(new), {"ema.decay": "0.9"}, template) as writer,
+    ):
+        write_in_random_order(writer, new)
+        writer.commit()
+    assert_same_structure(path, out)
+    with h5py.File(out, "r") as f:
+        assert f.attrs["ema.decay"] == "0.9"
+        assert f["model_weights/dense/kernel"].attrs["dtype"] == "bfloat16"
+    with HDF5Reader(out) as reader:
+        for name, value in new.items():
+            assert (
+                reader.read(name).tobytes() == value.astype(value.dtype.newbyteorder("=")).tobytes()
+            )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5", "rich.h5"]  # no temporaries
+
+
+def test_metadata_replaces_only_the_root_attributes_it_changes(
+    rich: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
+) -> None:
+    path, tensors = rich
+    out = tmp_path / "out.h5"
+    with HDF5Reader(path) as template:
+        metadata = {**template.metadata, "keras_version": "3.0"}
+        with HDF5Writer(out, infos(tensors), metadata, template) as writer:
+            write_in_random_order(writer, tensors)
+            writer.commit()
+    with h5py.File(out, "r") as f:
+        assert list(f.attrs) == ["model_config", "scale", "keras_version"]  # replaced: last
+        assert f.attrs["keras_version"] == "3.0"
+
+
+def test_without_a_template_tensors_become_datasets_at_their_paths(tmp_path: Path) -> None:
+    tensors = {
+        "model.layers.0.weight": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "enc/emb": np.ones((3, 2), BF16),
+        "enc/scale": np.ones(2, FP8),
+        "step": np.array(3, np.int64),
+    }
+    out = tmp_path / "plain.hdf5"
+    with HDF5Writer(out, infos(tensors), {"format": "pt"}) as writer:
+        write_in_random_order(writer, tensors, block=1)
+        writer.commit()
+    with h5py.File(out, "r") as f:
+        assert f["enc/emb"].attrs["dtype"] == "bfloat16"
+        assert f["enc/emb"].id.get_type().get_class() == h5py.h5t.OPAQUE
+        assert f.attrs["format"] == "pt"
+    with HDF5Reader(out) as reader:
+        assert list(reader.tensors) == ["enc/emb", "enc/scale", "model.layers.0.weight", "step"]
+        for name, value in tensors.items():
+            assert reader.tensors[name].dtype == value.dtype
+            assert reader.read(name).tobytes() == value.tobytes()
+
+
+def test_shadow_names_become_groups_under_the_renamed_datasets(
+    rich: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
+) -> None:
+    path, tensors = rich
+    renamed = {
+        (f"{n}/ExponentialMovingAverage" if n.startswith("model_weights/conv") else n): v
+        for n, v in tensors.items()
+    }
+    out = tmp_path / "shadow.h5"
+    with HDF5Reader(path) as template, HDF5Writer(out, infos(renamed), {}, template) as writer:
+        write_in_random_order(writer, renamed)
+        writer.commit()
+    with HDF5Reader(out) as reader:
+        assert set(reader.tensors) == set(renamed)
+        name = "model_weights/conv/kernel/ExponentialMovingAverage"
+        assert np.array_equal(reader.read(name), tensors["model_weights/conv/kernel"].reshape(-1))
+
+
+def test_names_hdf5_cannot_hold(tmp_path: Path) -> None:
+    with pytest.raises(OptionError, match="tensors 'a/b' and 'a/b/c' cannot both be stored"):
+        check_names(tmp_path / "x.h5", ["a/b/c", "a/b"])
+    for bad in ("", "a//b", "/a", "a/./b", "a/"):
+        with pytest.raises(OptionError, match="is not an HDF5 dataset path"):
+            check_names(tmp_path / "x.h5", [bad])
+
+
+def test_abort_leaves_nothing(rich: tuple[Path, dict[str, np.ndarray]], tmp_path: Path) -> None:
+    path, tensors = rich
+    with HDF5Reader(path) as template, HDF5Writer(tmp_path / "o.h5", infos(tensors), {}, template):
+        pass  # no commit
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rich.h5"]
+
+
+# ---------------------------------------------------------------- broken files
+
+
+def truncated_after_header(tmp_path: Path, chunked: bool) -> Path:
+    """A file cut inside its last dataset's data whose superblock says the cut is its end (so
+    HDF5 opens it): superblock version 0 keeps the end-of-file address at byte 40."""
+    path = tmp_path / "ckpt-7.h5"
+    with h5py.File(path, "w", libver="earliest") as f:
+        f.create_dataset("a", data=np.arange(10, dtype="f4"))
+        f.create_dataset("z", data=np.arange(5000, dtype="f4"), chunks=(1000,) if chunked else None)
+    data = bytearray(path.read_bytes())
+    assert data[8] == 0  # superblock version 0
+    cut = len(data) - 3000
+    data = data[:cut]
+    data[40:48] = struct.pack("<Q", cut)
+    path.write_bytes(data)
+    return path
+
+
+def test_truncated_data_behind_a_valid_header(tmp_path: Path) -> None:
+    path = truncated_after_header(tmp_path, chunked=True)
+    with HDF5Reader(path) as reader:
+        assert reader.read("z", 0, 100)[-1] == 99  # the chunks still there read fine
+        with pytest.raises(TruncatedCheckpointError, match="tensor 'z': cannot read its data"):
+            reader.read("z")
+    contiguous = truncated_after_header(tmp_path, chunked=False)
+    with pytest.raises(
+        TruncatedCheckpointError, match="cannot open object 'z', the file is truncated"
+    ):
+        HDF5Reader(contiguous)
+
+
+def keras_like(path: Path, scale: float = 1.0, **extra: np.ndarray) -> Path:
+    """A small Keras 3 ``.weights.h5``-shaped file."""
+    with h5py.File(path, "w") as f:
+        vars_ = f.create_group("layers/dense/vars")
+        vars_.attrs["name"] = "dense"
+        vars_["0"] = np.arange(6, dtype=np.float32).reshape(2, 3) * scale
+        vars_["1"] = np.ones(3, np.float32) * scale
+        opt = f.create_group("optimizer/vars")
+        opt.attrs["name"] = "adam"
+        opt["0"] = np.int64(int(scale))
+        opt["1"] = np.ones((2, 3), np.float32) * scale
+        for name, value in extra.items():
+            f[name] = value
+    return path
+
+
+@pytest.fixture
+def h5_sequence(tmp_path: Path) -> list[Path]:
+    return [keras_like(tmp_path / f"ckpt-{s}.weights.h5", s) for s in (1, 2, 3)]
+
+
+def assert_fails(result, *fragments: str) -> None:  # type: ignore[no-untyped-def]
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ema-cli: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+BAD_FILES = {
+    "missing": (None, "no such file"),
+    "empty": (b"", "truncated HDF5 file (empty)"),
+    "cut in the signature": (b"\x89HD", "truncated HDF5 file (only 3 bytes)"),
+    "not hdf5": (b"PK\x03\x04 a zip really" * 10, "not an HDF5 file (no HDF5 signature)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_files_exit_2_with_one_line(case: str, h5_sequence: list[Path], tmp_path: Path) -> None:
+    data, message = BAD_FILES[case]
+    bad = tmp_path / "ckpt-7.weights.h5"
+    if data is not None:
+        bad.write_bytes(data)
+    out = tmp_path / "out.weights.h5"
+    assert_fails(
+        run_cli(["average", *h5_sequence, bad, "-o", out, "--decay", "0.9"]), str(bad), message
+    )
+    assert not out.exists()
+
+
+def test_truncated_file_exits_2(h5_sequence: list[Path], tmp_path: Path) -> None:
+    data = h5_sequence[0].read_bytes()
+    bad = tmp_path / "ckpt-7.weights.h5"
+    bad.write_bytes(data[: len(data) // 2])
+    result = run_cli(
+        ["average", *h5_sequence, bad, "-o", tmp_path / "o.weights.h5", "--decay", "0.9"]
+    )
+    assert_fails(result, str(bad), "truncated HDF5 file: the file has ")
+    folder = tmp_path / "cut"
+    folder.mkdir()
+    good = folder / "ckpt-1.h5"
+    with h5py.File(good, "w") as f:
+        f["a"] = np.zeros(10, "f4")
+        f.create_dataset("z", data=np.zeros(5000, "f4"), chunks=(1000,))
+    cut = truncated_after_header(folder, chunked=True)
+    result = run_cli(["average", good, cut, "-o", tmp_path / "o.h5", "--decay", "0.9"])
+    assert_fails(result, str(cut), "tensor 'z': cannot read its data, the file is truncated")
+    assert not (tmp_path / "o.h5").exists()
+
+
+def test_checkpoints_that_disagree(h5_sequence: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "o.weights.h5"
+    missing = tmp_path / "ckpt-0.weights.h5"
+    with h5py.File(missing, "w") as f:
+        f["layers/dense/vars/0"] = np.zeros((2, 3), np.float32)
+    result = run_cli(["average", missing, *h5_sequence, "-o", out, "--decay", "0.9"])
+    assert_fails(result, str(missing), "tensor 'layers/dense/vars/1': missing")
+    shaped = keras_like(tmp_path / "ckpt-0.weights.h5")
+    with h5py.File(shaped, "a") as f:
+        del f["layers/dense/vars/0"]
+        f["layers/dense/vars/0"] = np.zeros((3, 2), np.float32)
+    result = run_cli(["average", shaped, *h5_sequence, "-o", out, "--decay", "0.9"])
+    assert_fails(result, str(shaped), "'layers/dense/vars/0'", "shape [3, 2] differs from [2, 3]")
+    typed = keras_like(tmp_path / "ckpt-0.weights.h5")
+    with h5py.File(typed, "a") as f:
+        del f["layers/dense/vars/1"]
+        f["layers/dense/vars/1"] = np.zeros(3, np.float64)
+    result = run_cli(["average", typed, *h5_sequence, "-o", out, "--decay", "0.9"])
+    assert_fails(result, str(typed), "'layers/dense/vars/1'", "dtype float64 differs from float32")
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- through the CLI
+
+
+def test_average_copies_optimizer_state_by_default(h5_sequence: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "ema.weights.h5"
+    result = run_cli(["average", *h5_sequence, "-o", out, "--decay", "0.5", "-q"])
+    assert result.exit_code == 0, result.output
+    values = h5_values(out)
+    c = np.float32(1) - np.float32(0.5)
+    s = np.ones(3, np.float32)
+    for x in (1.0, 2.0, 3.0):
+        s = s - (s - np.float32(x)) * c
+    assert np.array_equal(values["layers/dense/vars/1"], s)
+    assert np.array_equal(values["optimizer/vars/1"], np.full((2, 3), 3, np.float32))
+    assert values["optimizer/vars/0"] == 3
+    assert_same_structure(h5_sequence[-1], out)
+    with h5py.File(out, "r") as f:
+        assert f.attrs["ema.decay"] == "0.5"
+    result = run_cli(
+        ["average", *h5_sequence, "-o", out, "--decay", "0.5", "-q", "--average-optimizer"]
+    )
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(h5_values(out)["optimizer/vars/1"], np.broadcast_to(s[0], (2, 3)))
+    assert h5_values(out)["optimizer/vars/0"] == 3  # integers are still copied
+
+
+def test_non_tensor_datasets_refuse_conversion(tmp_path: Path) -> None:
+    paths = [
+        keras_like(tmp_path / f"ckpt-{s}.h5", s, labels=np.array([b"a"], dtype=object))
+        for s in (1, 2)
+    ]
+    result = run_cli(["average", *paths, "-o", tmp_path / "o.safetensors", "--decay", "0.9"])
+    assert_fails(
+        result, "ckpt-2.h5 holds dataset 'labels' (a string dataset)", "write a .h5 output"
+    )
+    result = run_cli(["average", *paths, "-o", tmp_path / "o.h5", "--decay", "0.9", "-q"])
+    assert result.exit_code == 0, result.output
+    assert h5_values(tmp_path / "o.h5")["labels"].tolist() == [b"a"]
