@@ -1,5 +1,5 @@
 """``python -m ema_cli``: the same as the ``ema-cli`` console script."""
 
-from ema_cli.cli import main
+from ema_cli._entry import main
 
 main()

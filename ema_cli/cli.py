@@ -324,6 +324,11 @@ def _print_json(record: dict[str, Any]) -> None:
     help="With --state: leave the newest checkpoint for the next run if it was modified less than SECONDS ago (it may still be being written); 0 turns the check off. A newest checkpoint shorter than its header says is always left for later.",
 )
 @click.option(
+    "--fsync/--no-fsync",
+    default=None,
+    help="Flush outputs (and state) to disk before renaming them into place, so they survive a power loss, not just a killed run. Costs a full write to disk before the run ends.  [default: on with --state, off otherwise]",
+)
+@click.option(
     "--hash",
     "hash_",
     is_flag=True,
@@ -369,6 +374,7 @@ def average(
     state: Path | None,
     restart: bool,
     settle: float,
+    fsync: bool | None,
     hash_: bool,
     dry_run: bool,
     as_json: bool,
@@ -419,6 +425,7 @@ def average(
         settle=settle,
         hash=hash_,
         dry_run=dry_run,
+        fsync=fsync,
     )
     show_progress = not quiet and sys.stderr.isatty()
     result = job.run(

@@ -7,7 +7,9 @@ Pure arithmetic: no files, no printing. Everything here reproduces
 * ``c = float32(1) - d``, computed in float32, then cast to the shadow's dtype;
 * one update is TF's ``assign_sub``: ``s = s - (s - x) * c``, each operation rounded in the dtype;
 * TensorFlow's CPU kernels run with subnormals flushed to zero (x86 FTZ+DAZ, Arm FZ), so a
-  subnormal input or result is zero; ``tf_float_mode()`` sets the same mode for a thread;
+  subnormal input or result is zero, and with no floating-point warnings (``inf - inf`` is a
+  silent NaN): run ``apply`` and ``average`` inside ``tf_arithmetic()``, which sets both for
+  the calling thread;
 * zero debias keeps a biased accumulator ``b`` (updated like ``s``) and a ``local_step`` counter of
   the same dtype; the shadow is ``b / (1 - (1 - c) ** local_step)`` with the *latest* ``c``.
 
@@ -124,13 +126,12 @@ def apply(state: ShadowState, x: Array, c: np.generic, scratch: Array | None = N
     """One ``apply()``: ``s = s - (s - x) * c`` in ``s``'s dtype, in place.
 
     ``x`` must already be in the state's dtype and shape. ``scratch`` (same shape and dtype) saves
-    an allocation per call on the hot path.
+    an allocation per call on the hot path. Call it inside ``tf_arithmetic()``.
     """
     s = state.value
-    with np.errstate(all="ignore"):  # inf - inf is NaN in TF too, silently
-        tmp = np.subtract(s, x, out=np.empty_like(s) if scratch is None else scratch)
-        np.multiply(tmp, c, out=tmp)
-        np.subtract(s, tmp, out=s)
+    tmp = np.subtract(s, x, out=np.empty_like(s) if scratch is None else scratch)
+    np.multiply(tmp, c, out=tmp)
+    np.subtract(s, tmp, out=s)
     if state.local_step is not None:
         np.add(state.local_step, state.local_step.dtype.type(1), out=state.local_step)
     state.last_coefficient = c
@@ -149,9 +150,8 @@ def average(state: ShadowState) -> Array:
     dtype = state.value.dtype
     one = dtype.type(1)
     c = np.asarray(state.last_coefficient, dtype=dtype)
-    with np.errstate(all="ignore"):  # decay 1 gives 0 / 0 = NaN, as in TF
-        bias_factor = np.subtract(one, np.power(np.subtract(one, c), state.local_step))
-        return np.asarray(np.divide(state.value, bias_factor.astype(dtype)))
+    bias_factor = np.subtract(one, np.power(np.subtract(one, c), state.local_step))
+    return np.asarray(np.divide(state.value, bias_factor.astype(dtype)))  # decay 1: 0/0 = NaN
 
 
 def contribution_weights(coefficients: list[float], *, zero_debias: bool) -> list[float]:
@@ -207,29 +207,58 @@ _LIBM = _libm()
 _FLUSH = _FLUSH_BITS.get((platform.machine().lower(), sys.platform))
 
 
-@contextlib.contextmanager
-def tf_float_mode() -> Iterator[bool]:
-    """Run the enclosed arithmetic (in this thread) with TensorFlow's CPU floating-point mode.
-
-    Yields True when subnormals are flushed as TF flushes them; False on platforms where the
-    mode cannot be set (there, results differ from TF only for values below 1.2e-38 in float32
-    or 2.2e-308 in float64). float16 is unaffected either way: its values are normal in float32.
-    """
+def _flush_register() -> tuple[ctypes.Array[ctypes.c_uint8], ctypes.Array[ctypes.c_uint8]] | None:
+    """This thread's floating-point environment, and a copy with flushing switched on."""
     if _LIBM is None or _FLUSH is None:
-        yield False
-        return
+        return None
     offset, width, bits = _FLUSH
     saved = (ctypes.c_uint8 * _FENV_BYTES)()
     if _LIBM.fegetenv(saved) != 0:
-        yield False
-        return
+        return None
     raw = bytearray(bytes(saved))
     register = int.from_bytes(raw[offset : offset + width], "little") | bits
     raw[offset : offset + width] = register.to_bytes(width, "little")
-    flushed = (ctypes.c_uint8 * _FENV_BYTES).from_buffer(raw)
-    try:
-        _LIBM.fesetenv(flushed)
-        tiny = np.full(1, np.finfo(np.float32).smallest_subnormal, dtype=np.float32)
-        yield bool(np.multiply(tiny, np.float32(1.0))[0] == 0.0)
-    finally:
-        _LIBM.fesetenv(saved)
+    return saved, (ctypes.c_uint8 * _FENV_BYTES).from_buffer(raw)
+
+
+def _flushes_now() -> bool:
+    tiny = np.full(1, np.finfo(np.float32).smallest_subnormal, dtype=np.float32)
+    return bool(np.multiply(tiny, np.float32(1.0))[0] == 0.0)
+
+
+_FLUSH_WORKS: bool | None = None  # checked once, the first time the mode is set
+
+
+@contextlib.contextmanager
+def tf_arithmetic() -> Iterator[bool]:
+    """Run the enclosed arithmetic (in this thread) as TensorFlow's CPU kernels do.
+
+    Subnormals are flushed to zero, in inputs and results, and floating-point warnings are
+    silenced (``inf - inf`` and ``0 / 0`` give NaN in TF without a word). Yields True when the
+    flushing is in effect; False on platforms where the mode cannot be set, where results
+    differ from TF only for values below 1.2e-38 (float32, bfloat16) or 2.2e-308 (float64).
+    float16 is unaffected either way: its values are all normal in float32.
+    """
+    global _FLUSH_WORKS
+    with np.errstate(all="ignore"):
+        environments = _flush_register()
+        if environments is None:
+            yield False
+            return
+        saved, flushed = environments
+        try:
+            _LIBM.fesetenv(flushed)  # type: ignore[union-attr]
+            if _FLUSH_WORKS is None:
+                _FLUSH_WORKS = _flushes_now()
+            yield _FLUSH_WORKS
+        finally:
+            _LIBM.fesetenv(saved)  # type: ignore[union-attr]
+
+
+def enter_tf_arithmetic_for_this_thread() -> None:
+    """``tf_arithmetic()`` for the rest of this thread's life: for worker threads that do
+    nothing else, so the mode is not set and reset around every block."""
+    np.seterr(all="ignore")
+    environments = _flush_register()
+    if environments is not None:
+        _LIBM.fesetenv(environments[1])  # type: ignore[union-attr]

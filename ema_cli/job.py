@@ -59,6 +59,13 @@ class Request:
     settle: float = DEFAULT_SETTLE_SECONDS
     hash: bool = False
     dry_run: bool = False
+    #: Flush outputs (and state) to disk before renaming them into place. None: only with
+    #: ``state``, where later runs build on what this one wrote.
+    fsync: bool | None = None
+
+    @property
+    def durable(self) -> bool:
+        return self.fsync if self.fsync is not None else self.state is not None
 
 
 @dataclass
@@ -330,7 +337,7 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
                 advance(done)
 
         for i in sorted(writers):  # the final output last: trajectory files are never newer
-            writers[i].commit()
+            writers[i].commit(request.durable)
         for entry in outputs:
             path = Path(entry["path"])
             entry["size"] = report.disk_size(path)
@@ -338,10 +345,12 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
                 entry["sha256"] = report.sha256(path)
         record = report.summary(plan, records, output, outputs=outputs, extra=extra)
         write_file_atomically(
-            mapping_path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
+            mapping_path,
+            (json.dumps(record, indent=2, sort_keys=True) + "\n").encode(),
+            request.durable,
         )
         if state_writer is not None and request.state is not None:
-            state_writer.commit()
+            state_writer.commit(request.durable)
             fingerprints = [state.Fingerprint.of(c.path, files[i]) for i, c in enumerate(history)]
             state.commit(
                 request.state,
@@ -349,5 +358,6 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
                 list(zip(history, fingerprints, strict=True)),
                 plan,
                 shadows_name,
+                request.durable,
             )
         return Result("written", record, mapping_path, plan, folded, warnings)

@@ -102,11 +102,19 @@ class _Replayer:
 
     def run(self, block: _Block) -> int:
         """Replay one block through all checkpoints and write it to every output; returns the
-        bytes read."""
-        with engine.tf_float_mode():
-            if block.job.averaged:
-                return self._average(block)
-            return self._copy(block)
+        bytes read. The calling thread must be in ``engine.tf_arithmetic()``."""
+        if block.job.averaged:
+            return self._average(block)
+        return self._copy(block)
+
+    def work_dtype(self, dtype: np.dtype[np.generic]) -> np.dtype[np.generic]:
+        cache: dict[np.dtype[np.generic], np.dtype[np.generic]] = self._local.__dict__.setdefault(
+            "work_dtypes", {}
+        )
+        work = cache.get(dtype)
+        if work is None:
+            work = cache[dtype] = engine.compute_dtype(dtype, self.plan.settings.precision)
+        return work
 
     def _copy(self, block: _Block) -> int:
         job, start, stop = block.job, block.start, block.stop
@@ -120,7 +128,7 @@ class _Replayer:
         job, start, stop = block.job, block.start, block.stop
         info, size = job.info, stop - start
         settings = self.plan.settings
-        work_dtype = engine.compute_dtype(info.dtype, settings.precision)
+        work_dtype = self.work_dtype(info.dtype)
         raw = self.buffer("raw", info.dtype, size)
         x = raw if work_dtype == info.dtype else self.buffer("x", work_dtype, size)
         scratch = self.buffer("scratch", work_dtype, size)
@@ -205,9 +213,15 @@ def replay(
     )
     if workers <= 1:
         for block in blocks:
-            yield replayer.run(block)
+            with engine.tf_arithmetic():  # not across the yield: the caller's code runs there
+                read = replayer.run(block)
+            yield read
         return
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ema-replay") as pool:
+    with ThreadPoolExecutor(
+        max_workers=workers,
+        thread_name_prefix="ema-replay",
+        initializer=engine.enter_tf_arithmetic_for_this_thread,  # the threads do nothing else
+    ) as pool:
         pending: set[Future[int]] = set()
         try:
             for block in blocks:

@@ -163,6 +163,7 @@ def commit(
     checkpoints: list[tuple[Checkpoint, Fingerprint]],
     plan: ReplayPlan,
     shadows: str,
+    durable: bool = True,
 ) -> None:
     """Make ``shadows`` (already in place) the current state, then drop older shadows files."""
     record = {
@@ -187,7 +188,9 @@ def commit(
         "tool": f"ema-cli {__version__}",
     }
     write_file_atomically(
-        folder / STATE_FILE, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
+        folder / STATE_FILE,
+        (json.dumps(record, indent=2, sort_keys=True) + "\n").encode(),
+        durable,
     )
     for old in [*folder.glob("shadows-*.safetensors"), *folder.glob(".shadows-*.tmp")]:
         if old.name != shadows:  # earlier states, and what killed runs left half-written

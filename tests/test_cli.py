@@ -711,3 +711,27 @@ def test_sigterm_removes_the_temporary_output(sequence: list[Path], tmp_path: Pa
     assert proc.returncode == 143, proc.stderr
     assert proc.stderr == "ema-cli: terminated; nothing was written\n"
     assert not any(p.name.startswith((".o.", "o.")) for p in tmp_path.iterdir())
+
+
+def test_fsync_only_when_asked_or_with_state(
+    sequence: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real = os.fsync
+
+    def counting(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    runs = [
+        ([], False),
+        (["--fsync"], True),
+        (["--state", tmp_path / "s1", "--settle", "0"], True),
+        (["--state", tmp_path / "s2", "--settle", "0", "--no-fsync"], False),
+    ]
+    for i, (options, flushed) in enumerate(runs):
+        calls.clear()
+        out = tmp_path / f"o{i}.safetensors"
+        assert average(*sequence, "-o", out, "--decay", "0.9", "-q", *options).exit_code == 0
+        assert bool(calls) is flushed, options

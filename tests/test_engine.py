@@ -25,13 +25,14 @@ def run(
     """Replay ``values`` through the engine the way the CLI does, returning the stored result."""
     dtype = values[0].dtype
     work = engine.compute_dtype(dtype, precision)
-    state = engine.init_state(values[0].astype(work), zero_debias=zero_debias, dtype=work)
-    for i, x in enumerate(values):
-        n = None if num_updates is None else num_updates[i]
-        engine.apply(
-            state, x.astype(work), engine.coefficient(engine.effective_decay(decay, n), work)
-        )
-    return np.asarray(engine.average(state)).astype(dtype)
+    with engine.tf_arithmetic():
+        state = engine.init_state(values[0].astype(work), zero_debias=zero_debias, dtype=work)
+        for i, x in enumerate(values):
+            n = None if num_updates is None else num_updates[i]
+            engine.apply(
+                state, x.astype(work), engine.coefficient(engine.effective_decay(decay, n), work)
+            )
+        return np.asarray(engine.average(state)).astype(dtype)
 
 
 def test_worked_example_from_the_semantics_doc() -> None:
@@ -123,7 +124,9 @@ def test_names() -> None:
     assert engine.is_averageable(np.dtype(ml_dtypes.bfloat16))
 
 
-finite = st.floats(-1e6, 1e6, allow_nan=False, width=32)
+# TF flushes subnormals (and so do we, in tf_arithmetic), which the IEEE properties below do not
+# describe: keep values and their differences clear of the subnormal range.
+finite = st.floats(-1e6, 1e6, allow_nan=False, width=32).map(lambda v: 0.0 if abs(v) < 1e-30 else v)
 sequences = st.lists(hnp.arrays(np.float32, 5, elements=finite), min_size=1, max_size=8)
 decays = st.floats(0.0, 1.0, allow_nan=False)
 

@@ -54,7 +54,7 @@ def test_engine_matches_tensorflow(case) -> None:
     for tensor in case.tensors:
         # TF's floating-point mode (subnormals flushed), as the CLI's replay sets it. No errstate:
         # inf - inf must not warn (pytest turns warnings into errors).
-        with engine.tf_float_mode() as flushing:
+        with engine.tf_arithmetic() as flushing:
             if case.subnormals and not flushing:
                 pytest.skip("this platform cannot flush subnormals to zero as TF does")
             actual = replay(case, tensor)

@@ -44,7 +44,7 @@ def _load_golden_module() -> ModuleType:
 golden = _load_golden_module()
 CASES = golden.load_cases()
 
-with engine.tf_float_mode() as _flushing:
+with engine.tf_arithmetic() as _flushing:
     #: Whether this platform can flush subnormals to zero as TF does (needed by some cases).
     FLUSHES_SUBNORMALS = _flushing
 

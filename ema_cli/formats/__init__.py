@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -9,10 +10,6 @@ from pathlib import Path
 from ema_cli.checkpoint import CHECKPOINT_SUFFIXES, TensorInfo, strip_format_suffix
 from ema_cli.errors import CheckpointError, OptionError
 from ema_cli.formats.base import CheckpointReader, CheckpointWriter
-from ema_cli.formats.hdf5 import HDF5Reader, HDF5Writer
-from ema_cli.formats.keras_archive import KerasArchiveReader, KerasArchiveWriter
-from ema_cli.formats.npz import NpzReader, NpzWriter
-from ema_cli.formats.safetensors import SafetensorsReader, SafetensorsWriter
 from ema_cli.formats.sharded import DEFAULT_MAX_SHARD_SIZE, INDEX_NAME, ShardedReader, ShardedWriter
 
 __all__ = [
@@ -28,22 +25,30 @@ __all__ = [
     "strip_format_suffix",
 ]
 
-_READERS: dict[str, type[CheckpointReader]] = {
-    ".safetensors": SafetensorsReader,
-    ".weights.h5": HDF5Reader,
-    ".h5": HDF5Reader,
-    ".hdf5": HDF5Reader,
-    ".keras": KerasArchiveReader,
-    ".npz": NpzReader,
+#: suffix -> (module, reader class, writer class). Modules are imported on first use: h5py
+#: alone costs a tenth of a second at start-up, which a safetensors run should not pay.
+_FORMATS: dict[str, tuple[str, str, str]] = {
+    ".safetensors": ("safetensors", "SafetensorsReader", "SafetensorsWriter"),
+    ".weights.h5": ("hdf5", "HDF5Reader", "HDF5Writer"),
+    ".h5": ("hdf5", "HDF5Reader", "HDF5Writer"),
+    ".hdf5": ("hdf5", "HDF5Reader", "HDF5Writer"),
+    ".keras": ("keras_archive", "KerasArchiveReader", "KerasArchiveWriter"),
+    ".npz": ("npz", "NpzReader", "NpzWriter"),
 }
-_WRITERS: dict[str, type[CheckpointWriter]] = {
-    ".safetensors": SafetensorsWriter,
-    ".weights.h5": HDF5Writer,
-    ".h5": HDF5Writer,
-    ".hdf5": HDF5Writer,
-    ".keras": KerasArchiveWriter,
-    ".npz": NpzWriter,
-}
+
+
+def _format_class(suffix: str, role: int) -> type:
+    module, *classes = _FORMATS[suffix]
+    cls: type = getattr(importlib.import_module(f"ema_cli.formats.{module}"), classes[role])
+    return cls
+
+
+def _reader_class(suffix: str) -> type[CheckpointReader] | None:
+    return _format_class(suffix, 0) if suffix in _FORMATS else None
+
+
+def _writer_class(suffix: str) -> type[CheckpointWriter] | None:
+    return _format_class(suffix, 1) if suffix in _FORMATS else None
 
 
 def _suffix(path: Path) -> str:
@@ -55,7 +60,7 @@ def _suffix(path: Path) -> str:
 
 
 def _readable(path: Path) -> bool:
-    return _suffix(path) in _READERS
+    return _suffix(path) in _FORMATS
 
 
 #: A last name part that looks like a file extension (``.safetensor``, ``.v2``), unlike the dots
@@ -89,7 +94,7 @@ def find_checkpoint(path: Path) -> Path:
         if len(found) == 1:
             return found[0]
         if not found:
-            patterns = ", ".join(f"*{s}" for s in _READERS)
+            patterns = ", ".join(f"*{s}" for s in _FORMATS)
             raise CheckpointError(path, f"folder holds no checkpoint file ({patterns})")
         names = ", ".join(p.name for p in found[:4])
         raise CheckpointError(
@@ -104,9 +109,9 @@ def open_checkpoint(path: Path) -> CheckpointReader:
     """Open a checkpoint for reading: a folder as a sharded one, a file by its suffix."""
     if path.is_dir():
         return ShardedReader(path)
-    reader = _READERS.get(_suffix(path))
+    reader = _reader_class(_suffix(path))
     if reader is None:
-        known = ", ".join(sorted(_READERS))
+        known = ", ".join(sorted(_FORMATS))
         raise CheckpointError(path, f"unsupported checkpoint format (ema-cli reads {known})")
     return reader(path)
 
@@ -115,8 +120,8 @@ def check_output_path(path: Path) -> None:
     """Refuse an output whose format we cannot write, before any work is done."""
     if is_folder_output(path):
         return
-    if _suffix(path) not in _WRITERS:
-        known = ", ".join(sorted(_WRITERS))
+    if _suffix(path) not in _FORMATS:
+        known = ", ".join(sorted(_FORMATS))
         raise OptionError(f"{path}: unsupported output format (ema-cli writes {known})")
 
 
@@ -138,7 +143,8 @@ def create_writer(
         folder = is_folder_output(path)
     if not folder:
         check_output_path(path)
-    writer = ShardedWriter if folder else _WRITERS[_suffix(path)]
+    writer = ShardedWriter if folder else _writer_class(_suffix(path))
+    assert writer is not None  # check_output_path refused unknown suffixes
     if template is not None and template.non_tensors and not writer.carries_non_tensors(template):
         # A conversion keeps every tensor; refuse it when the input holds data that is not one.
         lost = template.non_tensors

@@ -118,8 +118,12 @@ class CheckpointWriter(ABC):
         """
 
     @abstractmethod
-    def commit(self) -> None:
-        """Make the complete output appear at ``path`` atomically."""
+    def commit(self, durable: bool = True) -> None:
+        """Make the complete output appear at ``path`` atomically.
+
+        ``durable`` flushes it to disk first (fsync), so it survives a power loss and not just
+        a killed process; that costs a full write to the disk before the rename.
+        """
 
     @abstractmethod
     def abort(self) -> None:
@@ -176,19 +180,23 @@ def glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
-def publish(tmp: Path, path: Path) -> None:
-    """Atomically move a finished temporary file into place, durably."""
+def publish(tmp: Path, path: Path, durable: bool = True) -> None:
+    """Atomically move a finished temporary file into place (flushed to disk first if
+    ``durable``). Without the flush the rename still never exposes a partial file to other
+    processes; only a power loss right after it could."""
     try:
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp made it 0600; give it a normal file's mode
         os.replace(tmp, path)
     except OSError as e:
         raise OutputError(path, e) from None
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
 
 
-def write_file_atomically(path: Path, data: bytes) -> None:
+def write_file_atomically(path: Path, data: bytes, durable: bool = True) -> None:
     """Write a small file (a mapping, an index) through a temporary file and a rename."""
     f, tmp = temporary_sibling(path)
     try:
@@ -197,7 +205,7 @@ def write_file_atomically(path: Path, data: bytes) -> None:
                 f.write(data)
         except OSError as e:
             raise OutputError(path, e) from None
-        publish(tmp, path)
+        publish(tmp, path, durable)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

@@ -718,8 +718,8 @@ class HDF5Writer(CheckpointWriter):
             raise OutputError(self.path, e) from None
         return self._tmp
 
-    def commit(self) -> None:
-        publish(self.finish(), self.path)
+    def commit(self, durable: bool = True) -> None:
+        publish(self.finish(), self.path, durable)
         self._done = True
 
     def abort(self) -> None:

@@ -200,7 +200,7 @@ class KerasArchiveWriter(CheckpointWriter):
     def write(self, name: str, start: int, values: npt.NDArray[np.generic]) -> None:
         self._weights.write(name, start, values)
 
-    def commit(self) -> None:
+    def commit(self, durable: bool = True) -> None:
         weights = self._weights.finish()
         handle, tmp = temporary_sibling(self.path)
         try:
@@ -214,7 +214,7 @@ class KerasArchiveWriter(CheckpointWriter):
                     new.file_size = weights.stat().st_size
                     with open(weights, "rb") as data:
                         stream_member(out, new, data)
-            publish(tmp, self.path)
+            publish(tmp, self.path, durable)
         except OSError as e:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()

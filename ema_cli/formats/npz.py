@@ -470,7 +470,7 @@ class NpzWriter(CheckpointWriter):
         with self._lock:
             self._written += len(data)
 
-    def commit(self) -> None:
+    def commit(self, durable: bool = True) -> None:
         if self._written != self._expected:
             raise RuntimeError(
                 f"internal error: wrote {self._written} of {self._expected} bytes of {self.path}"
@@ -489,7 +489,7 @@ class NpzWriter(CheckpointWriter):
                     self._staging.seek(self._offsets[name])
                     data = _Slice(self._staging, tensor.nbytes)
                     stream_member(out, info, io.BytesIO(header), data)
-            publish(tmp, self.path)
+            publish(tmp, self.path, durable)
         except OSError as e:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()

@@ -144,6 +144,10 @@ class SafetensorsReader(CheckpointReader):
         order = sorted(tensors, key=lambda n: (spans[n], n))
         self._tensors = {n: tensors[n] for n in order}
         self._spans = {n: spans[n] for n in order}
+        self._layout = {
+            n: (self.data_start + spans[n][0], t.dtype.itemsize, t.size, t.dtype)
+            for n, t in self._tensors.items()
+        }
 
         needed = max((end for _, end in spans.values()), default=0)
         if needed > data_size:
@@ -179,21 +183,22 @@ class SafetensorsReader(CheckpointReader):
         stop: int | None = None,
         out: npt.NDArray[np.generic] | None = None,
     ) -> npt.NDArray[np.generic]:
-        info = self._tensors[name]
-        stop = info.size if stop is None else stop
-        if not 0 <= start <= stop <= info.size:
-            raise ValueError(f"{name}: elements [{start}, {stop}) outside its {info.size}")
-        count = stop - start
+        # The replay's hot path: one positioned read straight into the caller's buffer.
+        offset, itemsize, size, dtype = self._layout[name]
+        stop = size if stop is None else stop
+        if not 0 <= start <= stop <= size:
+            raise ValueError(f"{name}: elements [{start}, {stop}) outside its {size}")
         if out is None:
-            out = np.empty(count, dtype=info.dtype)
-        itemsize = info.dtype.itemsize
-        offset = self.data_start + self._spans[name][0] + start * itemsize
-        view = out.view(np.uint8).data
+            out = np.empty(stop - start, dtype=dtype)
+        want = (stop - start) * itemsize
+        position = offset + start * itemsize
         try:
-            got = _read_exact(self._fd, view, offset)
+            got = os.preadv(self._fd, [out], position)  # type: ignore[list-item]  # ndarray is a buffer
+            if got != want:  # a short read: only at the end of the file, or interrupted
+                got = _read_exact(self._fd, out.view(np.uint8).data, position)
         except OSError as e:
             raise CheckpointError(self.path, f"read error: {e.strerror}", tensor=name) from None
-        if got != count * itemsize:
+        if got != want:
             raise TruncatedCheckpointError(
                 self.path, "truncated: the file ended while reading this tensor", tensor=name
             )
@@ -313,13 +318,13 @@ class SafetensorsWriter(CheckpointWriter):
         with self._lock:
             self._written += len(data)
 
-    def commit(self) -> None:
+    def commit(self, durable: bool = True) -> None:
         if self._written != self._expected:
             raise RuntimeError(
                 f"internal error: wrote {self._written} of {self._expected} bytes of {self.path}"
             )
         self._file.close()
-        publish(self._tmp, self.path)
+        publish(self._tmp, self.path, durable)
         self._done = True
 
     def abort(self) -> None:

@@ -162,7 +162,8 @@ class _OpenHandles(Generic[K, V]):
                 self._handles[key] = handle
             self._handles.move_to_end(key)
             self._pins[key] = self._pins.get(key, 0) + 1
-            self._evict()
+            if len(self._handles) > self._capacity:
+                self._evict()
         try:
             yield handle
         finally:
@@ -170,7 +171,8 @@ class _OpenHandles(Generic[K, V]):
                 self._pins[key] -= 1
                 if not self._pins[key]:
                     del self._pins[key]
-                self._evict()
+                if len(self._handles) > self._capacity:
+                    self._evict()
 
     def _evict(self) -> None:
         for key in list(self._handles):
@@ -515,7 +517,7 @@ class ShardedWriter(CheckpointWriter):
         with self._lock:
             self._written += len(data)
 
-    def commit(self) -> None:
+    def commit(self, durable: bool = True) -> None:
         if self._done:
             raise RuntimeError(f"{self.path}: commit() after commit() or abort()")
         if self._written != self._expected:
@@ -524,13 +526,13 @@ class ShardedWriter(CheckpointWriter):
             )
         self._handles.close_all()
         try:
-            self._finish()
+            self._finish(durable)
         except OSError as e:
             raise OutputError(self.path, e) from None
         self._done = True
 
-    def _finish(self) -> None:
-        """Index, flush to disk, and move into place (the part of ``commit()`` that does I/O)."""
+    def _finish(self, durable: bool) -> None:
+        """Index, flush to disk if ``durable``, and move into place (``commit()``'s I/O)."""
         if len(self._files) > 1:
             index = {
                 "metadata": {"total_size": self._expected},
@@ -542,9 +544,10 @@ class ShardedWriter(CheckpointWriter):
             }
             text = json.dumps(index, indent=2, sort_keys=True) + "\n"  # as transformers writes it
             _create_file(self._tmp / INDEX_NAME, text.encode("utf-8"), None)
-        for entry in self._tmp.iterdir():
-            _fsync_file(entry)
-        _fsync_folder(self._tmp)
+        if durable:
+            for entry in self._tmp.iterdir():
+                _fsync_file(entry)
+            _fsync_folder(self._tmp)
         check_output_folder(self.path, self.template)  # anything may have appeared meanwhile
         _swap_into_place(self._tmp, self.path)
 
