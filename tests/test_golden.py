@@ -11,11 +11,8 @@ Eigen's vectorisation); subnormals must be flushed to zero as TF's kernels flush
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy for safetensors
 import numpy as np
@@ -25,23 +22,8 @@ from click.testing import CliRunner
 
 from ema_cli import engine
 from ema_cli.cli import cli
+from tests.golden import golden_cases as golden
 
-
-def _load_golden_module() -> ModuleType:
-    """Import ``tests/golden/golden_cases.py`` by path, whatever the test layout."""
-    name = "ema_cli_golden_cases"
-    if name in sys.modules:
-        return sys.modules[name]
-    path = Path(__file__).resolve().parent / "golden" / "golden_cases.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-golden = _load_golden_module()
 CASES = golden.load_cases()
 
 with engine.tf_arithmetic() as _flushing:

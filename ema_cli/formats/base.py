@@ -24,6 +24,44 @@ import numpy.typing as npt
 from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import OutputError
 
+#: The plain numeric dtypes every format here stores natively (bfloat16 and float8 come from
+#: ml_dtypes and each format marks them its own way).
+NUMERIC_DTYPES = frozenset(
+    np.dtype(t)
+    for t in (
+        np.bool_,
+        np.int8,
+        np.int16,
+        np.int32,
+        np.int64,
+        np.uint8,
+        np.uint16,
+        np.uint32,
+        np.uint64,
+        np.float16,
+        np.float32,
+        np.float64,
+    )
+)
+
+
+def check_range(info: TensorInfo, start: int, stop: int) -> None:
+    """Refuse a block outside the tensor: a caller's bug, never bad input."""
+    if not 0 <= start <= stop <= info.size:
+        raise ValueError(f"{info.name}: elements [{start}, {stop}) outside its {info.size}")
+
+
+def read_exact(fd: int, view: memoryview, offset: int) -> int:
+    """Fill ``view`` from file offset ``offset``; returns the bytes read (fewer only at the end
+    of the file)."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
 
 class CheckpointReader(ABC):
     """One checkpoint, opened for reading. Use as a context manager."""

@@ -45,8 +45,14 @@ from h5py import h5a, h5d, h5f, h5g, h5o, h5p, h5s, h5t
 
 from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import CheckpointError, OptionError, OutputError, TruncatedCheckpointError
-from ema_cli.formats.base import CheckpointReader, CheckpointWriter, publish, temporary_sibling
-from ema_cli.formats.npz import check_range
+from ema_cli.formats.base import (
+    NUMERIC_DTYPES,
+    CheckpointReader,
+    CheckpointWriter,
+    check_range,
+    publish,
+    temporary_sibling,
+)
 
 SUFFIXES = (".weights.h5", ".h5", ".hdf5")
 
@@ -56,25 +62,6 @@ DTYPE_ATTRIBUTE = "dtype"
 #: What every HDF5 file starts with (after an optional user block).
 _SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
-#: Dtypes HDF5 stores natively that are tensors. Anything else (strings, compound, references,
-#: long double) is kept as it is in HDF5 outputs and is not a tensor.
-_NATIVE_TENSOR_DTYPES = frozenset(
-    np.dtype(t)
-    for t in (
-        np.bool_,
-        np.int8,
-        np.int16,
-        np.int32,
-        np.int64,
-        np.uint8,
-        np.uint16,
-        np.uint32,
-        np.uint64,
-        np.float16,
-        np.float32,
-        np.float64,
-    )
-)
 
 #: Dtypes stored as opaque bytes, by the name Keras writes in the ``dtype`` attribute.
 _OPAQUE_DTYPES: dict[str, np.dtype[Any]] = {
@@ -184,7 +171,7 @@ def _tensor_dtype(dataset: h5py.Dataset) -> np.dtype[Any] | None:
     except (TypeError, ValueError):  # a type numpy cannot express
         return None
     native = dtype.newbyteorder("=")
-    return native if native in _NATIVE_TENSOR_DTYPES else None
+    return native if native in NUMERIC_DTYPES else None
 
 
 def _memory_type(file_type: h5t.TypeID, dtype: np.dtype[Any]) -> h5t.TypeID:
@@ -641,7 +628,7 @@ class HDF5Writer(CheckpointWriter):
         opaque = dtype.kind == "V"
         if opaque:
             file_type = h5t.create(h5t.OPAQUE, dtype.itemsize)
-        elif dtype in _NATIVE_TENSOR_DTYPES:
+        elif dtype in NUMERIC_DTYPES:
             file_type = h5t.py_create(dtype)
         else:
             raise OptionError(f"{self.path}: tensor '{info.name}': HDF5 cannot store dtype {dtype}")

@@ -39,8 +39,15 @@ import numpy.typing as npt
 
 from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import CheckpointError, OptionError, OutputError, TruncatedCheckpointError
-from ema_cli.formats.base import CheckpointReader, CheckpointWriter, publish, temporary_sibling
-from ema_cli.formats.safetensors import _read_exact
+from ema_cli.formats.base import (
+    NUMERIC_DTYPES,
+    CheckpointReader,
+    CheckpointWriter,
+    check_range,
+    publish,
+    read_exact,
+    temporary_sibling,
+)
 
 SUFFIXES = (".npz",)
 
@@ -48,34 +55,11 @@ SUFFIXES = (".npz",)
 FIXED_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 
 _BFLOAT16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
-_TENSOR_DTYPES = frozenset(
-    np.dtype(t)
-    for t in (
-        np.bool_,
-        np.int8,
-        np.int16,
-        np.int32,
-        np.int64,
-        np.uint8,
-        np.uint16,
-        np.uint32,
-        np.uint64,
-        np.float16,
-        np.float32,
-        np.float64,
-    )
-)
 
 #: How far back a deflated member can be re-read without decompressing it again from the start.
 INFLATE_WINDOW_BYTES = 16 << 20
 _COPY_BYTES = 1 << 20
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., file name length, extra length
-
-
-def check_range(info: TensorInfo, start: int, stop: int) -> None:
-    """Refuse a block outside the tensor: a caller's bug, never bad input."""
-    if not 0 <= start <= stop <= info.size:
-        raise ValueError(f"{info.name}: elements [{start}, {stop}) outside its {info.size}")
 
 
 # ---------------------------------------------------------------- zip helpers, shared with .keras
@@ -213,7 +197,7 @@ def _tensor_dtype(dtype: np.dtype[Any]) -> np.dtype[Any] | None:
     if dtype.kind == "V" and dtype.itemsize == 2 and dtype.fields is None and not dtype.subdtype:
         return _BFLOAT16
     native: np.dtype[Any] = dtype.newbyteorder("=")
-    return native if native in _TENSOR_DTYPES else None
+    return native if native in NUMERIC_DTYPES else None
 
 
 class NpzReader(CheckpointReader):
@@ -326,7 +310,7 @@ class NpzReader(CheckpointReader):
         view = out.view(np.uint8).data
         try:
             if member.offset is not None:
-                got = _read_exact(self._raw.fileno(), view, member.offset + start * itemsize)
+                got = read_exact(self._raw.fileno(), view, member.offset + start * itemsize)
             else:
                 with self._lock:
                     if member.inflater is None:
@@ -387,7 +371,7 @@ def npy_header(info: TensorInfo) -> bytes:
 
 def _check_dtype(path: Path, info: TensorInfo) -> None:
     dtype = np.dtype(info.dtype)
-    if dtype in _TENSOR_DTYPES or dtype == _BFLOAT16:
+    if dtype in NUMERIC_DTYPES or dtype == _BFLOAT16:
         return
     raise OptionError(
         f"{path}: tensor '{info.name}' is {dtype}, which .npz cannot mark (numpy would store "

@@ -25,7 +25,14 @@ import numpy.typing as npt
 
 from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import CheckpointError, OutputError, TruncatedCheckpointError
-from ema_cli.formats.base import CheckpointReader, CheckpointWriter, publish, temporary_sibling
+from ema_cli.formats.base import (
+    CheckpointReader,
+    CheckpointWriter,
+    check_range,
+    publish,
+    read_exact,
+    temporary_sibling,
+)
 
 SUFFIXES = (".safetensors",)
 
@@ -61,17 +68,6 @@ def dtype_name(dtype: np.dtype[Any]) -> str:
         return _DTYPE_NAMES[np.dtype(dtype)]
     except KeyError:
         raise ValueError(f"safetensors cannot store dtype {dtype}") from None
-
-
-def _read_exact(fd: int, view: memoryview, offset: int) -> int:
-    """Fill ``view`` from ``offset``; returns bytes read (short only at end of file)."""
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            break
-        done += n
-    return done
 
 
 class SafetensorsReader(CheckpointReader):
@@ -195,7 +191,7 @@ class SafetensorsReader(CheckpointReader):
         try:
             got = os.preadv(self._fd, [out], position)  # type: ignore[list-item]  # ndarray is a buffer
             if got != want:  # a short read: only at the end of the file, or interrupted
-                got = _read_exact(self._fd, out.view(np.uint8).data, position)
+                got = read_exact(self._fd, out.view(np.uint8).data, position)
         except OSError as e:
             raise CheckpointError(self.path, f"read error: {e.strerror}", tensor=name) from None
         if got != want:
@@ -302,10 +298,7 @@ class SafetensorsWriter(CheckpointWriter):
         info = self._infos[name]
         if values.dtype != info.dtype:
             raise TypeError(f"{name}: got {values.dtype}, expected {info.dtype}")
-        if start < 0 or start + values.size > info.size:
-            raise ValueError(
-                f"{name}: elements [{start}, {start + values.size}) outside its {info.size}"
-            )
+        check_range(info, start, start + values.size)
         data = np.ascontiguousarray(values).view(np.uint8).data
         offset = self._offsets[name] + start * info.dtype.itemsize
         fd = self._file.fileno()

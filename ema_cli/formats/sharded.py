@@ -38,7 +38,7 @@ import numpy.typing as npt
 
 from ema_cli.checkpoint import CHECKPOINT_SUFFIXES, TensorInfo
 from ema_cli.errors import CheckpointError, OptionError, OutputError
-from ema_cli.formats.base import CheckpointReader, CheckpointWriter
+from ema_cli.formats.base import CheckpointReader, CheckpointWriter, check_range
 from ema_cli.formats.safetensors import SafetensorsReader, build_header
 
 #: The index that makes a folder one sharded checkpoint.
@@ -500,10 +500,7 @@ class ShardedWriter(CheckpointWriter):
         info = self._infos[name]
         if values.dtype != info.dtype:
             raise TypeError(f"{name}: got {values.dtype}, expected {info.dtype}")
-        if start < 0 or start + values.size > info.size:
-            raise ValueError(
-                f"{name}: elements [{start}, {start + values.size}) outside its {info.size}"
-            )
+        check_range(info, start, start + values.size)
         data = np.ascontiguousarray(values).reshape(-1).view(np.uint8).data
         number, base = self._where[name]
         offset = base + start * info.dtype.itemsize
