@@ -1,0 +1,700 @@
+"""ema-cli's benchmark harness: the cat floor, the naive numpy peer, ema-cli (and TF) in one go.
+
+    python benchmarks/run.py                      # 10 x ~96M-parameter float32 checkpoints
+    python benchmarks/run.py --dtype bfloat16
+    python benchmarks/run.py --sharded            # HF-style sharded checkpoint folders
+    python benchmarks/run.py --tf                 # add the TensorFlow column
+    python benchmarks/run.py --check-flat         # ema-cli's peak RSS at 1x/2x model and count
+
+Synthetic checkpoints (a small transformer's mix of shapes, seeded, cached under
+benchmarks/data/) are built once, the page cache is warmed, then every tool runs ``--repeats``
+times as its own subprocess, interleaved, and the medians of wall time and peak RSS (rusage
+ru_maxrss from ``os.wait4``) are printed as a markdown table. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATA = HERE / "data"
+DEFAULT_TF_PYTHON = "/tmp/tfvenv/bin/python"
+
+#: The synthetic model: a GPT/BERT-like stack of width D_MODEL. Layers and vocabulary are sized
+#: so about three quarters of the parameters are in the layers and the rest in the embedding.
+D_MODEL = 768
+FFN = 4 * D_MODEL
+MAX_POSITIONS = 1024
+SEED = 20240611
+#: Consecutive checkpoints read the value pool shifted by this many elements, so every
+#: checkpoint holds different (but realistic, normal(0, 0.02)) values.
+SHIFT = 4099
+FORMAT_VERSION = 1
+
+ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+NP_DTYPES = {
+    "float32": np.dtype(np.float32),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The synthetic model and its checkpoints
+
+
+def parse_count(text: str) -> int:
+    """``96M`` -> 96_000_000, ``1.5G`` -> 1_500_000_000, ``250000`` -> 250000."""
+    text = text.strip().upper()
+    scale = {"K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9}.get(text[-1:], 1)
+    number = text[:-1] if scale != 1 else text
+    return int(float(number) * scale)
+
+
+def layer_shapes(i: int) -> list[tuple[str, tuple[int, ...]]]:
+    p = f"model.layers.{i}"
+    d, f = D_MODEL, FFN
+    return [
+        (f"{p}.attn.qkv.weight", (3 * d, d)),
+        (f"{p}.attn.qkv.bias", (3 * d,)),
+        (f"{p}.attn.out.weight", (d, d)),
+        (f"{p}.attn.out.bias", (d,)),
+        (f"{p}.ln_1.weight", (d,)),
+        (f"{p}.ln_1.bias", (d,)),
+        (f"{p}.mlp.up.weight", (f, d)),
+        (f"{p}.mlp.up.bias", (f,)),
+        (f"{p}.mlp.down.weight", (d, f)),
+        (f"{p}.mlp.down.bias", (d,)),
+        (f"{p}.ln_2.weight", (d,)),
+        (f"{p}.ln_2.bias", (d,)),
+    ]
+
+
+def model_spec(params: int) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, kind, shape) of every tensor, kind ``float`` or ``int64``, for about ``params``."""
+    per_layer = sum(math.prod(s) for _, s in layer_shapes(0))
+    layers = max(1, round(0.74 * params / per_layer))
+    rest = params - layers * per_layer - MAX_POSITIONS * D_MODEL - 2 * D_MODEL
+    vocab = max(1024, round(rest / D_MODEL / 64) * 64)
+    spec: list[tuple[str, str, tuple[int, ...]]] = [
+        ("model.embed_tokens.weight", "float", (vocab, D_MODEL)),
+        ("model.embed_positions.weight", "float", (MAX_POSITIONS, D_MODEL)),
+        ("model.position_ids", "int64", (1, MAX_POSITIONS)),  # a buffer: copied, not averaged
+    ]
+    for i in range(layers):
+        spec += [(name, "float", shape) for name, shape in layer_shapes(i)]
+    spec += [("model.norm.weight", "float", (D_MODEL,)), ("model.norm.bias", "float", (D_MODEL,))]
+    return spec
+
+
+def spec_params(spec: Sequence[tuple[str, str, tuple[int, ...]]]) -> int:
+    return sum(math.prod(shape) for _, kind, shape in spec if kind == "float")
+
+
+def write_safetensors(
+    path: Path, entries: list[tuple[str, str, tuple[int, ...], np.ndarray]], align: int = 8
+) -> None:
+    """Write a safetensors file from (name, dtype name, shape, flat data) in the given order.
+
+    The header is space-padded so the data starts at a multiple of ``align`` bytes (8 is what
+    the reference writer does; 4096 puts the data on a page boundary).
+    """
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape, data in entries:
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + data.nbytes],
+        }
+        offset += data.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % align)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for *_, data in entries:
+            f.write(memoryview(np.ascontiguousarray(data).view(np.uint8)))
+    tmp.replace(path)
+
+
+@dataclass
+class Dataset:
+    """One cached set of synthetic checkpoints (a prefix of it is used for smaller counts)."""
+
+    root: Path
+    params_target: int
+    dtype: str
+    sharded: bool
+    shards: int
+    align: int = 8
+    spec: list[tuple[str, str, tuple[int, ...]]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.spec = model_spec(self.params_target)
+
+    @property
+    def name(self) -> str:
+        label = f"{self.params_target / 1e6:g}M"
+        name = f"{self.dtype}-{label}" + (f"-sharded{self.shards}" if self.sharded else "")
+        return name + (f"-align{self.align}" if self.align != 8 else "")
+
+    @property
+    def folder(self) -> Path:
+        return self.root / self.name
+
+    @property
+    def params(self) -> int:
+        return spec_params(self.spec)
+
+    def stamp(self) -> dict[str, object]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "seed": SEED,
+            "dtype": self.dtype,
+            "sharded": self.sharded,
+            "shards": self.shards,
+            **({"align": self.align} if self.align != 8 else {}),
+            "spec": [[n, k, list(s)] for n, k, s in self.spec],
+        }
+
+    def checkpoint(self, k: int) -> Path:
+        step = 1000 * (k + 1)
+        if self.sharded:
+            return self.folder / f"checkpoint-{step}"
+        return self.folder / f"ckpt-{step}.safetensors"
+
+    def files(self, count: int) -> list[Path]:
+        """Every file the first ``count`` checkpoints consist of (what cat reads)."""
+        out: list[Path] = []
+        for k in range(count):
+            path = self.checkpoint(k)
+            out += sorted(path.glob("*.safetensors")) if self.sharded else [path]
+        return out
+
+    def cached_count(self) -> int:
+        try:
+            meta = json.loads((self.folder / "spec.json").read_text())
+        except (OSError, ValueError):
+            return 0
+        return int(meta["count"]) if meta.get("stamp") == self.stamp() else 0
+
+    def ensure(self, count: int) -> None:
+        have = self.cached_count()
+        if have >= count:
+            return
+        if have == 0 and self.folder.exists():
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        floats = [(n, s) for n, kind, s in self.spec if kind == "float"]
+        total = sum(math.prod(s) for _, s in floats)
+        rng = np.random.default_rng(SEED)
+        pool = rng.standard_normal(total + SHIFT * count, dtype=np.float32)
+        pool *= np.float32(0.02)
+        pool = pool.astype(NP_DTYPES[self.dtype], copy=False)
+        positions = np.arange(MAX_POSITIONS, dtype=np.int64)
+        for k in range(have, count):
+            entries = []
+            offset = SHIFT * k
+            for name, kind, shape in self.spec:
+                if kind == "int64":
+                    entries.append((name, "I64", shape, positions))
+                    continue
+                size = math.prod(shape)
+                entries.append((name, ST_DTYPES[self.dtype], shape, pool[offset : offset + size]))
+                offset += size
+            self._write_checkpoint(k, entries)
+            print(f"  generated {self.checkpoint(k).relative_to(self.root)}", file=sys.stderr)
+        (self.folder / "spec.json").write_text(
+            json.dumps({"count": count, "params": self.params, "stamp": self.stamp()}) + "\n"
+        )
+        os.sync()  # flush the new files now, not while a tool is being timed
+        print(
+            f"  generated {count - have} checkpoints in {time.perf_counter() - t0:.1f} s",
+            file=sys.stderr,
+        )
+
+    def _write_checkpoint(
+        self, k: int, entries: list[tuple[str, str, tuple[int, ...], np.ndarray]]
+    ) -> None:
+        path = self.checkpoint(k)
+        if not self.sharded:
+            write_safetensors(path, entries, self.align)
+            return
+        # Hugging Face's convention: greedy shards of about total/N bytes, in model order.
+        if path.exists():
+            shutil.rmtree(path)
+        tmp = path.with_name(path.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        # Cut at every total/N bytes, in model order: at most N shards.
+        total = sum(e[3].nbytes for e in entries)
+        by_shard: dict[int, list[tuple[str, str, tuple[int, ...], np.ndarray]]] = {}
+        position = 0
+        for entry in entries:
+            by_shard.setdefault(position * self.shards // total, []).append(entry)
+            position += entry[3].nbytes
+        groups = [by_shard[k] for k in sorted(by_shard)]
+        weight_map: dict[str, str] = {}
+        for i, group in enumerate(groups):
+            shard = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+            write_safetensors(tmp / shard, group, self.align)
+            weight_map.update({e[0]: shard for e in group})
+        index = {
+            "metadata": {"total_size": sum(e[3].nbytes for e in entries)},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        tmp.rename(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running and measuring
+
+
+@dataclass
+class Measure:
+    wall: float
+    maxrss_kb: int
+    cpu: float  # user + system seconds
+
+
+@dataclass
+class Tool:
+    name: str
+    argv: list[str] | None  # None: skipped
+    output: Path | None = None
+    note: str = ""
+    env: dict[str, str] = field(default_factory=dict)  # added to the environment
+    runs: list[Measure] = field(default_factory=list)
+
+    def min_wall(self) -> float:
+        return min(m.wall for m in self.runs)
+
+    def median_wall(self) -> float:
+        return statistics.median(m.wall for m in self.runs)
+
+    def median_cpu(self) -> float:
+        return statistics.median(m.cpu for m in self.runs)
+
+    def median_rss_mb(self) -> float:
+        return statistics.median(m.maxrss_kb for m in self.runs) / 1024
+
+
+#: Spawns the tool and reports its wall time and peak RSS. A tiny launcher rather than the harness
+#: itself, because a child's ru_maxrss starts at its parent's RSS at fork time (Linux keeps the
+#: pre-exec high-water mark), and the harness holds numpy: this way the floor is the launcher's
+#: ~10 MB, not the harness's ~80 MB.
+LAUNCHER = """
+import os, sys, time
+argv = sys.argv[1:]
+devnull = [(os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0)]
+t0 = time.perf_counter()
+pid = os.posix_spawnp(argv[0], argv, os.environ, file_actions=devnull)
+_, status, usage = os.wait4(pid, 0)
+wall = time.perf_counter() - t0
+cpu = usage.ru_utime + usage.ru_stime
+print(wall, usage.ru_maxrss, os.waitstatus_to_exitcode(status), cpu)
+"""
+
+
+def run_measured(
+    argv: Sequence[str], env: dict[str, str] | None = None
+) -> tuple[Measure, int, str]:
+    """Run ``argv`` (stdout to /dev/null), returning wall time, peak RSS, status and stderr."""
+    with tempfile.TemporaryFile() as err:
+        done = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", LAUNCHER, *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            env=env,
+            check=True,
+            text=True,
+        )
+        wall, maxrss_kb, status, cpu = done.stdout.split()
+        err.seek(0)
+        stderr = err.read().decode(errors="replace")
+    return Measure(float(wall), int(maxrss_kb), float(cpu)), int(status), stderr
+
+
+def ema_cli_command() -> list[str]:
+    script = Path(sys.executable).parent / "ema-cli"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("ema-cli")
+    return [found] if found else [sys.executable, "-m", "ema_cli"]
+
+
+def warm(files: Sequence[Path]) -> None:
+    """Read every input once so all tools (and the floor) see a warm page cache."""
+    subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
+
+
+def clean_outputs(tool: Tool) -> None:
+    if tool.output is None:
+        return
+    stem = tool.output.name.removesuffix(".safetensors")
+    for path in (tool.output, tool.output.with_name(stem + ".mapping.json")):
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def run_tools(tools: list[Tool], repeats: int, env: dict[str, str]) -> None:
+    """Run every tool ``repeats`` times, interleaved, recording each successful run."""
+    for r in range(repeats):
+        for tool in tools:
+            if tool.argv is None:
+                continue
+            clean_outputs(tool)
+            os.sync()  # the previous run's output is flushed before this one is timed
+            measure, status, stderr = run_measured(tool.argv, {**env, **tool.env})
+            if status != 0:
+                line = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit {status}"
+                if tool.name.startswith("ema-cli") and status == 2 and not tool.runs:
+                    tool.note = f"skipped: ema-cli rejected the input ({line})"
+                else:
+                    tool.note = f"FAILED (exit {status}): {line}"
+                    print(stderr, file=sys.stderr)
+                tool.argv = None
+                continue
+            tool.runs.append(measure)
+            print(
+                f"  run {r + 1}/{repeats} {tool.name}: {measure.wall:.2f} s, "
+                f"{measure.maxrss_kb / 1024:.0f} MB, {measure.cpu:.2f} s CPU",
+                file=sys.stderr,
+            )
+
+
+def table(tools: Sequence[Tool], input_bytes: int) -> str:
+    floor = next((t for t in tools if t.name == "cat floor" and t.runs), None)
+    lines = [
+        "| tool | wall s | peak RSS MB | x cat floor | GB/s | CPU s | min wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for tool in tools:
+        if not tool.runs:
+            lines.append(f"| {tool.name} | {tool.note or 'not run'} | | | | | |")
+            continue
+        wall = tool.median_wall()
+        ratio = f"{wall / floor.median_wall():.2f}" if floor else "-"
+        lines.append(
+            f"| {tool.name} | {wall:.2f} | {tool.median_rss_mb():.0f} | {ratio} | "
+            f"{input_bytes / wall / 1e9:.2f} | {tool.median_cpu():.2f} | {tool.min_wall():.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def compare(a: Path, b: Path) -> str:
+    """Bitwise comparison of two safetensors files, tensor by tensor (layouts may differ)."""
+
+    def load(path: Path) -> dict[str, np.ndarray]:
+        if path.is_dir():  # a sharded folder: every shard's tensors
+            tensors: dict[str, np.ndarray] = {}
+            for shard in sorted(path.glob("*.safetensors")):
+                tensors.update(load(shard))
+            return tensors
+        raw = np.memmap(path, dtype=np.uint8, mode="r")
+        n = int.from_bytes(raw[:8].tobytes(), "little")
+        header = json.loads(raw[8 : 8 + n].tobytes())
+        header.pop("__metadata__", None)
+        return {
+            k: raw[8 + n + v["data_offsets"][0] : 8 + n + v["data_offsets"][1]]
+            for k, v in header.items()
+        }
+
+    ta, tb = load(a), load(b)
+    if ta.keys() != tb.keys():
+        return f"different tensors ({len(ta)} vs {len(tb)})"
+    differ = [k for k in ta if not np.array_equal(ta[k], tb[k])]
+    return "bitwise identical" if not differ else f"{len(differ)} of {len(ta)} tensors differ"
+
+
+def make_tools(
+    args: argparse.Namespace,
+    inputs: list[Path],
+    files: list[Path],
+    out_dir: Path,
+    with_peers: bool,
+    shard_bytes: int,
+) -> list[Tool]:
+    decay = str(args.decay)
+    ins = list(map(str, inputs))
+    # Sharded inputs get a sharded output folder (a name without a suffix) cut like the inputs.
+    ema_out = out_dir / (args.output_name or ("ema" if args.sharded else "ema.safetensors"))
+    ema_options = ["--decay", decay, "-q"]
+    if args.sharded and ema_out.suffix != ".safetensors":
+        ema_options += ["--max-shard-size", f"{math.ceil(shard_bytes / 1e6)}MB"]
+    tools = [Tool("cat floor", ["cat", *map(str, files)])]
+    if with_peers and not args.no_peer:
+        peer_out = out_dir / "naive.safetensors"
+        argv = [
+            sys.executable,
+            str(HERE / "naive_peer.py"),
+            "-o",
+            str(peer_out),
+            "--decay",
+            decay,
+            *ins,
+        ]
+        tools.append(Tool("naive numpy peer", argv, peer_out))
+    tools.append(
+        Tool(
+            "ema-cli",
+            [*ema_cli_command(), "average", *ins, "-o", str(ema_out), *ema_options],
+            ema_out,
+        )
+    )
+    if with_peers and args.tf:
+        tf_out = out_dir / "tf.safetensors"
+        if Path(args.tf_python).exists():
+            argv = [
+                args.tf_python,
+                str(HERE / "tf_replay.py"),
+                "-o",
+                str(tf_out),
+                "--decay",
+                decay,
+                *ins,
+            ]
+            tools.append(Tool("TensorFlow replay", argv, tf_out))
+        else:
+            tools.append(Tool("TensorFlow replay", None, note=f"skipped: no {args.tf_python}"))
+    for i, (name, variant_env) in enumerate(args.variant):
+        out = out_dir / f"variant{i}{ema_out.suffix}"
+        argv = [sys.executable, str(HERE / "variants.py"), "average", *ins, "-o", str(out)]
+        tools.append(Tool(f"ema-cli {name}", [*argv, *ema_options], out, env=variant_env))
+    return tools
+
+
+def benchmark(
+    args: argparse.Namespace, data: Dataset, count: int, with_peers: bool, verify: bool
+) -> dict[str, object]:
+    data.ensure(count)
+    inputs = [data.checkpoint(k) for k in range(count)]
+    files = data.files(count)
+    input_bytes = sum(f.stat().st_size for f in files)
+    title = (
+        f"{count} checkpoints x {data.params / 1e6:.1f}M params {data.dtype}"
+        + (f", sharded ({len(files) // count} shards each)" if data.sharded else "")
+        + f": {input_bytes / 1e9:.2f} GB in, median of {args.repeats}"
+    )
+    print(f"\n## {title}", file=sys.stderr)
+    out_dir = data.root / "out"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shard_bytes = max(f.stat().st_size for f in files)
+    tools = make_tools(args, inputs, files, out_dir, with_peers, shard_bytes)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    load_before = os.getloadavg()[0]
+    warm(files)
+    try:
+        run_tools(tools, args.repeats, env)
+        checks: dict[str, str] = {}
+        by_name = {t.name: t for t in tools}
+        ema = by_name["ema-cli"]
+        if verify and ema.runs and ema.output is not None and ema.output.exists():
+            others = ["naive numpy peer", "TensorFlow replay"]
+            others += [t.name for t in tools if t.name.startswith("ema-cli ")]
+            for other in others:
+                peer = by_name.get(other)
+                if peer and peer.runs and peer.output is not None and peer.output.exists():
+                    checks[other] = compare(ema.output, peer.output)
+    finally:
+        for tool in tools:
+            clean_outputs(tool)
+    load = f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after"
+    if max(load_before, os.getloadavg()[0]) > 0.5:
+        load += " (other work competed for the CPUs: wall times are pessimistic)"
+    text = f"### {title}\n\n{table(tools, input_bytes)}\n\n{load}\n"
+    for other, verdict in checks.items():
+        text += f"\nema-cli output vs {other}: {verdict}"
+    print(text + "\n")
+    sys.stdout.flush()
+    return {
+        "title": title,
+        "dataset": data.name,
+        "count": count,
+        "params": data.params,
+        "input_bytes": input_bytes,
+        "tools": {
+            t.name: {
+                "walls": [m.wall for m in t.runs],
+                "maxrss_kb": [m.maxrss_kb for m in t.runs],
+                "cpu": [m.cpu for m in t.runs],
+                "note": t.note,
+            }
+            for t in tools
+        },
+        "checks": checks,
+    }
+
+
+def check_flat(args: argparse.Namespace) -> list[dict[str, object]]:
+    """ema-cli alone at (model, count), (2 x model, count) and (model, 2 x count)."""
+    base = Dataset(args.data, args.params, args.dtype, args.sharded, args.shards, args.align)
+    double = Dataset(args.data, 2 * args.params, args.dtype, args.sharded, args.shards, args.align)
+    results = [
+        benchmark(args, base, args.count, with_peers=False, verify=False),
+        benchmark(args, double, args.count, with_peers=False, verify=False),
+        benchmark(args, base, 2 * args.count, with_peers=False, verify=False),
+    ]
+    lines = [
+        "### ema-cli peak RSS vs model size and checkpoint count",
+        "",
+        "| run | input GB | ema-cli wall s | x cat floor | ema-cli peak RSS MB |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    rss = []
+    for r in results:
+        tools = r["tools"]
+        ema, cat = tools["ema-cli"], tools["cat floor"]  # type: ignore[index]
+        if not ema["maxrss_kb"]:
+            lines.append(f"| {r['title']} | | {ema['note']} | | |")
+            continue
+        wall = statistics.median(ema["walls"])
+        ratio = wall / statistics.median(cat["walls"])
+        mb = statistics.median(ema["maxrss_kb"]) / 1024
+        rss.append(mb)
+        lines.append(
+            f"| {r['count']} x {r['params'] / 1e6:.1f}M | {r['input_bytes'] / 1e9:.2f} | "
+            f"{wall:.2f} | {ratio:.2f} | {mb:.0f} |"
+        )
+    if len(rss) == 3:
+        lines.append("")
+        lines.append(
+            f"RSS spread: {max(rss) - min(rss):.0f} MB ({max(rss) / min(rss):.2f}x max/min)"
+        )
+    print("\n".join(lines) + "\n")
+    return results
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    name, _, settings = text.partition(":")
+    env = dict(item.split("=", 1) for item in settings.split(",") if item)
+    if not name or not env:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME:VAR=VALUE[,VAR=VALUE]")
+    return name, env
+
+
+def machine() -> dict[str, str]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "cpus": str(os.cpu_count()),
+        "cpu": model,
+        "memory": f"{mem / 2**30:.1f} GiB",
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Benchmark ema-cli against the cat floor, a naive numpy peer and (--tf) TensorFlow.",
+    )
+    parser.add_argument(
+        "--params",
+        type=parse_count,
+        default=parse_count("96M"),
+        help="model size, e.g. 96M (default), 25M, 1.5G",
+    )
+    parser.add_argument("--count", type=int, default=10, help="checkpoints (default 10)")
+    parser.add_argument("--dtype", choices=sorted(ST_DTYPES), default="float32")
+    parser.add_argument(
+        "--sharded", action="store_true", help="HF-style sharded checkpoint folders"
+    )
+    parser.add_argument(
+        "--shards", type=int, default=4, help="shards per checkpoint with --sharded"
+    )
+    parser.add_argument(
+        "--align",
+        type=int,
+        default=8,
+        help="start tensor data at a multiple of this many bytes (default 8, as safetensors "
+        "does; 4096 gives page-aligned data)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="runs per tool; medians are shown")
+    parser.add_argument("--decay", type=float, default=0.999)
+    parser.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="cache of synthetic checkpoints"
+    )
+    parser.add_argument("--no-peer", action="store_true", help="skip the naive numpy peer")
+    parser.add_argument("--tf", action="store_true", help="add the TensorFlow replay")
+    parser.add_argument("--tf-python", default=DEFAULT_TF_PYTHON, help="a Python with TensorFlow")
+    parser.add_argument(
+        "--output-name",
+        help="ema-cli's -o, relative to DATA/out (default ema.safetensors; with --sharded a "
+        "sharded folder 'ema' cut like the inputs)",
+    )
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip comparing ema-cli's output with the peers' (bitwise)",
+    )
+    parser.add_argument(
+        "--check-flat",
+        action="store_true",
+        help="ema-cli only, at 1x/2x --params and 1x/2x --count: is peak RSS flat?",
+    )
+    parser.add_argument(
+        "--variant",
+        type=parse_variant,
+        action="append",
+        default=[],
+        metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+        help="also run benchmarks/variants.py with these EMA_BENCH_* settings (repeatable), "
+        "e.g. no-fsync:EMA_BENCH_NO_FSYNC=1",
+    )
+    parser.add_argument("--json", type=Path, help="also write the raw measurements here")
+    args = parser.parse_args(argv)
+    args.data = args.data.resolve()
+
+    info = machine()
+    print(
+        f"# ema-cli benchmark, {info['date']}\n\n{info['cpus']} CPUs ({info['cpu']}), "
+        f"{info['memory']} RAM, Python {info['python']}, numpy {info['numpy']}\n"
+        f"command: {' '.join([Path(sys.executable).name, *sys.argv])}\n"
+    )
+    if args.check_flat:
+        results = check_flat(args)
+    else:
+        data = Dataset(args.data, args.params, args.dtype, args.sharded, args.shards, args.align)
+        results = [benchmark(args, data, args.count, with_peers=True, verify=not args.no_verify)]
+    if args.json:
+        args.json.write_text(
+            json.dumps({"machine": info, "argv": sys.argv, "results": results}, indent=2) + "\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""ema-cli with experimental knobs, for measuring performance proposals side by side.
+
+Runs ``ema-cli`` exactly as the console script does, after patching internals according to
+environment variables (each unset = ema-cli's own behaviour):
+
+- ``EMA_BENCH_WORKERS=N``: replay threads (ema-cli uses 2);
+- ``EMA_BENCH_BLOCK=BYTES``: block size (ema-cli's replay.DEFAULT_BLOCK_BYTES);
+- ``EMA_BENCH_NO_FSYNC=1``: skip the fsync that makes the output durable before the rename;
+- ``EMA_BENCH_PULL=1``: the worker threads pull blocks from a shared list under a lock and
+  report bytes at the end, instead of one Future per block and a FIRST_COMPLETED wait (progress
+  is then not incremental; a real version would pass counts through a queue);
+- ``EMA_BENCH_CONGRUENT=1``: read each block into a buffer whose address is congruent to its
+  file offset modulo 4096, which avoids the slow kernel copy (``rep movsb``) some x86 CPUs take
+  when the destination sits 1-31 bytes after the source (mod 4096).
+
+Use it through run.py (``--variant NAME:VAR=VALUE[,VAR=VALUE]``) or directly:
+
+    EMA_BENCH_NO_FSYNC=1 python benchmarks/variants.py average CKPT... -o OUT --decay D -q
+
+This reaches into private code (``ema_cli.replay._Replayer.run``/``buffer``, ``replay(...,
+workers=)``); it is a measuring aid and exits if those are gone, rather than silently
+measuring something else.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+
+import numpy as np
+
+PAGE = 4096
+_local = threading.local()
+
+
+def _patch_congruent(replay_module) -> None:  # type: ignore[no-untyped-def]
+    """Make each thread's "raw" read buffer page-congruent with the block's file offset.
+
+    The offset is taken from the last checkpoint (benchmark checkpoints share one layout) and
+    only for single-file safetensors readers; anything else keeps ema-cli's own buffer.
+    """
+    replayer = replay_module._Replayer
+    original_run, original_buffer = replayer.run, replayer.buffer
+
+    def run(self, block):  # type: ignore[no-untyped-def]
+        _local.block = block
+        return original_run(self, block)
+
+    def buffer(self, role, dtype, size):  # type: ignore[no-untyped-def]
+        reader = self.readers[-1]
+        block = getattr(_local, "block", None)
+        if role != "raw" or block is None or not hasattr(reader, "_spans"):
+            return original_buffer(self, role, dtype, size)
+        dtype = np.dtype(dtype)
+        offset = reader.data_start + reader._spans[block.job.name][0] + block.start * dtype.itemsize
+        nbytes = size * dtype.itemsize
+        backings = _local.__dict__.setdefault("backings", {})
+        backing = backings.get(role)
+        if backing is None or backing.size < nbytes + PAGE:
+            backing = backings[role] = np.empty(nbytes + PAGE, np.uint8)
+        shift = (offset - backing.ctypes.data) % PAGE
+        return backing[shift : shift + nbytes].view(dtype)
+
+    replayer.run, replayer.buffer = run, buffer
+
+
+def _pull_replay(replay_module, original):  # type: ignore[no-untyped-def]
+    """``replay.replay`` whose worker threads pull blocks from a shared list under a lock.
+
+    The blocks (and the replayer) are collected by running ema-cli's own single-worker path with
+    ``_Replayer.run`` stubbed out, so the blocks and the arithmetic are exactly ema-cli's.
+    """
+    replayer_class = replay_module._Replayer
+
+    def replay(*args, workers=2, **kwargs):  # type: ignore[no-untyped-def]
+        original_run = replayer_class.run
+        blocks, replayers = [], []
+
+        def collect(self, block):  # type: ignore[no-untyped-def]
+            replayers[:] = [self]
+            blocks.append(block)
+            return 0
+
+        replayer_class.run = collect
+        try:
+            for _ in original(*args, **{**kwargs, "workers": 1}):
+                pass
+        finally:
+            replayer_class.run = original_run
+        if not blocks:
+            yield 0
+            return
+        replayer, todo, lock = replayers[0], iter(blocks), threading.Lock()
+        done, errors = [0], []
+
+        def work() -> None:
+            try:
+                while not errors:
+                    with lock:
+                        block = next(todo, None)
+                    if block is None:
+                        return
+                    n = replayer.run(block)
+                    with lock:
+                        done[0] += n
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=work) for _ in range(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        yield done[0]
+
+    return replay
+
+
+def main() -> None:
+    env = os.environ
+    if env.get("EMA_BENCH_NO_FSYNC"):
+        os.fsync = lambda fd: None  # only the outputs' durability steps call it
+    from ema_cli import replay
+
+    for name in ("run", "buffer", "readers"):
+        if not hasattr(replay._Replayer, name) and name not in replay._Replayer.__annotations__:
+            sys.exit(f"variants.py: ema_cli.replay._Replayer has no {name}; update variants.py")
+    if env.get("EMA_BENCH_CONGRUENT"):
+        _patch_congruent(replay)
+    original = replay.replay
+    options = {}
+    if "EMA_BENCH_WORKERS" in env:
+        options["workers"] = int(env["EMA_BENCH_WORKERS"])
+    if "EMA_BENCH_BLOCK" in env:
+        options["block_bytes"] = int(env["EMA_BENCH_BLOCK"])
+    if env.get("EMA_BENCH_PULL") or options:
+        chosen = _pull_replay(replay, original) if env.get("EMA_BENCH_PULL") else original
+        calls = []
+
+        def patched(*args, **kwargs):  # type: ignore[no-untyped-def]
+            calls.append(1)
+            return chosen(*args, **{**kwargs, **options})
+
+        # Patch the module before the CLI imports ``replay`` by name, and any module that did.
+        replay.replay = patched
+        import ema_cli.cli  # noqa: F401 - imports whatever runs the replay
+
+        for module in list(sys.modules.values()):
+            if (module.__name__ or "").startswith("ema_cli") and getattr(
+                module, "replay", None
+            ) is original:
+                module.replay = patched
+
+        def check() -> None:
+            if not calls:
+                sys.stderr.write("variants.py: the patched replay() was never called\n")
+                sys.stderr.flush()
+                os._exit(3)
+
+        atexit.register(check)
+    import ema_cli.cli as cli
+
+    sys.argv[0] = "ema-cli"
+    cli.main()
+
+
+if __name__ == "__main__":
+    main()
