@@ -185,7 +185,10 @@ def _print_json(record: dict[str, Any]) -> None:
     click.echo(json.dumps(record, indent=2, sort_keys=True))
 
 
-@cli.command(context_settings={"max_content_width": 100})
+@cli.command(
+    context_settings={"max_content_width": 100},
+    short_help="Average checkpoints with TensorFlow's EMA arithmetic.",
+)
 @click.argument("checkpoints", nargs=-1, required=True, metavar="CHECKPOINT...")
 @click.option(
     "-o",
@@ -203,6 +206,7 @@ def _print_json(record: dict[str, Any]) -> None:
 @click.option(
     "--num-updates",
     type=NumUpdatesType(),
+    metavar="N|step|index",
     default=None,
     help="TF's num_updates: a fixed count N, each checkpoint's 'step' number, or its 0-based 'index' in the replay. The decay used is min(decay, (1+n)/(10+n)).  [default: off]",
 )
@@ -394,7 +398,7 @@ def average(
       ema-cli average run/ckpt-*.safetensors -o ema.safetensors --decay 0.9999 --num-updates step
       ls run/*.safetensors | ema-cli average - -o ema.safetensors --decay 0.99 --json
       ema-cli average run/checkpoint-* -o run-ema --decay 0.999 --max-shard-size 2GB
-      ema-cli average 'run/ckpt-*.safetensors' -o ema.safetensors --decay 0.999 --state .ema-state
+      ema-cli average run/ckpt-*.safetensors -o ema.safetensors --decay 0.999 --state .ema-state
 
     Exit status: 0 done (or up to date), 2 bad input or options (one line on stderr, nothing
     written), 75 another run holds the lock (retry later), 1 a bug.
@@ -465,7 +469,10 @@ def average(
     click.echo(f"wrote mapping {result.mapping_path}", err=True)
 
 
-@cli.command(context_settings={"max_content_width": 100})
+@cli.command(
+    context_settings={"max_content_width": 100},
+    short_help="Show checkpoints' tensors, dtypes, shapes and sizes.",
+)
 @click.argument("checkpoints", nargs=-1, required=True, metavar="CHECKPOINT...")
 @click.option(
     "--json",

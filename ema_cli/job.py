@@ -206,8 +206,10 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
     settings = request.settings
     output = request.output
     mapping_path = request.mapping or default_mapping_path(output)
+    # Existence first: "no such file" says more than "no step number" about a mistyped path.
+    resolved = {given: find_checkpoint(Path(given)) for given in request.checkpoints}
     ordered = order_checkpoints(request.checkpoints, settings, request.selection)
-    files = [find_checkpoint(Path(c.path)) for c in ordered]
+    files = [resolved[c.path] for c in ordered]
     _check_targets(request, mapping_path, ordered, files)
 
     with contextlib.ExitStack() as stack:

@@ -735,3 +735,19 @@ def test_fsync_only_when_asked_or_with_state(
         out = tmp_path / f"o{i}.safetensors"
         assert average(*sequence, "-o", out, "--decay", "0.9", "-q", *options).exit_code == 0
         assert bool(calls) is flushed, options
+
+
+def test_a_missing_file_is_reported_before_its_missing_step(tmp_path: Path) -> None:
+    missing = tmp_path / "final.safetensors"
+    assert_fails(
+        average(missing, "-o", tmp_path / "o.safetensors", "--decay", "0.9"),
+        f"{missing}: no such file",
+    )
+    folder = tmp_path / "run"
+    for step in (1, 2):
+        write_checkpoint(folder / f"ckpt-{step}.safetensors", {"w": np.ones(1, np.float32)})
+    assert_fails(
+        average(folder, "-o", tmp_path / "o.safetensors", "--decay", "0.9"),
+        "holds 2 checkpoint files",
+        f"all of them with {folder}/*.safetensors",
+    )

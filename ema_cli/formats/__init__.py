@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -96,9 +97,12 @@ def find_checkpoint(path: Path) -> Path:
         if not found:
             patterns = ", ".join(f"*{s}" for s in _FORMATS)
             raise CheckpointError(path, f"folder holds no checkpoint file ({patterns})")
-        names = ", ".join(p.name for p in found[:4])
+        names = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
+        every = os.path.join(path, "*" + _suffix(found[0]))
         raise CheckpointError(
-            path, f"folder holds {len(found)} checkpoint files ({names}); name the file to use"
+            path,
+            f"folder holds {len(found)} checkpoint files ({names}); name one, or all of them "
+            f"with {every}",
         )
     if not path.exists():
         raise CheckpointError(path, "no such file or directory")
