@@ -333,3 +333,12 @@ def test_sigkill_at_any_moment_leaves_previous_outputs_and_state_usable(tmp_path
         for p in tmp_path.iterdir()
         if p.name.startswith(".o.safetensors.") and p.name.endswith(".tmp") and False
     ]
+
+
+def test_state_must_be_a_folder(tmp_path: Path) -> None:
+    paths = make(tmp_path / "run")
+    (tmp_path / "state").write_text("not a folder")
+    code, _, err = average(
+        *paths, "-o", tmp_path / "o.safetensors", "--decay", "0.9", "--state", tmp_path / "state"
+    )
+    assert code == 2 and "is a file" in err and "--state" in err
