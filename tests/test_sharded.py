@@ -60,7 +60,7 @@ def make_folder(
     for i, tensors in enumerate(shards, 1):
         name = shard_name(i, len(shards))
         safetensors.numpy.save_file(
-            {k: np.ascontiguousarray(v) for k, v in tensors.items()},
+            {k: np.asarray(v, order="C") for k, v in tensors.items()},
             str(folder / name),
             metadata=dict(metadata or META),
         )
