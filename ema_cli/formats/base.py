@@ -107,6 +107,18 @@ class CheckpointReader(ABC):
         With ``out`` (1-D, the tensor's dtype, ``stop - start`` elements) the data lands there.
         """
 
+    def _block(
+        self, name: str, start: int, stop: int | None, out: npt.NDArray[np.generic] | None
+    ) -> tuple[TensorInfo, int, npt.NDArray[np.generic]]:
+        """A ``read``'s prologue: the tensor, ``stop`` (default: its end) checked against its
+        size, and ``out`` (allocated when not given)."""
+        info = self.tensors[name]
+        stop = info.size if stop is None else stop
+        check_range(info, start, stop)
+        if out is None:
+            out = np.empty(stop - start, dtype=info.dtype)
+        return info, stop, out
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles."""
 

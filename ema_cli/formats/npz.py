@@ -295,11 +295,7 @@ class NpzReader(CheckpointReader):
         stop: int | None = None,
         out: npt.NDArray[np.generic] | None = None,
     ) -> npt.NDArray[np.generic]:
-        info = self._tensors[name]
-        stop = info.size if stop is None else stop
-        check_range(info, start, stop)
-        if out is None:
-            out = np.empty(stop - start, dtype=info.dtype)
+        info, stop, out = self._block(name, start, stop, out)
         if stop == start:
             return out
         member = self._members[name]
