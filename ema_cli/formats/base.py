@@ -63,6 +63,13 @@ def read_exact(fd: int, view: memoryview, offset: int) -> int:
     return done
 
 
+def write_exact(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of ``data`` at file offset ``offset`` (positioned writes may be partial)."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
 class CheckpointReader(ABC):
     """One checkpoint, opened for reading. Use as a context manager."""
 

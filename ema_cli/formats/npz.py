@@ -47,6 +47,7 @@ from ema_cli.formats.base import (
     publish,
     read_exact,
     temporary_sibling,
+    write_exact,
 )
 
 SUFFIXES = (".npz",)
@@ -441,10 +442,8 @@ class NpzWriter(CheckpointWriter):
         check_range(info, start, start + values.size)
         data = np.ascontiguousarray(values).view(np.uint8).data
         offset = self._offsets[name] + start * info.dtype.itemsize
-        done = 0
         try:
-            while done < len(data):
-                done += os.pwrite(self._staging.fileno(), data[done:], offset + done)
+            write_exact(self._staging.fileno(), data, offset)
         except OSError as e:
             raise OutputError(self.path, e) from None
         with self._lock:

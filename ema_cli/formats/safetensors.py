@@ -32,6 +32,7 @@ from ema_cli.formats.base import (
     publish,
     read_exact,
     temporary_sibling,
+    write_exact,
 )
 
 SUFFIXES = (".safetensors",)
@@ -302,10 +303,8 @@ class SafetensorsWriter(CheckpointWriter):
         data = np.ascontiguousarray(values).view(np.uint8).data
         offset = self._offsets[name] + start * info.dtype.itemsize
         fd = self._file.fileno()
-        done = 0
         try:
-            while done < len(data):
-                done += os.pwrite(fd, data[done:], offset + done)
+            write_exact(fd, data, offset)
         except OSError as e:
             raise OutputError(self.path, e) from None
         with self._lock:

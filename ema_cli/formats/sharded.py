@@ -38,7 +38,7 @@ import numpy.typing as npt
 
 from ema_cli.checkpoint import CHECKPOINT_SUFFIXES, TensorInfo
 from ema_cli.errors import CheckpointError, OptionError, OutputError
-from ema_cli.formats.base import CheckpointReader, CheckpointWriter, check_range
+from ema_cli.formats.base import CheckpointReader, CheckpointWriter, check_range, write_exact
 from ema_cli.formats.safetensors import SafetensorsReader, build_header
 
 #: The index that makes a folder one sharded checkpoint.
@@ -506,9 +506,7 @@ class ShardedWriter(CheckpointWriter):
         offset = base + start * info.dtype.itemsize
         try:
             with self._handles.use(number) as fd:
-                done = 0
-                while done < len(data):
-                    done += os.pwrite(fd, data[done:], offset + done)
+                write_exact(fd, data, offset)
         except OSError as e:  # typically a full disk
             raise OutputError(self.path, e) from None
         with self._lock:
