@@ -25,6 +25,8 @@ from ema_cli.plan import ReplayPlan, TensorJob
 
 Array = npt.NDArray[np.generic]
 
+_PAGE = 4096
+
 #: Bytes of one tensor block (per buffer). Small enough to stay in cache, large enough that
 #: per-block Python overhead is negligible.
 DEFAULT_BLOCK_BYTES = 1 << 20
@@ -100,6 +102,23 @@ class _Replayer:
             array = buffers[key] = np.empty(size, dtype=dtype)
         return array[:size]
 
+    def read_buffer(self, reader: CheckpointReader, job: TensorJob, start: int, size: int) -> Array:
+        """A per-thread buffer for reading ``size`` elements of ``job`` from ``reader``, placed
+        at the same offset within a 4 KiB page as the data in the file: x86 kernels copy much
+        more slowly (up to 6x, measured here) into a destination 1-31 bytes past the source's
+        page offset, which numpy's own buffers (16 bytes into a page) hit for page-aligned data.
+        """
+        dtype = job.info.dtype
+        nbytes = size * dtype.itemsize
+        backing: npt.NDArray[np.uint8] | None = self._local.__dict__.get("read_backing")
+        if backing is None or backing.size < nbytes + _PAGE:
+            backing = self._local.read_backing = np.empty(nbytes + _PAGE, dtype=np.uint8)
+        offset = reader.file_offset(job.name, start)
+        shift = 0 if offset is None else (offset - backing.ctypes.data) % _PAGE
+        if (backing.ctypes.data + shift) % dtype.itemsize:
+            shift = (-backing.ctypes.data) % _PAGE  # keep numpy's alignment over the page trick
+        return backing[shift : shift + nbytes].view(dtype)
+
     def run(self, block: _Block) -> int:
         """Replay one block through all checkpoints and write it to every output; returns the
         bytes read. The calling thread must be in ``engine.tf_arithmetic()``."""
@@ -118,27 +137,31 @@ class _Replayer:
 
     def _copy(self, block: _Block) -> int:
         job, start, stop = block.job, block.start, block.stop
-        raw = self.buffer("raw", job.info.dtype, stop - start)
         for index, writer in self.outputs.snapshots.items():
-            self.readers[index].read(job.name, start, stop, out=raw)
+            reader = self.readers[index]
+            raw = self.read_buffer(reader, job, start, stop - start)
+            reader.read(job.name, start, stop, out=raw)
             writer.write(job.output_name, start, raw)
-        return raw.nbytes * len(self.outputs.snapshots)
+        return job.info.dtype.itemsize * (stop - start) * len(self.outputs.snapshots)
 
     def _average(self, block: _Block) -> int:
         job, start, stop = block.job, block.start, block.stop
         info, size = job.info, stop - start
         settings = self.plan.settings
         work_dtype = self.work_dtype(info.dtype)
-        raw = self.buffer("raw", info.dtype, size)
-        x = raw if work_dtype == info.dtype else self.buffer("x", work_dtype, size)
+        same_dtype = work_dtype == info.dtype
+        x = None if same_dtype else self.buffer("x", work_dtype, size)
         scratch = self.buffer("scratch", work_dtype, size)
         state = self._initial_state(job, start, stop, work_dtype)
         snapshots = self.outputs.snapshots
         for i, (reader, c) in enumerate(
             zip(self.readers, self.coefficients(work_dtype), strict=True)
         ):
-            reader.read(job.name, start, stop, out=raw)
-            if x is not raw:
+            raw = reader.read(job.name, start, stop, out=self.read_buffer(reader, job, start, size))
+            if same_dtype:
+                x = raw
+            else:
+                assert x is not None
                 np.copyto(x, raw, casting="safe")
             if state is None:
                 state = engine.init_state(
@@ -152,15 +175,16 @@ class _Replayer:
             if writer is not None:
                 result = engine.average(state)
                 if result.dtype != info.dtype:
-                    result = self.buffer("out", info.dtype, size)
-                    np.copyto(result, engine.average(state), casting="unsafe")  # round once (RNE)
+                    rounded = self.buffer("out", info.dtype, size)
+                    np.copyto(rounded, result, casting="unsafe")  # round once, to nearest even
+                    result = rounded
                 writer.write(job.output_name, start, result)
         if self.outputs.state is not None and state is not None:
             shadow_name, step_name = state_tensor_names(job.name)
             self.outputs.state.write(shadow_name, start, state.value)
             if state.local_step is not None and start == 0:
                 self.outputs.state.write(step_name, 0, state.local_step.reshape(1))
-        return raw.nbytes * len(self.readers)
+        return info.dtype.itemsize * size * len(self.readers)
 
     def _initial_state(
         self, job: TensorJob, start: int, stop: int, dtype: np.dtype[np.generic]

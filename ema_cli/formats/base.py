@@ -126,6 +126,12 @@ class CheckpointReader(ABC):
             out = np.empty(stop - start, dtype=info.dtype)
         return info, stop, out
 
+    def file_offset(self, name: str, start: int) -> int | None:
+        """Where element ``start`` of ``name`` lies in its file, for formats that store it
+        contiguously there (None otherwise). The replay uses it to place read buffers at the
+        same offset within a 4 KiB page, which keeps the kernel's copy on its fast path."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles."""
 

@@ -201,6 +201,10 @@ class SafetensorsReader(CheckpointReader):
             )
         return out
 
+    def file_offset(self, name: str, start: int) -> int | None:
+        offset, itemsize, _, _ = self._layout[name]
+        return int(offset + start * itemsize)
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)

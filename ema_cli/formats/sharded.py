@@ -229,6 +229,7 @@ class ShardedReader(CheckpointReader):
         tensors: dict[str, TensorInfo] = {}
         self._shard_of: dict[str, str] = {}
         self._unindexed: dict[str, str] = {}
+        self._offsets: dict[str, int | None] = {}
         self._metadata: dict[str, str] = {}
         for position, shard in enumerate(sorted(by_shard)):
             shard_path = path / shard
@@ -242,6 +243,7 @@ class ShardedReader(CheckpointReader):
                 )
             with SafetensorsReader(shard_path) as reader:
                 header = dict(reader.tensors)
+                offsets = {n: reader.file_offset(n, 0) for n in header}
                 if position == 0:
                     self._metadata = dict(reader.metadata)
             wanted = set(listed) if weight_map is not None else set(header)
@@ -254,6 +256,7 @@ class ShardedReader(CheckpointReader):
                 if name in wanted:
                     tensors[name] = info
                     self._shard_of[name] = shard
+                    self._offsets[name] = offsets[name]
                 elif name not in indexed:  # indexed elsewhere: a stale copy, not an extra
                     self._unindexed[name] = shard
         self._tensors = tensors
@@ -310,6 +313,10 @@ class ShardedReader(CheckpointReader):
         shard = self._shard_of[name]
         with self._shards.use(shard) as reader:
             return reader.read(name, start, stop, out)
+
+    def file_offset(self, name: str, start: int) -> int | None:
+        offset = self._offsets[name]
+        return None if offset is None else offset + start * self._tensors[name].dtype.itemsize
 
     def close(self) -> None:
         self._closed = True
