@@ -200,6 +200,11 @@ def _resume_point(
     return len(saved.checkpoints)
 
 
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
 def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Result:
     """Do the run; raise ``EmaCliError`` for anything the user can fix, before writing anything."""
     _check_options(request)
@@ -326,7 +331,10 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
         state_writer = None
         shadows_name = state.new_shadows_name()
         if request.state is not None:
-            request.state.mkdir(exist_ok=True)
+            if not request.state.exists():
+                request.state.mkdir()
+                # A run that fails leaves nothing behind, not even the folder it made.
+                stack.callback(_remove_if_empty, request.state)
             state_writer = stack.enter_context(
                 SafetensorsWriter(
                     request.state / shadows_name, state_tensors(plan), {"format": "ema-cli-state"}

@@ -342,3 +342,34 @@ def test_state_must_be_a_folder(tmp_path: Path) -> None:
         *paths, "-o", tmp_path / "o.safetensors", "--decay", "0.9", "--state", tmp_path / "state"
     )
     assert code == 2 and "is a file" in err and "--state" in err
+
+
+def test_a_failed_first_state_run_leaves_no_state_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ema_cli.formats import safetensors as st
+
+    paths = make(tmp_path / "run")
+    real_read = st.SafetensorsReader.read
+
+    def failing(self, name, start=0, stop=None, out=None):  # type: ignore[no-untyped-def]
+        if self.path == paths[2] and name == "w":
+            raise st.TruncatedCheckpointError(
+                self.path, "truncated: the file ended while reading this tensor", tensor=name
+            )
+        return real_read(self, name, start, stop, out)
+
+    monkeypatch.setattr(st.SafetensorsReader, "read", failing)
+    code, _, err = average(
+        *paths,
+        "-o",
+        tmp_path / "o.safetensors",
+        "--decay",
+        "0.9",
+        "--state",
+        tmp_path / "state",
+        "--settle",
+        "0",
+    )
+    assert code == 2 and "truncated" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
