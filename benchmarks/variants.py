@@ -5,13 +5,11 @@ environment variables (each unset = ema-cli's own behaviour):
 
 - ``EMA_BENCH_WORKERS=N``: replay threads (ema-cli uses 2);
 - ``EMA_BENCH_BLOCK=BYTES``: block size (ema-cli's replay.DEFAULT_BLOCK_BYTES);
-- ``EMA_BENCH_NO_FSYNC=1``: skip the fsync that makes the output durable before the rename;
+- ``EMA_BENCH_NO_FSYNC=1``: skip the fsync that makes the output durable before the rename
+  (ema-cli now fsyncs only with ``--fsync`` or ``--state``, so this matters only for those);
 - ``EMA_BENCH_PULL=1``: the worker threads pull blocks from a shared list under a lock and
   report bytes at the end, instead of one Future per block and a FIRST_COMPLETED wait (progress
   is then not incremental; a real version would pass counts through a queue);
-- ``EMA_BENCH_CONGRUENT=1``: read each block into a buffer whose address is congruent to its
-  file offset modulo 4096, which avoids the slow kernel copy (``rep movsb``) some x86 CPUs take
-  when the destination sits 1-31 bytes after the source (mod 4096).
 
 Use it through run.py (``--variant NAME:VAR=VALUE[,VAR=VALUE]``) or directly:
 
@@ -28,42 +26,6 @@ import atexit
 import os
 import sys
 import threading
-
-import numpy as np
-
-PAGE = 4096
-_local = threading.local()
-
-
-def _patch_congruent(replay_module) -> None:  # type: ignore[no-untyped-def]
-    """Make each thread's "raw" read buffer page-congruent with the block's file offset.
-
-    The offset is taken from the last checkpoint (benchmark checkpoints share one layout) and
-    only for single-file safetensors readers; anything else keeps ema-cli's own buffer.
-    """
-    replayer = replay_module._Replayer
-    original_run, original_buffer = replayer.run, replayer.buffer
-
-    def run(self, block):  # type: ignore[no-untyped-def]
-        _local.block = block
-        return original_run(self, block)
-
-    def buffer(self, role, dtype, size):  # type: ignore[no-untyped-def]
-        reader = self.readers[-1]
-        block = getattr(_local, "block", None)
-        if role != "raw" or block is None or not hasattr(reader, "_spans"):
-            return original_buffer(self, role, dtype, size)
-        dtype = np.dtype(dtype)
-        offset = reader.data_start + reader._spans[block.job.name][0] + block.start * dtype.itemsize
-        nbytes = size * dtype.itemsize
-        backings = _local.__dict__.setdefault("backings", {})
-        backing = backings.get(role)
-        if backing is None or backing.size < nbytes + PAGE:
-            backing = backings[role] = np.empty(nbytes + PAGE, np.uint8)
-        shift = (offset - backing.ctypes.data) % PAGE
-        return backing[shift : shift + nbytes].view(dtype)
-
-    replayer.run, replayer.buffer = run, buffer
 
 
 def _pull_replay(replay_module, original):  # type: ignore[no-untyped-def]
@@ -129,8 +91,6 @@ def main() -> None:
     for name in ("run", "buffer", "readers"):
         if not hasattr(replay._Replayer, name) and name not in replay._Replayer.__annotations__:
             sys.exit(f"variants.py: ema_cli.replay._Replayer has no {name}; update variants.py")
-    if env.get("EMA_BENCH_CONGRUENT"):
-        _patch_congruent(replay)
     original = replay.replay
     options = {}
     if "EMA_BENCH_WORKERS" in env:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -48,3 +50,14 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.size * self.dtype.itemsize
+
+
+def file_stats(path: Path) -> tuple[int, int]:
+    """A checkpoint's size in bytes and modification time (ns); for a folder checkpoint, the
+    total of its files and the newest of them."""
+    if not path.is_dir():
+        st = path.stat()
+        return st.st_size, st.st_mtime_ns
+    stats = [p.stat() for p in path.iterdir() if p.is_file()]
+    mtime = max((s.st_mtime_ns for s in stats), default=os.stat(path).st_mtime_ns)
+    return sum(s.st_size for s in stats), mtime

@@ -9,7 +9,6 @@ only what was asked for (``--json``).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -181,8 +180,8 @@ def _warn(quiet: bool) -> Any:
     return warn
 
 
-def _print_json(record: dict[str, Any]) -> None:
-    click.echo(json.dumps(record, indent=2, sort_keys=True))
+def _print_json(record: Any) -> None:
+    click.echo(report.to_json(record), nl=False)
 
 
 @cli.command(
@@ -495,7 +494,7 @@ def inspect(checkpoints: tuple[str, ...], as_json: bool) -> None:
         with open_checkpoint(file) as reader:
             records.append(report.describe_checkpoint(given, reader, step_from_name(given)))
     if as_json:
-        click.echo(json.dumps(records, indent=2, sort_keys=True))
+        _print_json(records)
     else:
         report.print_inspection(records)
 

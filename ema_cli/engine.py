@@ -32,7 +32,6 @@ import numpy.typing as npt
 
 DEFAULT_EMA_NAME = "ExponentialMovingAverage"
 Precision = Literal["auto", "native"]
-PRECISIONS: tuple[Precision, ...] = ("auto", "native")
 
 #: The dtypes TensorFlow's EMA accepts ("half, float, or double", plus bfloat16), by numpy name.
 #: bfloat16 arrays come from ml_dtypes; matching by name keeps this module numpy-only.
@@ -64,12 +63,6 @@ def shadow_name(tensor_name: str, ema_name: str = DEFAULT_EMA_NAME) -> str:
     """TF's ``average_name``: ``dense/kernel:0`` -> ``dense/kernel/ExponentialMovingAverage``."""
     base = tensor_name[: -len(":0")] if tensor_name.endswith(":0") else tensor_name
     return f"{base}/{ema_name}"
-
-
-def debias_state_names(tensor_name: str, ema_name: str = DEFAULT_EMA_NAME) -> tuple[str, str]:
-    """Names TF gives the zero-debias state: ``<shadow>/biased`` and ``<shadow>/local_step``."""
-    shadow = shadow_name(tensor_name, ema_name)
-    return f"{shadow}/biased", f"{shadow}/local_step"
 
 
 def effective_decay(decay: float, num_updates: int | None = None) -> np.float32:

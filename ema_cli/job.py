@@ -9,7 +9,6 @@ its state simply redoes the same work next time and writes the same bytes.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ema_cli import lock, report, state
+from ema_cli.checkpoint import file_stats
 from ema_cli.errors import OptionError, TruncatedCheckpointError
 from ema_cli.formats import (
     CheckpointReader,
@@ -75,7 +75,6 @@ class Result:
     mapping_path: Path
     plan: ReplayPlan | None = None
     folded: int = 0
-    warnings: list[str] = field(default_factory=list)
 
 
 def default_mapping_path(output: Path) -> Path:
@@ -161,15 +160,7 @@ def _check_targets(
 
 
 def _still_settling(file: Path, settle: float) -> bool:
-    if settle <= 0:
-        return False
-    newest = max(
-        (p.stat().st_mtime for p in file.iterdir() if p.is_file())
-        if file.is_dir()
-        else [file.stat().st_mtime],
-        default=0.0,
-    )
-    return time.time() - newest < settle
+    return settle > 0 and time.time() - file_stats(file)[1] / 1e9 < settle
 
 
 def _resume_point(
@@ -236,13 +227,12 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
             saved.check_settings(settings)
         folded = _resume_point(saved, ordered, files) if saved is not None else 0
 
-        warnings: list[str] = []
         readers: list[CheckpointReader] = []
         new = list(range(folded, len(ordered)))
         for i in new:
             newest = i == len(ordered) - 1
             if request.state is not None and newest and _still_settling(files[i], request.settle):
-                warnings.append(
+                warn(
                     f"skipping {ordered[i].path}: modified less than {request.settle:g}s ago, it "
                     "may still be being written (next run picks it up; --settle 0 turns this off)"
                 )
@@ -252,15 +242,13 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
             except TruncatedCheckpointError as e:
                 if request.state is None or not newest:
                     raise
-                warnings.append(f"skipping {e}; the next run picks it up once it is complete")
-        for message in warnings:
-            warn(message)
+                warn(f"skipping {e}; the next run picks it up once it is complete")
         fresh = ordered[folded : folded + len(readers)]
         history = [*ordered[:folded], *fresh]
 
         if not readers:
             record = {"status": "up to date", "checkpoints": [c.path for c in history]}
-            return Result("up to date", record, mapping_path, None, folded, warnings)
+            return Result("up to date", record, mapping_path, None, folded)
 
         plan = build_plan(
             fresh,
@@ -286,7 +274,7 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
             report.checkpoint_record(
                 c,
                 w,
-                report.disk_size(files[i]),
+                file_stats(files[i])[0],
                 report.sha256(files[i]) if request.hash and not request.dry_run else None,
             )
             for i, (c, w) in enumerate(zip(history, weights, strict=True))
@@ -308,7 +296,7 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
         ]
         if request.dry_run:
             record = report.summary(plan, records, output, outputs=outputs, extra=extra)
-            return Result("dry run", record, mapping_path, plan, folded, warnings)
+            return Result("dry run", record, mapping_path, plan, folded)
 
         writers: dict[int, CheckpointWriter] = {}
         for i, path in sorted(snapshot_at.items()):
@@ -350,13 +338,13 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
             writers[i].commit(request.durable)
         for entry in outputs:
             path = Path(entry["path"])
-            entry["size"] = report.disk_size(path)
+            entry["size"] = file_stats(path)[0]
             if request.hash:
                 entry["sha256"] = report.sha256(path)
         record = report.summary(plan, records, output, outputs=outputs, extra=extra)
         write_file_atomically(
             mapping_path,
-            (json.dumps(record, indent=2, sort_keys=True) + "\n").encode(),
+            report.to_json(record).encode(),
             request.durable,
         )
         if state_writer is not None and request.state is not None:
@@ -370,4 +358,4 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
                 shadows_name,
                 request.durable,
             )
-        return Result("written", record, mapping_path, plan, folded, warnings)
+        return Result("written", record, mapping_path, plan, folded)

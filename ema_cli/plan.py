@@ -26,15 +26,13 @@ NamesMode = Literal["original", "shadow"]
 _DIGITS = re.compile(r"\d+")
 
 
-def step_from_name(name: str, strip_suffix: bool = True) -> int | None:
+def step_from_name(name: str) -> int | None:
     """The last run of digits in a checkpoint's file or folder name, after its format suffix.
 
     ``ckpt-1200.safetensors`` -> 1200, ``ckpt-8.weights.h5`` -> 8, ``checkpoint-500/`` -> 500,
     ``run3_step0042.npz`` -> 42, ``model.safetensors`` -> None.
     """
-    base = name.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
-    if strip_suffix:
-        base = strip_format_suffix(base)
+    base = strip_format_suffix(name.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1])
     runs = _DIGITS.findall(base)
     return int(runs[-1]) if runs else None
 

@@ -79,16 +79,22 @@ class _Replayer:
     readers: Sequence[CheckpointReader]
     outputs: Outputs
     resume: CheckpointReader | None
-    _coefficients: dict[np.dtype[np.generic], list[np.generic]] = field(default_factory=dict)
+    _arithmetic: dict[np.dtype[np.generic], tuple[np.dtype[np.generic], list[np.generic]]] = field(
+        default_factory=dict
+    )
     _local: threading.local = field(default_factory=threading.local)
 
-    def coefficients(self, dtype: np.dtype[np.generic]) -> list[np.generic]:
-        """Each checkpoint's ``c`` in ``dtype``, computed once per dtype."""
-        if dtype not in self._coefficients:
-            self._coefficients[dtype] = [
-                engine.coefficient(c.decay, dtype) for c in self.plan.checkpoints
-            ]
-        return self._coefficients[dtype]
+    def arithmetic(
+        self, dtype: np.dtype[np.generic]
+    ) -> tuple[np.dtype[np.generic], list[np.generic]]:
+        """The dtype a tensor of ``dtype`` is averaged in, and each checkpoint's ``c`` in it;
+        worked out once per dtype (two threads may both do it first: same result)."""
+        cached = self._arithmetic.get(dtype)
+        if cached is None:
+            work = engine.compute_dtype(dtype, self.plan.settings.precision)
+            cs = [engine.coefficient(c.decay, work) for c in self.plan.checkpoints]
+            cached = self._arithmetic[dtype] = (work, cs)
+        return cached
 
     def buffer(self, role: str, dtype: np.dtype[np.generic], size: int) -> Array:
         """A per-thread scratch array, reused across blocks: fresh megabyte allocations would
@@ -126,15 +132,6 @@ class _Replayer:
             return self._average(block)
         return self._copy(block)
 
-    def work_dtype(self, dtype: np.dtype[np.generic]) -> np.dtype[np.generic]:
-        cache: dict[np.dtype[np.generic], np.dtype[np.generic]] = self._local.__dict__.setdefault(
-            "work_dtypes", {}
-        )
-        work = cache.get(dtype)
-        if work is None:
-            work = cache[dtype] = engine.compute_dtype(dtype, self.plan.settings.precision)
-        return work
-
     def _copy(self, block: _Block) -> int:
         job, start, stop = block.job, block.start, block.stop
         for index, writer in self.outputs.snapshots.items():
@@ -148,15 +145,13 @@ class _Replayer:
         job, start, stop = block.job, block.start, block.stop
         info, size = job.info, stop - start
         settings = self.plan.settings
-        work_dtype = self.work_dtype(info.dtype)
+        work_dtype, coefficients = self.arithmetic(info.dtype)
         same_dtype = work_dtype == info.dtype
         x = None if same_dtype else self.buffer("x", work_dtype, size)
         scratch = self.buffer("scratch", work_dtype, size)
         state = self._initial_state(job, start, stop, work_dtype)
         snapshots = self.outputs.snapshots
-        for i, (reader, c) in enumerate(
-            zip(self.readers, self.coefficients(work_dtype), strict=True)
-        ):
+        for i, (reader, c) in enumerate(zip(self.readers, coefficients, strict=True)):
             raw = reader.read(job.name, start, stop, out=self.read_buffer(reader, job, start, size))
             if same_dtype:
                 x = raw

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,17 @@ from typing import Any
 import numpy as np
 
 from ema_cli import __version__, engine
+from ema_cli.checkpoint import file_stats
 from ema_cli.formats.base import CheckpointReader
 from ema_cli.plan import Checkpoint, ReplayPlan, Settings
 
 TOOL = f"ema-cli {__version__}"
+
+
+def to_json(value: Any) -> str:
+    """How every JSON ema-cli writes is laid out: sorted keys (the same run, the same bytes),
+    indented, ending in a newline."""
+    return json.dumps(value, indent=2, sort_keys=True) + "\n"
 
 
 def human_size(n: float) -> str:
@@ -26,13 +34,6 @@ def human_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     raise AssertionError("unreachable")
-
-
-def disk_size(path: Path) -> int:
-    """Bytes of a file, or of the files of a folder checkpoint."""
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
-    return path.stat().st_size
 
 
 def sha256(path: Path) -> str | dict[str, str]:
@@ -174,7 +175,7 @@ def describe_checkpoint(given: str, reader: CheckpointReader, step: int | None) 
         "format": reader.format_name,
         "metadata": dict(reader.metadata),
         "path": given,
-        "size": disk_size(reader.path),
+        "size": file_stats(reader.path)[0],
         "step": step,
         "tensor_count": len(tensors),
         "tensors": tensors,

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ema_cli import __version__
+from ema_cli import __version__, report
+from ema_cli.checkpoint import file_stats
 from ema_cli.errors import CheckpointError, EmaCliError
 from ema_cli.formats.base import write_file_atomically
 from ema_cli.plan import Checkpoint, ReplayPlan, Settings
@@ -54,14 +55,7 @@ class Fingerprint:
 
     @classmethod
     def of(cls, given: str, file: Path) -> Fingerprint:
-        """A file's size and mtime; for a folder checkpoint, the sum and the newest of its files."""
-        if file.is_dir():
-            stats = [p.stat() for p in sorted(file.iterdir()) if p.is_file()]
-            size = sum(s.st_size for s in stats)
-            mtime = max((s.st_mtime_ns for s in stats), default=file.stat().st_mtime_ns)
-        else:
-            st = file.stat()
-            size, mtime = st.st_size, st.st_mtime_ns
+        size, mtime = file_stats(file)
         return cls(given, os.path.realpath(file), size, mtime)
 
 
@@ -189,7 +183,7 @@ def commit(
     }
     write_file_atomically(
         folder / STATE_FILE,
-        (json.dumps(record, indent=2, sort_keys=True) + "\n").encode(),
+        report.to_json(record).encode(),
         durable,
     )
     for old in [*folder.glob("shadows-*.safetensors"), *folder.glob(".shadows-*.tmp")]:

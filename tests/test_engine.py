@@ -116,10 +116,6 @@ def test_names() -> None:
     assert engine.shadow_name("dense/kernel:0") == "dense/kernel/ExponentialMovingAverage"
     assert engine.shadow_name("layers.0.weight", "EMA") == "layers.0.weight/EMA"
     assert engine.shadow_name("w:1") == "w:1/ExponentialMovingAverage"
-    assert engine.debias_state_names("w") == (
-        "w/ExponentialMovingAverage/biased",
-        "w/ExponentialMovingAverage/local_step",
-    )
     assert not engine.is_averageable(np.dtype(np.int64))
     assert engine.is_averageable(np.dtype(ml_dtypes.bfloat16))
 

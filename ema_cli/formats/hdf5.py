@@ -54,8 +54,6 @@ from ema_cli.formats.base import (
     temporary_sibling,
 )
 
-SUFFIXES = (".weights.h5", ".h5", ".hdf5")
-
 #: The attribute Keras 3 puts on datasets whose numpy dtype HDF5 cannot name.
 DTYPE_ATTRIBUTE = "dtype"
 

@@ -35,8 +35,6 @@ from ema_cli.formats.npz import (
     stream_member,
 )
 
-SUFFIXES = (".keras",)
-
 WEIGHTS_MEMBER = "model.weights.h5"
 CONFIG_MEMBER = "config.json"
 #: Members describing the model rather than holding its state: a conversion may leave them.

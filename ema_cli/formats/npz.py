@@ -50,8 +50,6 @@ from ema_cli.formats.base import (
     write_exact,
 )
 
-SUFFIXES = (".npz",)
-
 #: Zip timestamps of written members that have no template member: the earliest zip date.
 FIXED_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 

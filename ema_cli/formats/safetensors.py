@@ -35,8 +35,6 @@ from ema_cli.formats.base import (
     write_exact,
 )
 
-SUFFIXES = (".safetensors",)
-
 #: safetensors' own refusal limit for a header, so we refuse what it refuses.
 MAX_HEADER_BYTES = 100_000_000
 
@@ -140,7 +138,6 @@ class SafetensorsReader(CheckpointReader):
         # File order (by data offset) is the order users see in other tools.
         order = sorted(tensors, key=lambda n: (spans[n], n))
         self._tensors = {n: tensors[n] for n in order}
-        self._spans = {n: spans[n] for n in order}
         self._layout = {
             n: (self.data_start + spans[n][0], t.dtype.itemsize, t.size, t.dtype)
             for n, t in self._tensors.items()

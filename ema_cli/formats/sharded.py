@@ -493,11 +493,6 @@ class ShardedWriter(CheckpointWriter):
             self.abort()
             raise
 
-    @property
-    def shard_names(self) -> list[str]:
-        """The shard files this writer produces, in order."""
-        return list(self._files)
-
     def _open_shard(self, number: int) -> int:
         return os.open(self._tmp / self._files[number], os.O_WRONLY)
 
