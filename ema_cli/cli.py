@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -172,7 +172,7 @@ def _parse_size_option(ctx: click.Context, param: click.Parameter, value: str | 
         raise click.BadParameter(str(e), ctx, param) from None
 
 
-def _warn(quiet: bool) -> Any:
+def _warn(quiet: bool) -> Callable[[str], None]:
     def warn(message: str) -> None:
         if not quiet:
             click.echo(f"ema-cli: warning: {message}", err=True)
