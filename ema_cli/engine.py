@@ -23,7 +23,7 @@ import ctypes
 import ctypes.util
 import platform
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal, cast
 
@@ -115,16 +115,31 @@ def init_state(
     return ShadowState(value=value)
 
 
-def apply(state: ShadowState, x: Array, c: np.generic, scratch: Array | None = None) -> None:
+#: ``update(s, x, c)``: ``s = s - (s - x) * c`` in place, each operation rounded in ``s``'s dtype.
+Update = Callable[[Array, Array, np.generic], None]
+
+
+def apply(
+    state: ShadowState,
+    x: Array,
+    c: np.generic,
+    scratch: Array | None = None,
+    update: Update | None = None,
+) -> None:
     """One ``apply()``: ``s = s - (s - x) * c`` in ``s``'s dtype, in place.
 
     ``x`` must already be in the state's dtype and shape. ``scratch`` (same shape and dtype) saves
-    an allocation per call on the hot path. Call it inside ``tf_arithmetic()``.
+    an allocation per call on the hot path. ``update`` replaces the three numpy operations below
+    with an equivalent that gives the same bits (``kernels.update``, which also accepts ``x`` in
+    a narrower dtype). Call it inside ``tf_arithmetic()``.
     """
     s = state.value
-    tmp = np.subtract(s, x, out=np.empty_like(s) if scratch is None else scratch)
-    np.multiply(tmp, c, out=tmp)
-    np.subtract(s, tmp, out=s)
+    if update is not None:
+        update(s, x, c)
+    else:
+        tmp = np.subtract(s, x, out=np.empty_like(s) if scratch is None else scratch)
+        np.multiply(tmp, c, out=tmp)
+        np.subtract(s, tmp, out=s)
     if state.local_step is not None:
         np.add(state.local_step, state.local_step.dtype.type(1), out=state.local_step)
     state.last_coefficient = c

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from ema_cli import engine
+from ema_cli import engine, kernels
 from ema_cli.checkpoint import TensorInfo
 from ema_cli.formats.base import CheckpointReader, CheckpointWriter, iter_blocks
 from ema_cli.plan import ReplayPlan, TensorJob
@@ -147,17 +147,17 @@ class _Replayer:
         settings = self.plan.settings
         work_dtype, coefficients = self.arithmetic(info.dtype)
         same_dtype = work_dtype == info.dtype
-        x = None if same_dtype else self.buffer("x", work_dtype, size)
+        # The C kernel reads float16/bfloat16 blocks as they are; numpy needs them widened first.
+        update = kernels.update if kernels.fused_update(work_dtype, info.dtype) else None
         scratch = self.buffer("scratch", work_dtype, size)
         state = self._initial_state(job, start, stop, work_dtype)
         snapshots = self.outputs.snapshots
         for i, (reader, c) in enumerate(zip(self.readers, coefficients, strict=True)):
             raw = reader.read(job.name, start, stop, out=self.read_buffer(reader, job, start, size))
-            if same_dtype:
-                x = raw
-            else:
-                assert x is not None
-                np.copyto(x, raw, casting="safe")
+            x = raw
+            if not same_dtype and (state is None or update is None):
+                x = self.buffer("x", work_dtype, size)
+                kernels.convert(raw, x)  # widening: exact
             if state is None:
                 state = engine.init_state(
                     x,
@@ -165,13 +165,13 @@ class _Replayer:
                     dtype=work_dtype,
                     out=self.buffer("shadow", work_dtype, size),
                 )
-            engine.apply(state, x, c, scratch)
+            engine.apply(state, raw if update is not None else x, c, scratch, update)
             writer = snapshots.get(i)
             if writer is not None:
                 result = engine.average(state)
                 if result.dtype != info.dtype:
                     rounded = self.buffer("out", info.dtype, size)
-                    np.copyto(rounded, result, casting="unsafe")  # round once, to nearest even
+                    kernels.convert(result, rounded)  # round once, to nearest even
                     result = rounded
                 writer.write(job.output_name, start, result)
         if self.outputs.state is not None and state is not None:

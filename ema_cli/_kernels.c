@@ -1,0 +1,382 @@
+/*
+ * Hot loops of the replay, in C: float16 <-> float32 conversion and the fused EMA update.
+ *
+ * This module is optional: when it is not built, or the CPU lacks the instructions used here
+ * (x86-64 AVX2 and F16C), ema_cli.kernels falls back to numpy, with the same results.
+ *
+ * Conversion. numpy converts float16 one element at a time with integer bit manipulation (about
+ * 3 ns per element each way on a 2020s x86 core), which made float16 replays about 3x slower per
+ * byte than float32 ones. F16C converts 8 elements per instruction. Results are bit for bit those
+ * of numpy's cast: round to nearest even, overflow to infinity, float16 subnormals produced and
+ * read exactly, whatever the thread's MXCSR flush bits (F16C ignores DAZ for float16 sources
+ * and FTZ for float16 results; a float32 subnormal rounds to a signed zero either way). The one
+ * difference of the hardware is NaN: it sets the quiet bit of a signalling NaN, which numpy
+ * keeps clear. A group of 8 that holds a NaN is therefore redone by the scalar code below, which
+ * follows numpy.
+ *
+ * EMA update. TF's assign_sub, s = s - (s - x) * c, is three numpy passes over a block; here it
+ * is one, with the same three float32 operations in the same order and operand order, each
+ * rounded (no fused multiply-add: the build passes -ffp-contract=off and the vector code names
+ * each instruction), under the calling thread's MXCSR, so flush-to-zero behaves as in numpy. x
+ * may be float32, float16 or bfloat16: the widening is exact, so converting inside the loop gives
+ * what converting first would.
+ *
+ * The functions take objects with the buffer protocol, C-contiguous, of equal element counts,
+ * and release the GIL while they run.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#endif
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define KERNELS_X86 1
+#include <immintrin.h>
+#else
+#define KERNELS_X86 0
+#endif
+
+/* --- scalar reference: numpy's conversions ----------------------------------------------- */
+
+static uint32_t half_to_float_bits(uint16_t h)
+{
+    uint32_t sign = ((uint32_t)h & 0x8000u) << 16;
+    uint32_t exponent = h & 0x7c00u;
+    uint32_t significand = h & 0x03ffu;
+    if (exponent == 0x7c00u) { /* inf or NaN: the payload moves up, quiet bit untouched */
+        return sign | 0x7f800000u | (significand << 13);
+    }
+    if (exponent == 0) {
+        if (significand == 0) {
+            return sign;
+        }
+        /* subnormal: normalise */
+        uint32_t shift = 0;
+        while ((significand & 0x0400u) == 0) {
+            significand <<= 1;
+            shift++;
+        }
+        return sign | ((113u - shift) << 23) | ((significand & 0x03ffu) << 13);
+    }
+    return sign | ((((uint32_t)h & 0x7fffu) + 0x1c000u) << 13);
+}
+
+static uint16_t float_to_half_bits(uint32_t f)
+{
+    uint16_t sign = (uint16_t)((f >> 16) & 0x8000u);
+    uint32_t magnitude = f & 0x7fffffffu;
+    if (magnitude >= 0x7f800000u) { /* inf or NaN */
+        if (magnitude == 0x7f800000u) {
+            return sign | 0x7c00u;
+        }
+        uint16_t nan = (uint16_t)(0x7c00u | ((magnitude & 0x007fffffu) >> 13));
+        return sign | (nan == 0x7c00u ? 0x7c01u : nan); /* keep it a NaN */
+    }
+    if (magnitude >= 0x477ff000u) { /* rounds to 65536 or more */
+        return sign | 0x7c00u;
+    }
+    if (magnitude < 0x38800000u) { /* below 2**-14: a float16 subnormal, or zero */
+        if (magnitude < 0x33000000u) { /* at most 2**-25: rounds to zero */
+            return sign;
+        }
+        uint32_t exponent = magnitude >> 23;
+        uint32_t significand = (magnitude & 0x007fffffu) | 0x00800000u;
+        uint32_t shift = 126u - exponent; /* 14..24: aligns to units of 2**-24 */
+        uint32_t half = significand >> shift;
+        uint32_t rest = significand & ((1u << shift) - 1u);
+        uint32_t tie = 1u << (shift - 1u);
+        if (rest > tie || (rest == tie && (half & 1u))) {
+            half++;
+        }
+        return sign | (uint16_t)half;
+    }
+    uint32_t half = (magnitude - 0x38000000u) >> 13; /* rebias, drop 13 bits */
+    uint32_t rest = magnitude & 0x1fffu;
+    if (rest > 0x1000u || (rest == 0x1000u && (half & 1u))) {
+        half++; /* may carry into the exponent, up to infinity: still right */
+    }
+    return sign | (uint16_t)half;
+}
+
+static void half_to_float_scalar(const uint16_t *src, uint32_t *dst, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        dst[i] = half_to_float_bits(src[i]);
+    }
+}
+
+static void float_to_half_scalar(const uint32_t *src, uint16_t *dst, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        dst[i] = float_to_half_bits(src[i]);
+    }
+}
+
+
+/* --- EMA update ---------------------------------------------------------------------------- */
+
+enum source_kind { SOURCE_FLOAT32 = 0, SOURCE_FLOAT16 = 1, SOURCE_BFLOAT16 = 2 };
+
+static float widen(const void *x, Py_ssize_t i, int kind)
+{
+    uint32_t bits;
+    float value;
+    if (kind == SOURCE_FLOAT32) {
+        return ((const float *)x)[i];
+    }
+    if (kind == SOURCE_FLOAT16) {
+        bits = half_to_float_bits(((const uint16_t *)x)[i]);
+    } else {
+        bits = (uint32_t)((const uint16_t *)x)[i] << 16;
+    }
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+static void ema_scalar(float *s, const void *x, int kind, float c, Py_ssize_t start, Py_ssize_t n)
+{
+    for (Py_ssize_t i = start; i < n; i++) {
+        float t = s[i] - widen(x, i, kind);
+        t = t * c;
+        s[i] = s[i] - t;
+    }
+}
+
+/* --- x86: F16C and AVX2 ---------------------------------------------------------------- */
+
+#if KERNELS_X86
+__attribute__((target("avx,f16c"))) static void
+half_to_float_f16c(const uint16_t *src, uint32_t *dst, Py_ssize_t n)
+{
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m128i h = _mm_loadu_si128((const __m128i *)(src + i));
+        __m256 f = _mm256_cvtph_ps(h);
+        _mm256_storeu_ps((float *)(dst + i), f);
+        if (_mm256_movemask_ps(_mm256_cmp_ps(f, f, _CMP_UNORD_Q))) {
+            half_to_float_scalar(src + i, dst + i, 8);
+        }
+    }
+    half_to_float_scalar(src + i, dst + i, n - i);
+}
+
+__attribute__((target("avx,f16c"))) static void
+float_to_half_f16c(const uint32_t *src, uint16_t *dst, Py_ssize_t n)
+{
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 f = _mm256_loadu_ps((const float *)(src + i));
+        __m128i h = _mm256_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128((__m128i *)(dst + i), h);
+        if (_mm256_movemask_ps(_mm256_cmp_ps(f, f, _CMP_UNORD_Q))) {
+            float_to_half_scalar(src + i, dst + i, 8);
+        }
+    }
+    float_to_half_scalar(src + i, dst + i, n - i);
+}
+
+
+__attribute__((target("avx2,f16c"))) static void
+ema_avx2(float *s, const void *x, int kind, float c, Py_ssize_t n)
+{
+    const __m256 vc = _mm256_set1_ps(c);
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 vx;
+        if (kind == SOURCE_FLOAT32) {
+            vx = _mm256_loadu_ps((const float *)x + i);
+        } else {
+            __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)x + i));
+            if (kind == SOURCE_FLOAT16) {
+                vx = _mm256_cvtph_ps(h); /* quiets signalling NaNs: the subtraction would too */
+            } else {
+                vx = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+            }
+        }
+        __m256 vs = _mm256_loadu_ps(s + i);
+        __m256 t = _mm256_sub_ps(vs, vx);
+        t = _mm256_mul_ps(t, vc);
+        _mm256_storeu_ps(s + i, _mm256_sub_ps(vs, t));
+    }
+    ema_scalar(s, x, kind, c, i, n);
+}
+
+static int have_f16c(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+}
+
+static int have_avx2(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+}
+#else
+static int have_f16c(void) { return 0; }
+static int have_avx2(void) { return 0; }
+#endif
+
+static int use_f16c = 0;
+static int use_avx2 = 0;
+
+/* --- Python interface ------------------------------------------------------------------- */
+
+static int get_buffers(PyObject *args, const char *name, Py_buffer *src, Py_buffer *dst,
+                       Py_ssize_t src_item, Py_ssize_t dst_item, Py_ssize_t *count)
+{
+    PyObject *src_object, *dst_object;
+    if (!PyArg_UnpackTuple(args, name, 2, 2, &src_object, &dst_object)) {
+        return -1;
+    }
+    if (PyObject_GetBuffer(src_object, src, PyBUF_C_CONTIGUOUS) < 0) {
+        return -1;
+    }
+    if (PyObject_GetBuffer(dst_object, dst, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(src);
+        return -1;
+    }
+    if (src->len % src_item || dst->len % dst_item ||
+        src->len / src_item != dst->len / dst_item) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd source bytes do not match %zd destination bytes",
+                     name, src->len, dst->len);
+        PyBuffer_Release(src);
+        PyBuffer_Release(dst);
+        return -1;
+    }
+    *count = src->len / src_item;
+    return 0;
+}
+
+static PyObject *py_half_to_float(PyObject *self, PyObject *args)
+{
+    Py_buffer src, dst;
+    Py_ssize_t n;
+    (void)self;
+    if (get_buffers(args, "half_to_float", &src, &dst, 2, 4, &n) < 0) {
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+#if KERNELS_X86
+    if (use_f16c) {
+        half_to_float_f16c((const uint16_t *)src.buf, (uint32_t *)dst.buf, n);
+    } else
+#endif
+    {
+        half_to_float_scalar((const uint16_t *)src.buf, (uint32_t *)dst.buf, n);
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_float_to_half(PyObject *self, PyObject *args)
+{
+    Py_buffer src, dst;
+    Py_ssize_t n;
+    (void)self;
+    if (get_buffers(args, "float_to_half", &src, &dst, 4, 2, &n) < 0) {
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+#if KERNELS_X86
+    if (use_f16c) {
+        float_to_half_f16c((const uint32_t *)src.buf, (uint16_t *)dst.buf, n);
+    } else
+#endif
+    {
+        float_to_half_scalar((const uint32_t *)src.buf, (uint16_t *)dst.buf, n);
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    Py_RETURN_NONE;
+}
+
+
+static PyObject *py_ema_update(PyObject *self, PyObject *args)
+{
+    PyObject *s_object, *x_object;
+    int kind;
+    float c;
+    Py_buffer s, x;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOif:ema_update", &s_object, &x_object, &kind, &c)) {
+        return NULL;
+    }
+    if (kind < SOURCE_FLOAT32 || kind > SOURCE_BFLOAT16) {
+        return PyErr_Format(PyExc_ValueError, "ema_update: unknown source kind %d", kind);
+    }
+    if (PyObject_GetBuffer(s_object, &s, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
+        return NULL;
+    }
+    if (PyObject_GetBuffer(x_object, &x, PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&s);
+        return NULL;
+    }
+    Py_ssize_t x_item = kind == SOURCE_FLOAT32 ? 4 : 2;
+    if (s.len % 4 || x.len % x_item || s.len / 4 != x.len / x_item) {
+        PyErr_Format(PyExc_ValueError, "ema_update: %zd shadow bytes do not match %zd source bytes",
+                     s.len, x.len);
+        PyBuffer_Release(&s);
+        PyBuffer_Release(&x);
+        return NULL;
+    }
+    Py_ssize_t n = s.len / 4;
+    Py_BEGIN_ALLOW_THREADS
+#if KERNELS_X86
+    if (use_avx2) {
+        ema_avx2((float *)s.buf, x.buf, kind, c, n);
+    } else
+#endif
+    {
+        ema_scalar((float *)s.buf, x.buf, kind, c, 0, n);
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&s);
+    PyBuffer_Release(&x);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_set_hardware(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    int wanted = PyObject_IsTrue(arg);
+    if (wanted < 0) {
+        return NULL;
+    }
+    use_f16c = wanted && have_f16c();
+    use_avx2 = wanted && have_avx2();
+    return PyBool_FromLong(use_f16c && use_avx2);
+}
+
+static PyMethodDef methods[] = {
+    {"half_to_float", py_half_to_float, METH_VARARGS,
+     "half_to_float(src, dst): float16 bits in src -> float32 bits in dst, as numpy casts."},
+    {"float_to_half", py_float_to_half, METH_VARARGS,
+     "float_to_half(src, dst): float32 bits in src -> float16 bits in dst, as numpy casts."},
+    {"ema_update", py_ema_update, METH_VARARGS,
+     "ema_update(s, x, kind, c): s = s - (s - x) * c in float32, in place; x is float32 "
+     "(kind 0), float16 (1) or bfloat16 (2) bits."},
+    {"set_hardware", py_set_hardware, METH_O,
+     "set_hardware(flag) -> bool: use F16C and AVX2 when flag is true and the CPU has them; "
+     "returns whether they are used."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_kernels",
+    "The replay's hot loops: float16 conversion and the fused EMA update.", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__kernels(void)
+{
+    use_f16c = have_f16c();
+    use_avx2 = have_avx2();
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,243 @@
+"""The C kernels: every result bit for bit what numpy (and so TF) gives.
+
+Conversion: the f32 -> f16 direction was also checked by hand over all 2**32 float32 patterns,
+under the replay's flush-to-zero mode, with the F16C path and the portable loop (0 differences);
+the tests cover every float16 pattern, every float32 exponent with the significands that decide
+rounding, and random patterns. The fused update is checked against engine's three numpy
+operations for every float16 and bfloat16 input pattern and random float32 patterns.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ema_cli import engine, kernels
+from tests.conftest import load, run_cli, write_checkpoint
+
+kernel = kernels._kernels
+needs_kernel = pytest.mark.skipif(kernel is None, reason="ema_cli._kernels was not built")
+ALL_HALVES = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+
+
+def test_the_kernel_is_built_where_ci_runs() -> None:
+    """Linux x86-64 has a compiler wherever the README's install runs: a silently failed build
+    would only show as slow float16 runs, so fail here instead."""
+    if not (sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64")):
+        pytest.skip("the check is for Linux x86-64")
+    assert kernel is not None, "ema_cli._kernels did not build: is a C compiler installed?"
+    assert kernels.backend() == "avx2"
+
+
+@pytest.fixture(params=["simd", "portable"])
+def path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run a test with the AVX2/F16C code and again with the kernel's portable loop."""
+    if kernel is None:
+        pytest.skip("ema_cli._kernels was not built")
+    hardware = kernel.set_hardware(request.param == "simd")
+    if request.param == "simd" and not hardware:
+        pytest.skip("this CPU has no AVX2 and F16C")
+    try:
+        yield request.param
+    finally:
+        kernel.set_hardware(True)
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    return a.view(np.uint16 if a.dtype.itemsize == 2 else np.uint32)
+
+
+def numpy_cast(src: np.ndarray, dtype: type) -> np.ndarray:
+    with np.errstate(all="ignore"):
+        return src.astype(dtype)
+
+
+@pytest.mark.parametrize("flushing", [False, True], ids=["plain", "tf-mode"])
+def test_every_float16_widens_as_numpy_does(path: str, flushing: bool) -> None:
+    out = np.empty(ALL_HALVES.size, np.float32)
+    if flushing:  # float16 subnormals are normal float32s: TF's DAZ must not touch them
+        with engine.tf_arithmetic():
+            kernels.convert(ALL_HALVES, out)
+    else:
+        kernels.convert(ALL_HALVES, out)
+    np.testing.assert_array_equal(bits(out), bits(numpy_cast(ALL_HALVES, np.float32)))
+
+
+def deciding_floats() -> np.ndarray:
+    """Every sign and exponent with the low bits that decide rounding to float16: ties,
+    neighbours of ties and carries at each place a float16 (normal or subnormal) can end."""
+    high = np.arange(1 << 9, dtype=np.uint32) << 23  # sign and exponent
+    lows = {0, 1, 0x7FFFFF, 0x400000, 0x3FFFFF, 0x400001}
+    for place in range(13, 24):  # the first dropped bit, normal (13) to deepest subnormal
+        tie = 1 << (place - 1)
+        for kept in (0, 1 << place, (1 << 23) - (1 << place)):  # last kept bit even / odd
+            lows |= {kept | tie, kept | (tie - 1), kept | (tie + 1)}
+    low = np.array(sorted(lows), dtype=np.uint32)
+    return (high[:, None] | low[None, :]).ravel().view(np.float32)
+
+
+@pytest.mark.parametrize("flushing", [False, True], ids=["plain", "tf-mode"])
+def test_float32_rounds_to_float16_as_numpy_does(path: str, flushing: bool) -> None:
+    src = deciding_floats()
+    out = np.empty(src.size, np.float16)
+    if flushing:
+        with engine.tf_arithmetic():
+            kernels.convert(src, out)
+    else:
+        kernels.convert(src, out)
+    np.testing.assert_array_equal(bits(out), bits(numpy_cast(src, np.float16)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, (1 << 32) - 1), min_size=0, max_size=70))
+def test_random_float32_patterns_round_as_numpy_does(patterns: list[int]) -> None:
+    """Any length (groups of 8 plus a tail), NaNs of any payload mixed with ordinary values."""
+    src = np.array(patterns, dtype=np.uint32).view(np.float32)
+    out = np.empty(src.size, np.float16)
+    kernels.convert(src, out)
+    np.testing.assert_array_equal(bits(out), bits(numpy_cast(src, np.float16)))
+    back = np.empty(src.size, np.float32)
+    kernels.convert(out, back)
+    np.testing.assert_array_equal(bits(back), bits(numpy_cast(out, np.float32)))
+
+
+def test_signalling_nans_keep_numpy_bits_in_a_group_of_ordinary_values(path: str) -> None:
+    """The hardware quiets signalling NaNs; numpy does not. Groups with a NaN are redone."""
+    halves = np.array([1.5, 0x7C01, -2.0, 0xFC05, 0.0, 3.0, 0x7E00, 7.0, 0x7D00], dtype=np.float64)
+    h = np.array(
+        [np.float16(v).view(np.uint16) if v < 16 else int(v) for v in halves], dtype=np.uint16
+    ).view(np.float16)
+    wide = np.empty(h.size, np.float32)
+    kernels.convert(h, wide)
+    np.testing.assert_array_equal(bits(wide), bits(numpy_cast(h, np.float32)))
+    f = np.array(
+        [0x7F800001, 0x3F800000, 0xFF800123, 0x7FC00000, 1, 2, 3, 4, 0x7F802000], np.uint32
+    )
+    narrow = np.empty(f.size, np.float16)
+    kernels.convert(f.view(np.float32), narrow)
+    np.testing.assert_array_equal(bits(narrow), bits(numpy_cast(f.view(np.float32), np.float16)))
+
+
+@needs_kernel
+def test_mismatched_sizes_are_refused() -> None:
+    assert kernel is not None
+    with pytest.raises(ValueError, match="do not match"):
+        kernel.half_to_float(np.zeros(4, np.float16), np.zeros(3, np.float32))
+    with pytest.raises((BufferError, ValueError), match="contiguous"):
+        kernel.float_to_half(np.zeros(8, np.float32)[::2], np.zeros(4, np.float16))
+
+
+def test_other_pairs_and_strided_arrays_fall_back_to_numpy() -> None:
+    src = np.arange(12, dtype=np.float16)[::2]  # not contiguous
+    out = np.empty(6, np.float32)
+    kernels.convert(src, out)
+    np.testing.assert_array_equal(out, np.arange(0, 12, 2, dtype=np.float32))
+    wide = np.empty(3, np.float64)
+    kernels.convert(np.array([1, 2, 3], np.float16), wide)
+    np.testing.assert_array_equal(wide, [1.0, 2.0, 3.0])
+
+
+def numpy_update(s: np.ndarray, x: np.ndarray, c: np.float32) -> np.ndarray:
+    """engine's own update, on a copy: widen x with numpy, then the three float32 operations."""
+    state = engine.ShadowState(value=s.copy())
+    engine.apply(state, x.astype(np.float32), c)
+    return state.value
+
+
+def kernel_update(s: np.ndarray, x: np.ndarray, c: np.float32) -> np.ndarray:
+    state = engine.ShadowState(value=s.copy())
+    assert kernels.fused_update(state.value.dtype, x.dtype)
+    engine.apply(state, x, c, update=kernels.update)
+    return state.value
+
+
+SHADOWS = np.array(
+    [0.0, -0.0, 1.0, -3.5e-3, 6.1e4, 1e30, 3e-38, 1e-40, np.inf, -np.inf, np.nan], np.float32
+)
+COEFFICIENTS = [np.float32(c) for c in (0.0, 1.0, 0.1, 1 - np.float32(0.999), 2**-24, 0.5)]
+
+
+@pytest.mark.parametrize("source", ["float16", "bfloat16"])
+def test_fused_update_of_every_half_input_matches_numpy(path: str, source: str) -> None:
+    """Every 16-bit input pattern (NaNs, subnormals, infinities included) against shadows from
+    subnormal to infinite, in TF's flush-to-zero mode."""
+    x = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.dtype(source))
+    with engine.tf_arithmetic():
+        for shadow in SHADOWS:
+            s = np.full(x.size, shadow, np.float32)
+            for c in COEFFICIENTS:
+                np.testing.assert_array_equal(
+                    bits(kernel_update(s, x, c)),
+                    bits(numpy_update(s, x, c)),
+                    err_msg=f"{shadow} {c}",
+                )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, (1 << 32) - 1), st.integers(0, (1 << 32) - 1)), max_size=40),
+    st.floats(0, 1, width=32),
+    st.booleans(),
+)
+def test_fused_update_of_float32_matches_numpy(
+    pairs: list[tuple[int, int]], c: float, flushing: bool
+) -> None:
+    s = np.array([p[0] for p in pairs], np.uint32).view(np.float32)
+    x = np.array([p[1] for p in pairs], np.uint32).view(np.float32)
+    with engine.tf_arithmetic() if flushing else np.errstate(all="ignore"):
+        np.testing.assert_array_equal(
+            bits(kernel_update(s, x, np.float32(c))), bits(numpy_update(s, x, np.float32(c)))
+        )
+
+
+def test_fused_update_only_where_it_applies() -> None:
+    f32, f64 = np.dtype(np.float32), np.dtype(np.float64)
+    assert not kernels.fused_update(f64, f64)
+    assert not kernels.fused_update(np.dtype(np.float16), np.dtype(np.float16))  # native float16
+    assert kernels.fused_update(f32, np.dtype(np.float16)) == (kernels.backend() == "avx2")
+
+
+@needs_kernel
+def test_fused_update_refuses_mismatched_blocks() -> None:
+    assert kernel is not None
+    with pytest.raises(ValueError, match="do not match"):
+        kernel.ema_update(np.zeros(4, np.float32), np.zeros(4, np.float32)[:3], 0, 0.5)
+    with pytest.raises(ValueError, match="kind"):
+        kernel.ema_update(np.zeros(4, np.float32), np.zeros(4, np.float32), 7, 0.5)
+
+
+def test_runs_give_the_same_bytes_with_and_without_the_kernels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(3)
+    paths = []
+    for step in range(1, 5):
+        wide = rng.standard_normal(1003) * 10.0 ** rng.integers(-7, 5, 1003)
+        tensors = {
+            "h": wide.astype(np.float16),
+            "b": wide.astype(ml_dtypes.bfloat16),
+            "f": wide.astype(np.float32),
+        }
+        for t in tensors.values():
+            t[:4] = [np.inf, -np.inf, np.nan, 6e-8]
+        paths.append(write_checkpoint(tmp_path / f"ckpt-{step}.safetensors", tensors))
+    options = [[], ["--zero-debias", "--num-updates", "step"], ["--precision", "native"]]
+    outputs = {}
+    for enabled in (True, False):
+        monkeypatch.setattr(kernels, "_enabled", enabled)
+        for k, extra in enumerate(options):
+            out = tmp_path / f"ema-{enabled}-{k}.safetensors"
+            result = run_cli(["average", *paths, "-o", out, "--decay", "0.9", "-q", *extra])
+            assert result.exit_code == 0, result.output
+            outputs[enabled, k] = out.read_bytes()
+            assert load(out)["h"].dtype == np.float16
+    for k in range(len(options)):
+        assert outputs[True, k] == outputs[False, k], options[k]
