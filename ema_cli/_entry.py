@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import NoReturn
 
@@ -12,4 +13,7 @@ def main() -> NoReturn:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from ema_cli.cli import main as cli_main
 
+    # The modules just imported live as long as the process: keep the garbage collector from
+    # walking them again and again while the replay allocates small objects per block.
+    gc.freeze()
     cli_main()

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 import click
 
-from ema_cli import __version__, engine, job, report
+from ema_cli import __version__, engine, job, kernels, report
 from ema_cli.errors import EmaCliError, OptionError
 from ema_cli.formats import find_checkpoint, open_checkpoint
 from ema_cli.formats.sharded import parse_size
@@ -115,7 +115,12 @@ def _catch_sigterm() -> Any:
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
-@click.version_option(__version__, "--version", prog_name="ema-cli", message="%(prog)s %(version)s")
+@click.version_option(
+    __version__,
+    "--version",
+    prog_name="ema-cli",
+    message=f"%(prog)s %(version)s\nhot loops: {kernels.describe()}",
+)
 @click.option(
     "--debug",
     is_flag=True,

@@ -130,7 +130,7 @@ def apply(
 
     ``x`` must already be in the state's dtype and shape. ``scratch`` (same shape and dtype) saves
     an allocation per call on the hot path. ``update`` replaces the three numpy operations below
-    with an equivalent that gives the same bits (``kernels.update``, which also accepts ``x`` in
+    with an equivalent that gives the same bits (``kernels.updater``'s, which also accepts ``x`` in
     a narrower dtype). Call it inside ``tf_arithmetic()``.
     """
     s = state.value

@@ -21,6 +21,8 @@ from types import ModuleType
 import numpy as np
 import numpy.typing as npt
 
+from ema_cli.engine import Update
+
 Array = npt.NDArray[np.generic]
 
 _kernels: ModuleType | None
@@ -55,6 +57,17 @@ def backend() -> str:
     return "avx2" if _enabled else "numpy"
 
 
+def describe() -> str:
+    """``backend()`` for people, with the reason when it is numpy (shown by ``--version``)."""
+    if _enabled:
+        return "C kernels (AVX2, F16C)"
+    if _kernels is None:
+        return "numpy (the C kernels were not built: install with a C compiler present)"
+    if os.environ.get(DISABLE_ENV):
+        return f"numpy ({DISABLE_ENV} is set)"
+    return "numpy (this CPU lacks AVX2 or F16C)"
+
+
 def convert(src: Array, out: Array) -> None:
     """``out[...] = src`` with numpy's rounding (nearest, ties to even), for same-size arrays.
 
@@ -78,17 +91,20 @@ def convert(src: Array, out: Array) -> None:
     np.copyto(out, src, casting="unsafe")
 
 
-def fused_update(shadow: np.dtype[np.generic], source: np.dtype[np.generic]) -> bool:
-    """Whether ``update`` runs in C for a ``shadow``-dtype average of ``source``-dtype tensors."""
-    return _enabled and shadow == _F32 and np.dtype(source).name in _SOURCE_KINDS
+def updater(shadow: np.dtype[np.generic], source: np.dtype[np.generic]) -> Update | None:
+    """The one-pass C update for a ``shadow``-dtype average of ``source``-dtype blocks, or None
+    where it does not apply (no kernels, or not a float32 average of float32/float16/bfloat16).
 
-
-def update(s: Array, x: Array, c: np.generic) -> None:
-    """TF's ``s = s - (s - x) * c`` in place, in one pass, for a float32 ``s``; ``x`` is the
-    raw checkpoint block (float32, float16 or bfloat16), both C-contiguous and of one size.
-
-    Only call it where ``fused_update(s.dtype, x.dtype)`` is true, inside
+    The returned ``update(s, x, c)`` is TF's ``s = s - (s - x) * c`` in place, for C-contiguous
+    blocks of one size, ``x`` raw from the checkpoint; pass it to ``engine.apply`` inside
     ``engine.tf_arithmetic()`` like the numpy update it replaces.
     """
-    assert _kernels is not None
-    _kernels.ema_update(s, x, _SOURCE_KINDS[x.dtype.name], float(c))
+    kind = _SOURCE_KINDS.get(np.dtype(source).name)
+    if not _enabled or _kernels is None or shadow != _F32 or kind is None:
+        return None
+    ema_update = _kernels.ema_update
+
+    def update(s: Array, x: Array, c: np.generic) -> None:
+        ema_update(s, x, kind, float(c))
+
+    return update

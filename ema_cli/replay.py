@@ -82,6 +82,7 @@ class _Replayer:
     _arithmetic: dict[np.dtype[np.generic], tuple[np.dtype[np.generic], list[np.generic]]] = field(
         default_factory=dict
     )
+    _updaters: dict[np.dtype[np.generic], engine.Update | None] = field(default_factory=dict)
     _local: threading.local = field(default_factory=threading.local)
 
     def arithmetic(
@@ -95,6 +96,13 @@ class _Replayer:
             cs = [engine.coefficient(c.decay, work) for c in self.plan.checkpoints]
             cached = self._arithmetic[dtype] = (work, cs)
         return cached
+
+    def updater(self, dtype: np.dtype[np.generic]) -> engine.Update | None:
+        """The C kernel's one-pass update for tensors of ``dtype`` (reading their raw blocks), or
+        None for numpy's three passes on blocks widened first; looked up once per dtype."""
+        if dtype not in self._updaters:
+            self._updaters[dtype] = kernels.updater(self.arithmetic(dtype)[0], dtype)
+        return self._updaters[dtype]
 
     def buffer(self, role: str, dtype: np.dtype[np.generic], size: int) -> Array:
         """A per-thread scratch array, reused across blocks: fresh megabyte allocations would
@@ -116,13 +124,16 @@ class _Replayer:
         """
         dtype = job.info.dtype
         nbytes = size * dtype.itemsize
-        backing: npt.NDArray[np.uint8] | None = self._local.__dict__.get("read_backing")
+        local = self._local.__dict__
+        backing: npt.NDArray[np.uint8] | None = local.get("read_backing")
         if backing is None or backing.size < nbytes + _PAGE:
-            backing = self._local.read_backing = np.empty(nbytes + _PAGE, dtype=np.uint8)
+            backing = local["read_backing"] = np.empty(nbytes + _PAGE, dtype=np.uint8)
+            local["read_address"] = backing.ctypes.data  # .ctypes is slow: once per buffer
+        address: int = local["read_address"]
         offset = reader.file_offset(job.name, start)
-        shift = 0 if offset is None else (offset - backing.ctypes.data) % _PAGE
-        if (backing.ctypes.data + shift) % dtype.itemsize:
-            shift = (-backing.ctypes.data) % _PAGE  # keep numpy's alignment over the page trick
+        shift = 0 if offset is None else (offset - address) % _PAGE
+        if (address + shift) % dtype.itemsize:
+            shift = (-address) % _PAGE  # keep numpy's alignment over the page trick
         return backing[shift : shift + nbytes].view(dtype)
 
     def run(self, block: _Block) -> int:
@@ -148,7 +159,7 @@ class _Replayer:
         work_dtype, coefficients = self.arithmetic(info.dtype)
         same_dtype = work_dtype == info.dtype
         # The C kernel reads float16/bfloat16 blocks as they are; numpy needs them widened first.
-        update = kernels.update if kernels.fused_update(work_dtype, info.dtype) else None
+        update = self.updater(info.dtype)
         scratch = self.buffer("scratch", work_dtype, size)
         state = self._initial_state(job, start, stop, work_dtype)
         snapshots = self.outputs.snapshots

@@ -154,8 +154,9 @@ def numpy_update(s: np.ndarray, x: np.ndarray, c: np.float32) -> np.ndarray:
 
 def kernel_update(s: np.ndarray, x: np.ndarray, c: np.float32) -> np.ndarray:
     state = engine.ShadowState(value=s.copy())
-    assert kernels.fused_update(state.value.dtype, x.dtype)
-    engine.apply(state, x, c, update=kernels.update)
+    update = kernels.updater(state.value.dtype, x.dtype)
+    assert update is not None
+    engine.apply(state, x, c, update=update)
     return state.value
 
 
@@ -200,9 +201,10 @@ def test_fused_update_of_float32_matches_numpy(
 
 def test_fused_update_only_where_it_applies() -> None:
     f32, f64 = np.dtype(np.float32), np.dtype(np.float64)
-    assert not kernels.fused_update(f64, f64)
-    assert not kernels.fused_update(np.dtype(np.float16), np.dtype(np.float16))  # native float16
-    assert kernels.fused_update(f32, np.dtype(np.float16)) == (kernels.backend() == "avx2")
+    assert kernels.updater(f64, f64) is None
+    assert kernels.updater(np.dtype(np.float16), np.dtype(np.float16)) is None  # native float16
+    assert kernels.updater(f32, np.dtype(np.int32)) is None
+    assert (kernels.updater(f32, np.dtype(np.float16)) is not None) == (kernels.backend() == "avx2")
 
 
 @needs_kernel

@@ -28,7 +28,7 @@ import secrets
 import shutil
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path, PurePosixPath
 from typing import Generic, TypeVar
@@ -135,6 +135,7 @@ def split_into_shards(tensors: Sequence[TensorInfo], max_shard_size: int) -> lis
 
 K = TypeVar("K")
 V = TypeVar("V")
+R = TypeVar("R")
 
 
 class _OpenHandles(Generic[K, V]):
@@ -152,8 +153,11 @@ class _OpenHandles(Generic[K, V]):
         self._handles: OrderedDict[K, V] = OrderedDict()
         self._pins: dict[K, int] = {}
 
-    @contextlib.contextmanager
-    def use(self, key: K) -> Iterator[V]:
+    def call(self, key: K, work: Callable[[V], R]) -> R:
+        """``work(handle)`` with ``key``'s handle, opened if needed and pinned meanwhile.
+
+        A plain call rather than a context manager: it runs for every block read or written.
+        """
         with self._lock:
             handle = self._handles.get(key)
             if handle is None:
@@ -165,11 +169,13 @@ class _OpenHandles(Generic[K, V]):
             if len(self._handles) > self._capacity:
                 self._evict()
         try:
-            yield handle
+            return work(handle)
         finally:
             with self._lock:
-                self._pins[key] -= 1
-                if not self._pins[key]:
+                pins = self._pins[key] - 1
+                if pins:
+                    self._pins[key] = pins
+                else:
                     del self._pins[key]
                 if len(self._handles) > self._capacity:
                     self._evict()
@@ -310,9 +316,9 @@ class ShardedReader(CheckpointReader):
     ) -> npt.NDArray[np.generic]:
         if self._closed:
             raise ValueError(f"{self.path}: read from a closed checkpoint")
-        shard = self._shard_of[name]
-        with self._shards.use(shard) as reader:
-            return reader.read(name, start, stop, out)
+        return self._shards.call(
+            self._shard_of[name], lambda reader: reader.read(name, start, stop, out)
+        )
 
     def file_offset(self, name: str, start: int) -> int | None:
         offset = self._offsets[name]
@@ -507,8 +513,7 @@ class ShardedWriter(CheckpointWriter):
         number, base = self._where[name]
         offset = base + start * info.dtype.itemsize
         try:
-            with self._handles.use(number) as fd:
-                write_exact(fd, data, offset)
+            self._handles.call(number, lambda fd: write_exact(fd, data, offset))
         except OSError as e:  # typically a full disk
             raise OutputError(self.path, e) from None
         with self._lock:
