@@ -15,7 +15,8 @@
  * follows numpy.
  *
  * EMA update. TF's assign_sub, s = s - (s - x) * c, is three numpy passes over a block; here it
- * is one, with the same three float32 operations in the same order and operand order, each
+ * is one (float32 shadows, and float16/bfloat16 shadows under --precision native, where numpy
+ * and ml_dtypes compute element by element in software), with the same three float32 operations in the same order and operand order, each
  * rounded (no fused multiply-add: the build passes -ffp-contract=off and the vector code names
  * each instruction), under the calling thread's MXCSR, so flush-to-zero behaves as in numpy. x
  * may be float32, float16 or bfloat16: the widening is exact, so converting inside the loop gives
@@ -121,20 +122,20 @@ static void float_to_half_scalar(const uint32_t *src, uint16_t *dst, Py_ssize_t 
 
 enum source_kind { SOURCE_FLOAT32 = 0, SOURCE_FLOAT16 = 1, SOURCE_BFLOAT16 = 2 };
 
+static float widen16(uint16_t h, int kind)
+{
+    uint32_t bits = kind == SOURCE_FLOAT16 ? half_to_float_bits(h) : (uint32_t)h << 16;
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
 static float widen(const void *x, Py_ssize_t i, int kind)
 {
-    uint32_t bits;
-    float value;
     if (kind == SOURCE_FLOAT32) {
         return ((const float *)x)[i];
     }
-    if (kind == SOURCE_FLOAT16) {
-        bits = half_to_float_bits(((const uint16_t *)x)[i]);
-    } else {
-        bits = (uint32_t)((const uint16_t *)x)[i] << 16;
-    }
-    memcpy(&value, &bits, sizeof value);
-    return value;
+    return widen16(((const uint16_t *)x)[i], kind);
 }
 
 static void ema_scalar(float *s, const void *x, int kind, float c, Py_ssize_t start, Py_ssize_t n)
@@ -143,6 +144,36 @@ static void ema_scalar(float *s, const void *x, int kind, float c, Py_ssize_t st
         float t = s[i] - widen(x, i, kind);
         t = t * c;
         s[i] = s[i] - t;
+    }
+}
+
+/* Native precision (TF's arithmetic in float16 or bfloat16): numpy's float16 ufuncs and
+ * ml_dtypes' bfloat16 ufuncs widen both operands to float32, compute there (under the thread's
+ * MXCSR) and round the result back, one element at a time. The same, per operation: */
+
+static uint16_t narrow(float value, int kind)
+{
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    if (kind == SOURCE_FLOAT16) {
+        return float_to_half_bits(bits);
+    }
+    /* bfloat16 as ml_dtypes (Eigen) rounds: a NaN becomes the quiet NaN of its sign; anything
+     * else rounds to nearest even by adding 0x7fff plus the last kept bit. */
+    if ((bits & 0x7fffffffu) > 0x7f800000u) {
+        return (bits & 0x80000000u) ? 0xffc0u : 0x7fc0u;
+    }
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+static void ema_native_scalar(uint16_t *s, const uint16_t *x, int kind, float c,
+                              Py_ssize_t start, Py_ssize_t n)
+{
+    for (Py_ssize_t i = start; i < n; i++) {
+        float s_wide = widen16(s[i], kind);
+        uint16_t t = narrow(s_wide - widen16(x[i], kind), kind);
+        t = narrow(widen16(t, kind) * c, kind);
+        s[i] = narrow(s_wide - widen16(t, kind), kind);
     }
 }
 
@@ -203,6 +234,61 @@ ema_avx2(float *s, const void *x, int kind, float c, Py_ssize_t n)
         _mm256_storeu_ps(s + i, _mm256_sub_ps(vs, t));
     }
     ema_scalar(s, x, kind, c, i, n);
+}
+
+__attribute__((target("avx2,f16c"))) static inline __m256 widen_bf16(__m128i h)
+{
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* Round float32 lanes to bfloat16 as narrow() does, keeping them as float32 (low bits zero). */
+__attribute__((target("avx2,f16c"))) static inline __m256 round_bf16(__m256 v)
+{
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb);
+    r = _mm256_and_si256(r, _mm256_set1_epi32((int)0xffff0000u));
+    const __m256i nan = _mm256_or_si256(_mm256_and_si256(u, _mm256_set1_epi32((int)0x80000000u)),
+                                        _mm256_set1_epi32(0x7fc00000));
+    const __m256 is_nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    return _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(nan), is_nan);
+}
+
+__attribute__((target("avx2,f16c"))) static inline __m128i pack_bf16(__m256 rounded)
+{
+    __m256i high = _mm256_srli_epi32(_mm256_castps_si256(rounded), 16);
+    __m256i packed = _mm256_packus_epi32(high, high); /* per 128-bit lane: a0-3 a0-3 | a4-7 a4-7 */
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
+}
+
+__attribute__((target("avx2,f16c"))) static inline __m256 round_f16(__m256 v)
+{
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+__attribute__((target("avx2,f16c"))) static void
+ema_native_avx2(uint16_t *s, const uint16_t *x, int kind, float c, Py_ssize_t n)
+{
+    const __m256 vc = _mm256_set1_ps(c);
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m128i s_half = _mm_loadu_si128((const __m128i *)(s + i));
+        __m128i x_half = _mm_loadu_si128((const __m128i *)(x + i));
+        __m128i out;
+        if (kind == SOURCE_FLOAT16) {
+            __m256 vs = _mm256_cvtph_ps(s_half);
+            __m256 t = round_f16(_mm256_sub_ps(vs, _mm256_cvtph_ps(x_half)));
+            t = round_f16(_mm256_mul_ps(t, vc));
+            out = _mm256_cvtps_ph(_mm256_sub_ps(vs, t), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        } else {
+            __m256 vs = widen_bf16(s_half);
+            __m256 t = round_bf16(_mm256_sub_ps(vs, widen_bf16(x_half)));
+            t = round_bf16(_mm256_mul_ps(t, vc));
+            out = pack_bf16(round_bf16(_mm256_sub_ps(vs, t)));
+        }
+        _mm_storeu_si128((__m128i *)(s + i), out);
+    }
+    ema_native_scalar(s, x, kind, c, i, n);
 }
 
 static int have_f16c(void)
@@ -343,6 +429,50 @@ static PyObject *py_ema_update(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *py_ema_update_native(PyObject *self, PyObject *args)
+{
+    PyObject *s_object, *x_object;
+    int kind;
+    float c;
+    Py_buffer s, x;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOif:ema_update_native", &s_object, &x_object, &kind, &c)) {
+        return NULL;
+    }
+    if (kind != SOURCE_FLOAT16 && kind != SOURCE_BFLOAT16) {
+        return PyErr_Format(PyExc_ValueError, "ema_update_native: unknown kind %d", kind);
+    }
+    if (PyObject_GetBuffer(s_object, &s, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
+        return NULL;
+    }
+    if (PyObject_GetBuffer(x_object, &x, PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&s);
+        return NULL;
+    }
+    if (s.len % 2 || s.len != x.len) {
+        PyErr_Format(PyExc_ValueError,
+                     "ema_update_native: %zd shadow bytes do not match %zd source bytes", s.len,
+                     x.len);
+        PyBuffer_Release(&s);
+        PyBuffer_Release(&x);
+        return NULL;
+    }
+    Py_ssize_t n = s.len / 2;
+    Py_BEGIN_ALLOW_THREADS
+#if KERNELS_X86
+    if (use_avx2) {
+        ema_native_avx2((uint16_t *)s.buf, (const uint16_t *)x.buf, kind, c, n);
+    } else
+#endif
+    {
+        ema_native_scalar((uint16_t *)s.buf, (const uint16_t *)x.buf, kind, c, 0, n);
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&s);
+    PyBuffer_Release(&x);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_set_hardware(PyObject *self, PyObject *arg)
 {
     (void)self;
@@ -363,6 +493,9 @@ static PyMethodDef methods[] = {
     {"ema_update", py_ema_update, METH_VARARGS,
      "ema_update(s, x, kind, c): s = s - (s - x) * c in float32, in place; x is float32 "
      "(kind 0), float16 (1) or bfloat16 (2) bits."},
+    {"ema_update_native", py_ema_update_native, METH_VARARGS,
+     "ema_update_native(s, x, kind, c): s = s - (s - x) * c with every operation rounded to "
+     "float16 (kind 1) or bfloat16 (2), as numpy and ml_dtypes compute; s and x hold its bits."},
     {"set_hardware", py_set_hardware, METH_O,
      "set_hardware(flag) -> bool: use F16C and AVX2 when flag is true and the CPU has them; "
      "returns whether they are used."},

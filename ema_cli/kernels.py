@@ -5,8 +5,9 @@ runs on x86-64 CPUs with AVX2 and F16C (2013 onwards) and gives bit for bit what
 
 * ``convert`` casts float16 <-> float32 with F16C instead of numpy's element-at-a-time software
   cast (about 3 ns per element each way);
-* ``update`` is TF's ``s = s - (s - x) * c`` in one pass instead of numpy's three, reading a
-  float16 or bfloat16 ``x`` directly.
+* ``updater`` gives TF's ``s = s - (s - x) * c`` in one pass instead of numpy's three, reading
+  a float16 or bfloat16 ``x`` directly; under ``--precision native`` it also replaces numpy's
+  and ml_dtypes' element-at-a-time float16/bfloat16 arithmetic.
 
 Without the extension (no compiler at install time, another CPU, or ``EMA_CLI_NO_KERNELS=1``)
 everything here falls back to numpy and ``engine``: same results, slower.
@@ -93,18 +94,30 @@ def convert(src: Array, out: Array) -> None:
 
 def updater(shadow: np.dtype[np.generic], source: np.dtype[np.generic]) -> Update | None:
     """The one-pass C update for a ``shadow``-dtype average of ``source``-dtype blocks, or None
-    where it does not apply (no kernels, or not a float32 average of float32/float16/bfloat16).
+    where it does not apply (no kernels, or a dtype pair other than the two below).
+
+    * float32 shadow, float32/float16/bfloat16 source (``auto`` precision, float32 tensors);
+    * float16 or bfloat16 shadow of its own dtype (``--precision native``): every operation
+      rounded to that dtype, as numpy's float16 and ml_dtypes' bfloat16 arithmetic does.
 
     The returned ``update(s, x, c)`` is TF's ``s = s - (s - x) * c`` in place, for C-contiguous
     blocks of one size, ``x`` raw from the checkpoint; pass it to ``engine.apply`` inside
     ``engine.tf_arithmetic()`` like the numpy update it replaces.
     """
-    kind = _SOURCE_KINDS.get(np.dtype(source).name)
-    if not _enabled or _kernels is None or shadow != _F32 or kind is None:
+    if not _enabled or _kernels is None:
         return None
-    ema_update = _kernels.ema_update
+    shadow, source = np.dtype(shadow), np.dtype(source)
+    kind = _SOURCE_KINDS.get(source.name)
+    if kind is None:
+        return None
+    if shadow == _F32:
+        kernel = _kernels.ema_update
+    elif shadow == source and kind != _SOURCE_KINDS["float32"]:
+        kernel = _kernels.ema_update_native
+    else:
+        return None
 
     def update(s: Array, x: Array, c: np.generic) -> None:
-        ema_update(s, x, kind, float(c))
+        kernel(s, x, kind, float(c))
 
     return update

@@ -145,14 +145,14 @@ def test_other_pairs_and_strided_arrays_fall_back_to_numpy() -> None:
     np.testing.assert_array_equal(wide, [1.0, 2.0, 3.0])
 
 
-def numpy_update(s: np.ndarray, x: np.ndarray, c: np.float32) -> np.ndarray:
-    """engine's own update, on a copy: widen x with numpy, then the three float32 operations."""
+def numpy_update(s: np.ndarray, x: np.ndarray, c: np.generic) -> np.ndarray:
+    """engine's own update, on a copy: x widened to s's dtype, then the three numpy operations."""
     state = engine.ShadowState(value=s.copy())
-    engine.apply(state, x.astype(np.float32), c)
+    engine.apply(state, x.astype(s.dtype), c)
     return state.value
 
 
-def kernel_update(s: np.ndarray, x: np.ndarray, c: np.float32) -> np.ndarray:
+def kernel_update(s: np.ndarray, x: np.ndarray, c: np.generic) -> np.ndarray:
     state = engine.ShadowState(value=s.copy())
     update = kernels.updater(state.value.dtype, x.dtype)
     assert update is not None
@@ -202,9 +202,27 @@ def test_fused_update_of_float32_matches_numpy(
 def test_fused_update_only_where_it_applies() -> None:
     f32, f64 = np.dtype(np.float32), np.dtype(np.float64)
     assert kernels.updater(f64, f64) is None
-    assert kernels.updater(np.dtype(np.float16), np.dtype(np.float16)) is None  # native float16
+    assert kernels.updater(np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)) is None
     assert kernels.updater(f32, np.dtype(np.int32)) is None
     assert (kernels.updater(f32, np.dtype(np.float16)) is not None) == (kernels.backend() == "avx2")
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16], ids=["float16", "bfloat16"])
+def test_native_update_of_every_half_input_matches_numpy(path: str, dtype: type) -> None:
+    """--precision native: every operation rounded to the tensor's dtype. Every 16-bit input
+    pattern against shadows of every kind, each coefficient as TF casts it, in TF's mode."""
+    x = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(dtype)
+    shadows = np.concatenate([numpy_cast(SHADOWS, dtype), x[[1, 0x8001, 0x0400, 0x7C01, 0x7FC1]]])
+    with engine.tf_arithmetic():
+        for shadow in shadows:
+            s = np.full(x.size, shadow, dtype)
+            for decay in (0.0, 0.9, 0.999, 0.5, 1.0, 0.99999):
+                c = engine.coefficient(np.float32(decay), np.dtype(dtype))
+                np.testing.assert_array_equal(
+                    bits(kernel_update(s, x, c)),
+                    bits(numpy_update(s, x, c)),
+                    err_msg=f"{shadow!r} {decay}",
+                )
 
 
 @needs_kernel
@@ -214,6 +232,10 @@ def test_fused_update_refuses_mismatched_blocks() -> None:
         kernel.ema_update(np.zeros(4, np.float32), np.zeros(4, np.float32)[:3], 0, 0.5)
     with pytest.raises(ValueError, match="kind"):
         kernel.ema_update(np.zeros(4, np.float32), np.zeros(4, np.float32), 7, 0.5)
+    with pytest.raises(ValueError, match="do not match"):
+        kernel.ema_update_native(np.zeros(4, np.float16), np.zeros(3, np.float16), 1, 0.5)
+    with pytest.raises(ValueError, match="kind"):
+        kernel.ema_update_native(np.zeros(4, np.float16), np.zeros(4, np.float16), 0, 0.5)
 
 
 def test_runs_give_the_same_bytes_with_and_without_the_kernels(
