@@ -15,12 +15,14 @@
  * follows numpy.
  *
  * EMA update. TF's assign_sub, s = s - (s - x) * c, is three numpy passes over a block; here it
- * is one (float32 shadows, and float16/bfloat16 shadows under --precision native, where numpy
- * and ml_dtypes compute element by element in software), with the same three float32 operations in the same order and operand order, each
- * rounded (no fused multiply-add: the build passes -ffp-contract=off and the vector code names
- * each instruction), under the calling thread's MXCSR, so flush-to-zero behaves as in numpy. x
- * may be float32, float16 or bfloat16: the widening is exact, so converting inside the loop gives
- * what converting first would.
+ * is one, with the same three operations in the same order and operand order, each rounded (no
+ * fused multiply-add: the build passes -ffp-contract=off and the vector code names each
+ * instruction), under the calling thread's MXCSR, so flush-to-zero behaves as in numpy.
+ * - ema_update: a float32 shadow; x may be float32, float16 or bfloat16, widened exactly inside
+ *   the loop, which gives what widening first would.
+ * - ema_update_native: a float16 or bfloat16 shadow and x (--precision native), every operation
+ *   rounded back to that dtype as numpy's float16 and ml_dtypes' bfloat16 arithmetic does, one
+ *   element at a time in software.
  *
  * The functions take objects with the buffer protocol, C-contiguous, of equal element counts,
  * and release the GIL while they run.
@@ -116,7 +118,6 @@ static void float_to_half_scalar(const uint32_t *src, uint16_t *dst, Py_ssize_t 
         dst[i] = float_to_half_bits(src[i]);
     }
 }
-
 
 /* --- EMA update ---------------------------------------------------------------------------- */
 
