@@ -211,6 +211,10 @@ float_to_half_f16c(const uint32_t *src, uint16_t *dst, Py_ssize_t n)
     float_to_half_scalar(src + i, dst + i, n - i);
 }
 
+__attribute__((target("avx2,f16c"))) static inline __m256 widen_bf16(__m128i h)
+{
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
 
 __attribute__((target("avx2,f16c"))) static void
 ema_avx2(float *s, const void *x, int kind, float c, Py_ssize_t n)
@@ -226,7 +230,7 @@ ema_avx2(float *s, const void *x, int kind, float c, Py_ssize_t n)
             if (kind == SOURCE_FLOAT16) {
                 vx = _mm256_cvtph_ps(h); /* quiets signalling NaNs: the subtraction would too */
             } else {
-                vx = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+                vx = widen_bf16(h);
             }
         }
         __m256 vs = _mm256_loadu_ps(s + i);
@@ -235,11 +239,6 @@ ema_avx2(float *s, const void *x, int kind, float c, Py_ssize_t n)
         _mm256_storeu_ps(s + i, _mm256_sub_ps(vs, t));
     }
     ema_scalar(s, x, kind, c, i, n);
-}
-
-__attribute__((target("avx2,f16c"))) static inline __m256 widen_bf16(__m128i h)
-{
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
 /* Round float32 lanes to bfloat16 as narrow() does, keeping them as float32 (low bits zero). */
@@ -292,34 +291,27 @@ ema_native_avx2(uint16_t *s, const uint16_t *x, int kind, float c, Py_ssize_t n)
     ema_native_scalar(s, x, kind, c, i, n);
 }
 
-static int have_f16c(void)
-{
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
-}
-
-static int have_avx2(void)
+static int have_simd(void)
 {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
 }
 #else
-static int have_f16c(void) { return 0; }
-static int have_avx2(void) { return 0; }
+static int have_simd(void) { return 0; }
 #endif
 
-static int use_f16c = 0;
-static int use_avx2 = 0;
+/* Whether the AVX2/F16C loops run; off by set_hardware(False) (tests of the portable loops). */
+static int use_simd = 0;
 
 /* --- Python interface ------------------------------------------------------------------- */
 
-static int get_buffers(PyObject *args, const char *name, Py_buffer *src, Py_buffer *dst,
-                       Py_ssize_t src_item, Py_ssize_t dst_item, Py_ssize_t *count)
+/* The buffers of src (read) and dst (written), C-contiguous, holding the same number of elements
+ * of src_item and dst_item bytes; that number in *count. On failure: an exception set, nothing
+ * held, -1. */
+static int get_buffers(const char *name, PyObject *src_object, Py_ssize_t src_item,
+                       PyObject *dst_object, Py_ssize_t dst_item, Py_buffer *src, Py_buffer *dst,
+                       Py_ssize_t *count)
 {
-    PyObject *src_object, *dst_object;
-    if (!PyArg_UnpackTuple(args, name, 2, 2, &src_object, &dst_object)) {
-        return -1;
-    }
     if (PyObject_GetBuffer(src_object, src, PyBUF_C_CONTIGUOUS) < 0) {
         return -1;
     }
@@ -339,139 +331,105 @@ static int get_buffers(PyObject *args, const char *name, Py_buffer *src, Py_buff
     return 0;
 }
 
-static PyObject *py_half_to_float(PyObject *self, PyObject *args)
+/* half_to_float(src, dst) and float_to_half(src, dst). */
+static PyObject *convert(PyObject *args, int to_float)
 {
+    const char *name = to_float ? "half_to_float" : "float_to_half";
+    PyObject *src_object, *dst_object;
     Py_buffer src, dst;
     Py_ssize_t n;
-    (void)self;
-    if (get_buffers(args, "half_to_float", &src, &dst, 2, 4, &n) < 0) {
+    if (!PyArg_UnpackTuple(args, name, 2, 2, &src_object, &dst_object) ||
+        get_buffers(name, src_object, to_float ? 2 : 4, dst_object, to_float ? 4 : 2, &src, &dst,
+                    &n) < 0) {
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
+    if (to_float) {
 #if KERNELS_X86
-    if (use_f16c) {
-        half_to_float_f16c((const uint16_t *)src.buf, (uint32_t *)dst.buf, n);
-    } else
+        if (use_simd) {
+            half_to_float_f16c((const uint16_t *)src.buf, (uint32_t *)dst.buf, n);
+        } else
 #endif
-    {
-        half_to_float_scalar((const uint16_t *)src.buf, (uint32_t *)dst.buf, n);
+            half_to_float_scalar((const uint16_t *)src.buf, (uint32_t *)dst.buf, n);
+    } else {
+#if KERNELS_X86
+        if (use_simd) {
+            float_to_half_f16c((const uint32_t *)src.buf, (uint16_t *)dst.buf, n);
+        } else
+#endif
+            float_to_half_scalar((const uint32_t *)src.buf, (uint16_t *)dst.buf, n);
     }
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&src);
     PyBuffer_Release(&dst);
     Py_RETURN_NONE;
+}
+
+static PyObject *py_half_to_float(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return convert(args, 1);
 }
 
 static PyObject *py_float_to_half(PyObject *self, PyObject *args)
 {
-    Py_buffer src, dst;
-    Py_ssize_t n;
     (void)self;
-    if (get_buffers(args, "float_to_half", &src, &dst, 4, 2, &n) < 0) {
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS
-#if KERNELS_X86
-    if (use_f16c) {
-        float_to_half_f16c((const uint32_t *)src.buf, (uint16_t *)dst.buf, n);
-    } else
-#endif
-    {
-        float_to_half_scalar((const uint32_t *)src.buf, (uint16_t *)dst.buf, n);
-    }
-    Py_END_ALLOW_THREADS
-    PyBuffer_Release(&src);
-    PyBuffer_Release(&dst);
-    Py_RETURN_NONE;
+    return convert(args, 0);
 }
 
-
-static PyObject *py_ema_update(PyObject *self, PyObject *args)
+/* ema_update(s, x, kind, c) (float32 shadow) and ema_update_native(s, x, kind, c) (a shadow of
+ * x's own 16-bit dtype). */
+static PyObject *ema(PyObject *args, int native)
 {
+    const char *name = native ? "ema_update_native" : "ema_update";
     PyObject *s_object, *x_object;
     int kind;
     float c;
     Py_buffer s, x;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "OOif:ema_update", &s_object, &x_object, &kind, &c)) {
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, native ? "OOif:ema_update_native" : "OOif:ema_update", &s_object,
+                          &x_object, &kind, &c)) {
         return NULL;
     }
-    if (kind < SOURCE_FLOAT32 || kind > SOURCE_BFLOAT16) {
-        return PyErr_Format(PyExc_ValueError, "ema_update: unknown source kind %d", kind);
-    }
-    if (PyObject_GetBuffer(s_object, &s, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
-        return NULL;
-    }
-    if (PyObject_GetBuffer(x_object, &x, PyBUF_C_CONTIGUOUS) < 0) {
-        PyBuffer_Release(&s);
-        return NULL;
+    if (kind < (native ? SOURCE_FLOAT16 : SOURCE_FLOAT32) || kind > SOURCE_BFLOAT16) {
+        return PyErr_Format(PyExc_ValueError, "%s: unknown source kind %d", name, kind);
     }
     Py_ssize_t x_item = kind == SOURCE_FLOAT32 ? 4 : 2;
-    if (s.len % 4 || x.len % x_item || s.len / 4 != x.len / x_item) {
-        PyErr_Format(PyExc_ValueError, "ema_update: %zd shadow bytes do not match %zd source bytes",
-                     s.len, x.len);
-        PyBuffer_Release(&s);
-        PyBuffer_Release(&x);
+    if (get_buffers(name, x_object, x_item, s_object, native ? 2 : 4, &x, &s, &n) < 0) {
         return NULL;
     }
-    Py_ssize_t n = s.len / 4;
     Py_BEGIN_ALLOW_THREADS
+    if (native) {
 #if KERNELS_X86
-    if (use_avx2) {
-        ema_avx2((float *)s.buf, x.buf, kind, c, n);
-    } else
+        if (use_simd) {
+            ema_native_avx2((uint16_t *)s.buf, (const uint16_t *)x.buf, kind, c, n);
+        } else
 #endif
-    {
-        ema_scalar((float *)s.buf, x.buf, kind, c, 0, n);
+            ema_native_scalar((uint16_t *)s.buf, (const uint16_t *)x.buf, kind, c, 0, n);
+    } else {
+#if KERNELS_X86
+        if (use_simd) {
+            ema_avx2((float *)s.buf, x.buf, kind, c, n);
+        } else
+#endif
+            ema_scalar((float *)s.buf, x.buf, kind, c, 0, n);
     }
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&s);
     PyBuffer_Release(&x);
     Py_RETURN_NONE;
+}
+
+static PyObject *py_ema_update(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return ema(args, 0);
 }
 
 static PyObject *py_ema_update_native(PyObject *self, PyObject *args)
 {
-    PyObject *s_object, *x_object;
-    int kind;
-    float c;
-    Py_buffer s, x;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOif:ema_update_native", &s_object, &x_object, &kind, &c)) {
-        return NULL;
-    }
-    if (kind != SOURCE_FLOAT16 && kind != SOURCE_BFLOAT16) {
-        return PyErr_Format(PyExc_ValueError, "ema_update_native: unknown kind %d", kind);
-    }
-    if (PyObject_GetBuffer(s_object, &s, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
-        return NULL;
-    }
-    if (PyObject_GetBuffer(x_object, &x, PyBUF_C_CONTIGUOUS) < 0) {
-        PyBuffer_Release(&s);
-        return NULL;
-    }
-    if (s.len % 2 || s.len != x.len) {
-        PyErr_Format(PyExc_ValueError,
-                     "ema_update_native: %zd shadow bytes do not match %zd source bytes", s.len,
-                     x.len);
-        PyBuffer_Release(&s);
-        PyBuffer_Release(&x);
-        return NULL;
-    }
-    Py_ssize_t n = s.len / 2;
-    Py_BEGIN_ALLOW_THREADS
-#if KERNELS_X86
-    if (use_avx2) {
-        ema_native_avx2((uint16_t *)s.buf, (const uint16_t *)x.buf, kind, c, n);
-    } else
-#endif
-    {
-        ema_native_scalar((uint16_t *)s.buf, (const uint16_t *)x.buf, kind, c, 0, n);
-    }
-    Py_END_ALLOW_THREADS
-    PyBuffer_Release(&s);
-    PyBuffer_Release(&x);
-    Py_RETURN_NONE;
+    return ema(args, 1);
 }
 
 static PyObject *py_set_hardware(PyObject *self, PyObject *arg)
@@ -481,9 +439,8 @@ static PyObject *py_set_hardware(PyObject *self, PyObject *arg)
     if (wanted < 0) {
         return NULL;
     }
-    use_f16c = wanted && have_f16c();
-    use_avx2 = wanted && have_avx2();
-    return PyBool_FromLong(use_f16c && use_avx2);
+    use_simd = wanted && have_simd();
+    return PyBool_FromLong(use_simd);
 }
 
 static PyMethodDef methods[] = {
@@ -498,7 +455,7 @@ static PyMethodDef methods[] = {
      "ema_update_native(s, x, kind, c): s = s - (s - x) * c with every operation rounded to "
      "float16 (kind 1) or bfloat16 (2), as numpy and ml_dtypes compute; s and x hold its bits."},
     {"set_hardware", py_set_hardware, METH_O,
-     "set_hardware(flag) -> bool: use F16C and AVX2 when flag is true and the CPU has them; "
+     "set_hardware(flag) -> bool: use AVX2 and F16C when flag is true and the CPU has both; "
      "returns whether they are used."},
     {NULL, NULL, 0, NULL},
 };
@@ -510,7 +467,6 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__kernels(void)
 {
-    use_f16c = have_f16c();
-    use_avx2 = have_avx2();
+    use_simd = have_simd();
     return PyModule_Create(&module);
 }

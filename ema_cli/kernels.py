@@ -53,13 +53,8 @@ def _hardware() -> bool:
 _enabled = _hardware()
 
 
-def backend() -> str:
-    """What runs the hot loops here: ``avx2`` (the C kernels) or ``numpy``."""
-    return "avx2" if _enabled else "numpy"
-
-
 def describe() -> str:
-    """``backend()`` for people, with the reason when it is numpy (shown by ``--version``)."""
+    """What runs the hot loops here, with the reason when it is numpy (shown by ``--version``)."""
     if _enabled:
         return "C kernels (AVX2, F16C)"
     if _kernels is None:
@@ -106,7 +101,6 @@ def updater(shadow: np.dtype[np.generic], source: np.dtype[np.generic]) -> Updat
     """
     if not _enabled or _kernels is None:
         return None
-    shadow, source = np.dtype(shadow), np.dtype(source)
     kind = _SOURCE_KINDS.get(source.name)
     if kind is None:
         return None

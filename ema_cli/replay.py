@@ -73,36 +73,38 @@ class _Block:
     stop: int
 
 
+@dataclass(frozen=True)
+class _Arithmetic:
+    """How tensors of one dtype are averaged: the dtype the shadow is kept in, each checkpoint's
+    ``c`` in it, and the C kernel's one-pass update (None: numpy's three passes, on blocks
+    widened to ``work`` first)."""
+
+    work: np.dtype[np.generic]
+    coefficients: list[np.generic]
+    update: engine.Update | None
+
+
 @dataclass
 class _Replayer:
     plan: ReplayPlan
     readers: Sequence[CheckpointReader]
     outputs: Outputs
     resume: CheckpointReader | None
-    _arithmetic: dict[np.dtype[np.generic], tuple[np.dtype[np.generic], list[np.generic]]] = field(
-        default_factory=dict
-    )
-    _updaters: dict[np.dtype[np.generic], engine.Update | None] = field(default_factory=dict)
+    _arithmetic: dict[np.dtype[np.generic], _Arithmetic] = field(default_factory=dict)
     _local: threading.local = field(default_factory=threading.local)
 
-    def arithmetic(
-        self, dtype: np.dtype[np.generic]
-    ) -> tuple[np.dtype[np.generic], list[np.generic]]:
-        """The dtype a tensor of ``dtype`` is averaged in, and each checkpoint's ``c`` in it;
-        worked out once per dtype (two threads may both do it first: same result)."""
+    def arithmetic(self, dtype: np.dtype[np.generic]) -> _Arithmetic:
+        """How tensors of ``dtype`` are averaged; worked out once per dtype (two threads may
+        both do it first: same result)."""
         cached = self._arithmetic.get(dtype)
         if cached is None:
             work = engine.compute_dtype(dtype, self.plan.settings.precision)
-            cs = [engine.coefficient(c.decay, work) for c in self.plan.checkpoints]
-            cached = self._arithmetic[dtype] = (work, cs)
+            cached = self._arithmetic[dtype] = _Arithmetic(
+                work,
+                [engine.coefficient(c.decay, work) for c in self.plan.checkpoints],
+                kernels.updater(work, dtype),
+            )
         return cached
-
-    def updater(self, dtype: np.dtype[np.generic]) -> engine.Update | None:
-        """The C kernel's one-pass update for tensors of ``dtype`` (reading their raw blocks), or
-        None for numpy's three passes on blocks widened first; looked up once per dtype."""
-        if dtype not in self._updaters:
-            self._updaters[dtype] = kernels.updater(self.arithmetic(dtype)[0], dtype)
-        return self._updaters[dtype]
 
     def buffer(self, role: str, dtype: np.dtype[np.generic], size: int) -> Array:
         """A per-thread scratch array, reused across blocks: fresh megabyte allocations would
@@ -156,16 +158,17 @@ class _Replayer:
         job, start, stop = block.job, block.start, block.stop
         info, size = job.info, stop - start
         settings = self.plan.settings
-        work_dtype, coefficients = self.arithmetic(info.dtype)
+        arithmetic = self.arithmetic(info.dtype)
+        work_dtype, update = arithmetic.work, arithmetic.update
         same_dtype = work_dtype == info.dtype
-        # The C kernel reads float16/bfloat16 blocks as they are; numpy needs them widened first.
-        update = self.updater(info.dtype)
-        scratch = self.buffer("scratch", work_dtype, size)
+        scratch = None if update is not None else self.buffer("scratch", work_dtype, size)
         state = self._initial_state(job, start, stop, work_dtype)
         snapshots = self.outputs.snapshots
-        for i, (reader, c) in enumerate(zip(self.readers, coefficients, strict=True)):
+        for i, (reader, c) in enumerate(zip(self.readers, arithmetic.coefficients, strict=True)):
             raw = reader.read(job.name, start, stop, out=self.read_buffer(reader, job, start, size))
             x = raw
+            # The C update reads float16/bfloat16 blocks as they are; numpy's needs them widened,
+            # and so does the shadow's first value.
             if not same_dtype and (state is None or update is None):
                 x = self.buffer("x", work_dtype, size)
                 kernels.convert(raw, x)  # widening: exact
