@@ -24,6 +24,7 @@ from ema_cli.formats import (
     CheckpointReader,
     CheckpointWriter,
     check_output_path,
+    check_writer,
     create_writer,
     find_checkpoint,
     is_folder_output,
@@ -295,6 +296,8 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
             for i, p in sorted(snapshot_at.items())
         ]
         if request.dry_run:
+            for i, path in snapshot_at.items():  # what the writers would refuse, unwritten
+                check_writer(path, plan.output_tensors, template=readers[i], folder=folder_output)
             record = report.summary(plan, records, output, outputs=outputs, extra=extra)
             return Result("dry run", record, mapping_path, plan, folded)
 

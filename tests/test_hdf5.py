@@ -497,3 +497,27 @@ def test_non_tensor_datasets_refuse_conversion(tmp_path: Path) -> None:
     result = run_cli(["average", *paths, "-o", tmp_path / "o.h5", "--decay", "0.9", "-q"])
     assert result.exit_code == 0, result.output
     assert h5_values(tmp_path / "o.h5")["labels"].tolist() == [b"a"]
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+@pytest.mark.parametrize("suffix", ["out.safetensors", "out-folder", "out.npz"])
+def test_a_dtype_the_output_format_cannot_store_is_refused_before_any_work(
+    tmp_path: Path, suffix: str, dry_run: bool
+) -> None:
+    """float8_e4m3fnuz is stored opaque in HDF5 (Keras 3's convention) but has no safetensors
+    or npz name: one line, exit 2, nothing written, and --dry-run says so too."""
+    fnuz = np.dtype(ml_dtypes.float8_e4m3fnuz)
+    paths = []
+    for step in (1, 2):
+        path = tmp_path / f"ckpt-{step}.weights.h5"
+        with h5py.File(path, "w") as f:
+            f["w"] = np.full(4, step, np.float32)
+            q = f.create_dataset("q", data=np.zeros(3, fnuz).view(np.void(1)))
+            q.attrs["dtype"] = "float8_e4m3fnuz"
+        paths.append(path)
+    out = tmp_path / suffix
+    result = run_cli(
+        ["average", *paths, "-o", out, "--decay", "0.9", *(["--dry-run"] if dry_run else [])]
+    )
+    assert_fails(result, str(out), "'q'", "float8_e4m3fnuz", "cannot")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-1.weights.h5", "ckpt-2.weights.h5"]

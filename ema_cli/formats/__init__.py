@@ -19,6 +19,7 @@ __all__ = [
     "CheckpointWriter",
     "TensorInfo",
     "check_output_path",
+    "check_writer",
     "create_writer",
     "find_checkpoint",
     "is_folder_output",
@@ -129,20 +130,16 @@ def check_output_path(path: Path) -> None:
         raise OptionError(f"{path}: unsupported output format (ema-cli writes {known})")
 
 
-def create_writer(
+def check_writer(
     path: Path,
     tensors: Sequence[TensorInfo],
-    metadata: Mapping[str, str],
     template: CheckpointReader | None = None,
-    max_shard_size: int | None = None,
     folder: bool | None = None,
-) -> CheckpointWriter:
-    """Start writing a checkpoint at ``path`` in the format its suffix names.
-
-    ``template`` (the last input checkpoint) lets a format copy what is not a tensor. A folder
-    output (``folder``, or by default a name without a file suffix) is sharded at
-    ``max_shard_size`` bytes (default 5 GB, as Hugging Face does).
-    """
+) -> type[CheckpointWriter]:
+    """Refuse an output that could not be written (``OptionError``), before any work: an
+    unknown suffix, a dtype or name the format cannot store, or a conversion that would drop
+    what the template holds besides tensors. Returns the writer class; writes nothing, so
+    ``--dry-run`` runs it too. ``folder``: as in ``create_writer``."""
     if folder is None:
         folder = is_folder_output(path)
     if not folder:
@@ -158,7 +155,27 @@ def create_writer(
             f"{path}: {template.path} holds {lost[0]}{more}, which {kind} cannot hold; write "
             f"a {_suffix(Path(template.path))} output to keep it"
         )
-    if folder:
+    writer.check(path, tensors, template)
+    return writer
+
+
+def create_writer(
+    path: Path,
+    tensors: Sequence[TensorInfo],
+    metadata: Mapping[str, str],
+    template: CheckpointReader | None = None,
+    max_shard_size: int | None = None,
+    folder: bool | None = None,
+) -> CheckpointWriter:
+    """Start writing a checkpoint at ``path`` in the format its suffix names (``check_writer``
+    first).
+
+    ``template`` (the last input checkpoint) lets a format copy what is not a tensor. A folder
+    output (``folder``, or by default a name without a file suffix) is sharded at
+    ``max_shard_size`` bytes (default 5 GB, as Hugging Face does).
+    """
+    writer = check_writer(path, tensors, template, folder)
+    if writer is ShardedWriter:
         limit = DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size
         return ShardedWriter(path, tensors, metadata, template, max_shard_size=limit)
     return writer(path, tensors, metadata, template)

@@ -173,6 +173,14 @@ class CheckpointWriter(ABC):
         """Whether this format copies ``template.non_tensors`` into its output."""
         return False
 
+    @classmethod  # noqa: B027 - a format without limits keeps this no-op
+    def check(
+        cls, path: Path, tensors: Sequence[TensorInfo], template: CheckpointReader | None
+    ) -> None:
+        """Raise ``OptionError`` if this format cannot store ``tensors`` (a dtype it has no name
+        for, names it cannot hold) or needs another kind of ``template``. Called before any
+        work, including by ``--dry-run``; writing nothing."""
+
     @abstractmethod
     def write(self, name: str, start: int, values: npt.NDArray[np.generic]) -> None:
         """Store ``values`` (1-D, the tensor's dtype) at flat element offset ``start`` of ``name``.
@@ -201,10 +209,7 @@ class CheckpointWriter(ABC):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc_type is not None:
-            self.abort()
-        else:
-            self.abort()  # no-op after commit(); a forgotten commit must not publish half a file
+        self.abort()  # a no-op after commit(); a forgotten commit must not publish half a file
 
 
 def temporary_sibling(path: Path) -> tuple[BinaryIO, Path]:

@@ -497,7 +497,7 @@ class HDF5Writer(CheckpointWriter):
         template: CheckpointReader | None = None,
     ) -> None:
         super().__init__(path, tensors, metadata, template)
-        check_names(path, [t.name for t in self.tensors])
+        self.check(path, self.tensors, template)
         self._source = _hdf5_source(template)
         self._infos = {t.name: t for t in self.tensors}
         self._lock = threading.Lock()
@@ -522,6 +522,16 @@ class HDF5Writer(CheckpointWriter):
         except BaseException:
             self.abort()
             raise
+
+    @classmethod
+    def check(
+        cls, path: Path, tensors: Sequence[TensorInfo], template: CheckpointReader | None
+    ) -> None:
+        check_names(path, [t.name for t in tensors])
+        for info in tensors:
+            dtype = np.dtype(info.dtype)
+            if dtype.kind != "V" and dtype not in NUMERIC_DTYPES:  # ml_dtypes types are opaque
+                raise OptionError(f"{path}: tensor '{info.name}': HDF5 cannot store dtype {dtype}")
 
     @classmethod
     def carries_non_tensors(cls, template: CheckpointReader) -> bool:
@@ -620,12 +630,8 @@ class HDF5Writer(CheckpointWriter):
             group, name = self._parent_group(info.name)
         dtype = np.dtype(info.dtype)
         opaque = dtype.kind == "V"
-        if opaque:
-            file_type = h5t.create(h5t.OPAQUE, dtype.itemsize)
-        elif dtype in NUMERIC_DTYPES:
-            file_type = h5t.py_create(dtype)
-        else:
-            raise OptionError(f"{self.path}: tensor '{info.name}': HDF5 cannot store dtype {dtype}")
+        # check() refused every other kind of dtype
+        file_type = h5t.create(h5t.OPAQUE, dtype.itemsize) if opaque else h5t.py_create(dtype)
         space = h5s.create_simple(info.shape) if info.shape else h5s.create(h5s.SCALAR)
         dataset = h5d.create(group.id, name, file_type, space, lcpl=_utf8_links())
         if opaque:

@@ -180,15 +180,23 @@ class KerasArchiveWriter(CheckpointWriter):
         template: CheckpointReader | None = None,
     ) -> None:
         super().__init__(path, tensors, metadata, template)
+        self.check(path, self.tensors, template)
+        assert isinstance(template, KerasArchiveReader)
+        self._template = template
+        self._weights = HDF5Writer(path, tensors, metadata, template)
+        self._done = False
+
+    @classmethod
+    def check(
+        cls, path: Path, tensors: Sequence[TensorInfo], template: CheckpointReader | None
+    ) -> None:
         if not isinstance(template, KerasArchiveReader):
             raise OptionError(
                 f"{path}: a .keras output needs .keras inputs (it takes config.json and the "
                 "other archive members from the last checkpoint); write a .weights.h5 output "
                 "for the weights alone"
             )
-        self._template = template
-        self._weights = HDF5Writer(path, tensors, metadata, template)
-        self._done = False
+        HDF5Writer.check(path, tensors, template)
 
     @classmethod
     def carries_non_tensors(cls, template: CheckpointReader) -> bool:

@@ -370,7 +370,7 @@ def _check_dtype(path: Path, info: TensorInfo) -> None:
         return
     raise OptionError(
         f"{path}: tensor '{info.name}' is {dtype}, which .npz cannot mark (numpy would store "
-        "raw bytes of an unnamed dtype); write a .safetensors or .h5 output instead"
+        "raw bytes of an unnamed dtype); write a .h5 output instead"
     )
 
 
@@ -383,10 +383,7 @@ class NpzWriter(CheckpointWriter):
         template: CheckpointReader | None = None,
     ) -> None:
         super().__init__(path, tensors, metadata, template)
-        for info in self.tensors:
-            _check_dtype(path, info)
-            if not info.name or info.name.endswith("/"):
-                raise OptionError(f"{path}: tensor name {info.name!r} cannot be an npz member")
+        self.check(path, self.tensors, template)
         self._source = template if isinstance(template, NpzReader) else None
         self._infos = {t.name: t for t in self.tensors}
         self._layout = self._plan_members()
@@ -406,6 +403,15 @@ class NpzWriter(CheckpointWriter):
         except OSError as e:
             self.abort()
             raise OutputError(path, e) from None
+
+    @classmethod
+    def check(
+        cls, path: Path, tensors: Sequence[TensorInfo], template: CheckpointReader | None
+    ) -> None:
+        for info in tensors:
+            _check_dtype(path, info)
+            if not info.name or info.name.endswith("/"):
+                raise OptionError(f"{path}: tensor name {info.name!r} cannot be an npz member")
 
     @classmethod
     def carries_non_tensors(cls, template: CheckpointReader) -> bool:

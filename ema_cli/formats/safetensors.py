@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ema_cli.checkpoint import TensorInfo
-from ema_cli.errors import CheckpointError, OutputError, TruncatedCheckpointError
+from ema_cli.errors import CheckpointError, OptionError, OutputError, TruncatedCheckpointError
 from ema_cli.formats.base import (
     CheckpointReader,
     CheckpointWriter,
@@ -59,6 +59,16 @@ _DTYPES: dict[str, np.dtype[Any]] = {
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 _DTYPE_RANK = {name: rank for rank, name in enumerate(_DTYPES)}
+
+
+def check_dtypes(path: Path, tensors: Sequence[TensorInfo]) -> None:
+    """Refuse tensors whose dtype safetensors has no name for (float8 ``fnuz`` kinds, ...)."""
+    for info in tensors:
+        if np.dtype(info.dtype) not in _DTYPE_NAMES:
+            raise OptionError(
+                f"{path}: tensor '{info.name}' is {info.dtype}, which safetensors cannot store; "
+                "write a .h5 output instead"
+            )
 
 
 def dtype_name(dtype: np.dtype[Any]) -> str:
@@ -278,6 +288,7 @@ class SafetensorsWriter(CheckpointWriter):
         template: CheckpointReader | None = None,
     ) -> None:
         super().__init__(path, tensors, metadata, template)
+        self.check(path, self.tensors, template)
         header, self._offsets = build_header(self.tensors, self.metadata)
         self._infos = {t.name: t for t in self.tensors}
         self._expected = sum(t.nbytes for t in self.tensors)
@@ -295,6 +306,12 @@ class SafetensorsWriter(CheckpointWriter):
         except BaseException:
             self.abort()
             raise
+
+    @classmethod
+    def check(
+        cls, path: Path, tensors: Sequence[TensorInfo], template: CheckpointReader | None
+    ) -> None:
+        check_dtypes(path, tensors)
 
     def write(self, name: str, start: int, values: npt.NDArray[np.generic]) -> None:
         info = self._infos[name]

@@ -39,7 +39,7 @@ import numpy.typing as npt
 from ema_cli.checkpoint import CHECKPOINT_SUFFIXES, TensorInfo
 from ema_cli.errors import CheckpointError, OptionError, OutputError
 from ema_cli.formats.base import CheckpointReader, CheckpointWriter, check_range, write_exact
-from ema_cli.formats.safetensors import SafetensorsReader, build_header
+from ema_cli.formats.safetensors import SafetensorsReader, build_header, check_dtypes
 
 #: The index that makes a folder one sharded checkpoint.
 INDEX_NAME = "model.safetensors.index.json"
@@ -458,6 +458,7 @@ class ShardedWriter(CheckpointWriter):
         max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     ) -> None:
         super().__init__(path, tensors, metadata, template)
+        self.check(path, self.tensors, template)
         names = [t.name for t in self.tensors]
         if len(set(names)) != len(names):
             raise ValueError("duplicate tensor names")
@@ -498,6 +499,12 @@ class ShardedWriter(CheckpointWriter):
         except BaseException:
             self.abort()
             raise
+
+    @classmethod
+    def check(
+        cls, path: Path, tensors: Sequence[TensorInfo], template: CheckpointReader | None
+    ) -> None:
+        check_dtypes(path, tensors)
 
     def _open_shard(self, number: int) -> int:
         return os.open(self._tmp / self._files[number], os.O_WRONLY)
