@@ -36,6 +36,7 @@ def sample(seed: int = 0) -> dict[str, np.ndarray]:
         "half": rng.standard_normal((2, 3, 4)).astype(np.float16),
         "big_endian": rng.standard_normal(6).astype(">f4"),
         "fortran": np.asfortranarray(rng.standard_normal((4, 6)).astype(np.float32)),
+        "fortran_bf16": np.asfortranarray(rng.standard_normal((3, 5)).astype(BF16)),
         "step": np.array(12, dtype=np.int64),
         "mask": np.array([True, False]),
         "empty": np.zeros((0, 2), np.float32),
@@ -72,6 +73,19 @@ def test_deflated_members_read_in_any_block_order(
     with NpzReader(path) as reader:
         for start, stop in blocks:
             assert np.array_equal(reader.read("x", start, stop), value[start:stop])
+
+
+def test_a_deflated_member_frees_its_window_after_its_last_block(tmp_path: Path) -> None:
+    """Memory stays at a block, not a model: a finished member keeps no decompressor."""
+    path = tmp_path / "c.npz"
+    np.savez_compressed(path, a=np.arange(100.0), b=np.arange(50.0))
+    with NpzReader(path) as reader:
+        reader.read("a", 0, 60)
+        assert reader._members["a"].inflater is not None  # mid-tensor: kept for the next block
+        reader.read("a", 60, 100)
+        reader.read("b")
+        assert all(m.inflater is None for m in reader._members.values())
+        assert np.array_equal(reader.read("a", 10, 20), np.arange(10.0, 20.0))  # reopened
 
 
 def test_members_that_are_not_tensors(tmp_path: Path) -> None:
@@ -228,6 +242,26 @@ def test_bad_npz_in_a_replay_exits_2(tmp_path: Path, content: bytes, message: st
         run_cli(["average", *npz_sequence(tmp_path), bad, "-o", out, "--decay", "0.9"]),
         str(bad),
         message,
+    )
+    assert not out.exists()
+
+
+def test_a_compression_zipfile_cannot_read_exits_2(tmp_path: Path) -> None:
+    """Deflate64 (method 9), as some Windows zip tools write: one line, not a traceback."""
+    bad = tmp_path / "ckpt-7.npz"
+    np.savez_compressed(bad, w=np.full(4, 7, np.float32), step=np.array(7))
+    data = bytearray(bad.read_bytes())
+    for signature, at in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):
+        i = data.find(signature)
+        while i >= 0:
+            data[i + at : i + at + 2] = (9).to_bytes(2, "little")
+            i = data.find(signature, i + 4)
+    bad.write_bytes(bytes(data))
+    out = tmp_path / "o.npz"
+    assert_fails(
+        run_cli(["average", *npz_sequence(tmp_path), bad, "-o", out, "--decay", "0.9"]),
+        str(bad),
+        "not supported",
     )
     assert not out.exists()
 

@@ -134,6 +134,18 @@ def stream_member(target: zipfile.ZipFile, info: zipfile.ZipInfo, *parts: Readab
 # ---------------------------------------------------------------- reading
 
 
+#: What reading a damaged zip member can raise (NotImplementedError: a compression method
+#: zipfile does not support, such as Deflate64).
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    EOFError,
+    OSError,
+    zlib.error,
+    lzma.LZMAError,
+    NotImplementedError,
+)
+
+
 class _Member:
     """Where one tensor's bytes are and how to get at them."""
 
@@ -246,7 +258,7 @@ class NpzReader(CheckpointReader):
                 header_size = stream.tell()
         except ValueError as e:
             raise CheckpointError(self.path, f"corrupt .npy header ({e})", tensor=name) from None
-        except (zipfile.BadZipFile, EOFError, OSError) as e:
+        except _ZIP_ERRORS as e:
             raise CheckpointError(self.path, f"corrupt zip member ({e})", tensor=name) from None
         tensor_dtype = None if dtype.hasobject else _tensor_dtype(dtype)
         if tensor_dtype is None:
@@ -311,7 +323,10 @@ class NpzReader(CheckpointReader):
                     if member.inflater is None:
                         member.inflater = _Inflater(self.archive, member)
                     got = member.inflater.read_into(view, start * itemsize)
-        except (zipfile.BadZipFile, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
+                    if stop == info.size:  # the tensor's last block: free its window
+                        member.inflater.close()
+                        member.inflater = None
+        except _ZIP_ERRORS as e:
             raise CheckpointError(self.path, f"corrupt zip member ({e})", tensor=name) from None
         if got != len(view):
             raise TruncatedCheckpointError(
@@ -329,13 +344,22 @@ class NpzReader(CheckpointReader):
                 try:
                     with self.archive.open(member.info) as f:
                         array = np.lib.format.read_array(f, allow_pickle=False)
-                except (ValueError, zipfile.BadZipFile, EOFError, OSError) as e:
+                except (ValueError, *_ZIP_ERRORS) as e:
                     raise CheckpointError(self.path, f"cannot read ({e})", tensor=name) from None
                 if len(self._cache) >= 2:
                     del self._cache[next(iter(self._cache))]
                 flat = np.ascontiguousarray(array).reshape(-1)
-                self._cache[name] = flat.astype(self._tensors[name].dtype, copy=False)
+                want = self._tensors[name].dtype
+                # bfloat16 is stored as raw 2-byte voids: reinterpreted, not converted
+                flat = flat.view(want) if flat.dtype.kind == "V" else flat.astype(want, copy=False)
+                self._cache[name] = flat
             return self._cache[name]
+
+    def file_offset(self, name: str, start: int) -> int | None:
+        member = self._members[name]
+        if member.offset is None:
+            return None
+        return member.offset + start * self._tensors[name].dtype.itemsize
 
     def close(self) -> None:
         for member in getattr(self, "_members", {}).values():
