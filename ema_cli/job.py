@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from ema_cli import lock, report, state
 from ema_cli.checkpoint import file_stats
-from ema_cli.errors import OptionError, TruncatedCheckpointError
+from ema_cli.errors import CheckpointError, OptionError, TruncatedCheckpointError
 from ema_cli.formats import (
     CheckpointReader,
     CheckpointWriter,
@@ -31,7 +31,7 @@ from ema_cli.formats import (
     open_checkpoint,
     strip_format_suffix,
 )
-from ema_cli.formats.base import remove_stale_temporaries, write_file_atomically
+from ema_cli.formats.base import StagedFile, remove_stale_temporaries
 from ema_cli.formats.safetensors import SafetensorsWriter
 from ema_cli.plan import Checkpoint, ReplayPlan, Selection, Settings, build_plan, order_checkpoints
 from ema_cli.replay import Outputs, replay, state_tensors, total_bytes
@@ -124,7 +124,7 @@ def _check_options(request: Request) -> None:
             "--last cannot be combined with --state: a sliding window is not an incremental "
             "average (use --min-step to start later)"
         )
-    if request.settle < 0:
+    if not request.settle >= 0:  # NaN too
         raise OptionError(f"--settle must be >= 0, got {request.settle}")
 
 
@@ -156,6 +156,10 @@ def _check_targets(
     for target in (output, mapping):
         if not target.parent.is_dir():
             raise OptionError(f"{target}: folder {target.parent} does not exist")
+    if mapping.is_dir():
+        raise OptionError(
+            f"{mapping}: is a folder; the mapping file needs another name (--mapping)"
+        )
     if request.state is not None and not request.state.parent.is_dir():
         raise OptionError(f"{request.state}: folder {request.state.parent} does not exist")
 
@@ -207,6 +211,11 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
     resolved = {given: find_checkpoint(Path(given)) for given in request.checkpoints}
     ordered = order_checkpoints(request.checkpoints, settings, request.selection)
     files = [resolved[c.path] for c in ordered]
+    first_given: dict[str, str] = {}
+    for c, file in zip(ordered, files, strict=True):  # the same file under two spellings
+        earlier = first_given.setdefault(os.path.realpath(file), c.path)
+        if earlier != c.path:
+            raise CheckpointError(c.path, f"given twice (also as {earlier})")
     _check_targets(request, mapping_path, ordered, files)
 
     with contextlib.ExitStack() as stack:
@@ -333,6 +342,10 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
             )
         resume = stack.enter_context(open_checkpoint(saved.shadows_path)) if saved else None
 
+        # Opened before the replay, written last: a mapping that cannot be written fails the
+        # run before any output appears. (After the writers: they clean their output's stale
+        # temporaries, and a folder output "ema" shares the ".ema." prefix with the mapping's.)
+        mapping_file = stack.enter_context(StagedFile(mapping_path))
         with progress(total_bytes(plan, len(writers))) as advance:
             for done in replay(plan, readers, Outputs(writers, state_writer), resume=resume):
                 advance(done)
@@ -345,11 +358,7 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
             if request.hash:
                 entry["sha256"] = report.sha256(path)
         record = report.summary(plan, records, output, outputs=outputs, extra=extra)
-        write_file_atomically(
-            mapping_path,
-            report.to_json(record).encode(),
-            request.durable,
-        )
+        mapping_file.publish(report.to_json(record).encode(), request.durable)
         if state_writer is not None and request.state is not None:
             state_writer.commit(request.durable)
             fingerprints = [state.Fingerprint.of(c.path, files[i]) for i, c in enumerate(history)]

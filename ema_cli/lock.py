@@ -24,7 +24,7 @@ class LockedError(EmaCliError):
 
 
 def lock_path(target: Path) -> Path:
-    """The lock file guarding ``target``: ``.<name>.lock`` beside it, or inside a state folder."""
+    """The lock file guarding ``target`` (a file or a state folder): ``.<name>.lock`` beside it."""
     return target.with_name(f".{target.name}.lock")
 
 
@@ -48,8 +48,8 @@ def _acquire(path: Path, target: Path, what: str) -> int:
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise OutputError(path, e) from None
+        except OSError as e:  # named by what the user gave, not the hidden lock file
+            raise OutputError(target, e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -472,6 +472,42 @@ def test_duplicate_steps(sequence: list[Path], tmp_path: Path, existing_output: 
     assert_untouched(existing_output)
 
 
+def test_one_file_under_two_spellings_is_given_twice(
+    sequence: list[Path], tmp_path: Path, existing_output: Path
+) -> None:
+    """--order given keeps names as typed: './', a symlink or a folder holding the file must
+    still not replay one checkpoint twice."""
+    link = tmp_path / "ckpt-77.safetensors"
+    link.symlink_to(sequence[0])
+    dotted = sequence[0].parent / "." / sequence[0].name
+    for second in (dotted, link, sequence[0].parent / ".." / "run" / sequence[0].name):
+        assert_fails(
+            average(
+                sequence[0], second, "-o", existing_output, "--decay", "0.9", "--order", "given"
+            ),
+            str(second),
+            "given twice",
+        )
+    assert_untouched(existing_output)
+
+
+def test_a_mapping_that_cannot_be_written_fails_before_the_output_appears(
+    sequence: list[Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "x.safetensors"
+    (tmp_path / "x.mapping.json").mkdir()  # the default mapping name, taken by a folder
+    assert_fails(average(*sequence, "-o", out, "--decay", "0.9"), "x.mapping.json", "is a folder")
+    assert not out.exists()
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        assert_fails(
+            average(*sequence, "-o", out, "--decay", "0.9", "--mapping", ro / "m.json"),
+            str(ro / "m.json"),
+        )
+        assert not out.exists()
+
+
 @pytest.mark.parametrize("decay", ["1.5", "-0.1", "nan", "abc"])
 def test_bad_decay(decay: str, sequence: list[Path], existing_output: Path) -> None:
     assert_fails(average(*sequence, "-o", existing_output, "--decay", decay), "decay")

@@ -87,6 +87,7 @@ def test_index_counts_positions_after_selection(run_dir: list[Path], tmp_path: P
         (["--min-step", "400", "--max-step", "300"], "--min-step 400 is above --max-step 300"),
         (["--every", "0"], "--every must be at least 1"),
         (["--settle", "-1"], "--settle must be >= 0"),
+        (["--settle", "nan"], "--settle must be >= 0"),
         (["--max-shard-size", "1GB"], "--max-shard-size applies to folder outputs"),
     ],
 )

@@ -264,20 +264,41 @@ def publish(tmp: Path, path: Path, durable: bool = True) -> None:
         _fsync_dir(path.parent)
 
 
-def write_file_atomically(path: Path, data: bytes, durable: bool = True) -> None:
-    """Write a small file (a mapping, an index) through a temporary file and a rename."""
-    f, tmp = temporary_sibling(path)
-    try:
+class StagedFile:
+    """A small file (a mapping, an index) whose temporary sibling is created now and published
+    later: a run opens it before the work it describes, so a place it cannot write fails before
+    anything else is written. Use as a context manager; leaving without ``publish`` removes the
+    temporary file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file, self._tmp = temporary_sibling(path)
+        self._done = False
+
+    def publish(self, data: bytes, durable: bool = True) -> None:
+        """Write ``data`` and rename the file into place (flushed first if ``durable``)."""
         try:
-            with f:
-                f.write(data)
+            with self._file:
+                self._file.write(data)
         except OSError as e:
-            raise OutputError(path, e) from None
-        publish(tmp, path, durable)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+            raise OutputError(self.path, e) from None
+        publish(self._tmp, self.path, durable)
+        self._done = True
+
+    def __enter__(self) -> StagedFile:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self._done:
+            self._file.close()
+            with contextlib.suppress(FileNotFoundError):
+                self._tmp.unlink()
+
+
+def write_file_atomically(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write a small file through a temporary file and a rename."""
+    with StagedFile(path) as staged:
+        staged.publish(data, durable)
 
 
 def _read_umask() -> int:
