@@ -672,7 +672,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[],
         metavar="NAME:VAR=VALUE[,VAR=VALUE]",
         help="also run benchmarks/variants.py with these EMA_BENCH_* settings (repeatable), "
-        "e.g. no-fsync:EMA_BENCH_NO_FSYNC=1",
+        "e.g. 1-worker:EMA_BENCH_WORKERS=1",
     )
     parser.add_argument("--json", type=Path, help="also write the raw measurements here")
     args = parser.parse_args(argv)

@@ -5,18 +5,19 @@ environment variables (each unset = ema-cli's own behaviour):
 
 - ``EMA_BENCH_WORKERS=N``: replay threads (ema-cli uses 2);
 - ``EMA_BENCH_BLOCK=BYTES``: block size (ema-cli's replay.DEFAULT_BLOCK_BYTES);
-- ``EMA_BENCH_NO_FSYNC=1``: skip the fsync that makes the output durable before the rename
-  (ema-cli now fsyncs only with ``--fsync`` or ``--state``, so this matters only for those);
 - ``EMA_BENCH_PULL=1``: the worker threads pull blocks from a shared list under a lock and
   report bytes at the end, instead of one Future per block and a FIRST_COMPLETED wait (progress
-  is then not incremental; a real version would pass counts through a queue);
+  is then not incremental; a real version would pass counts through a queue).
+
+Any other variable is simply passed on (``EMA_CLI_NO_KERNELS=1``: numpy instead of the C
+kernels).
 
 Use it through run.py (``--variant NAME:VAR=VALUE[,VAR=VALUE]``) or directly:
 
-    EMA_BENCH_NO_FSYNC=1 python benchmarks/variants.py average CKPT... -o OUT --decay D -q
+    EMA_BENCH_WORKERS=1 python benchmarks/variants.py average CKPT... -o OUT --decay D -q
 
-This reaches into private code (``ema_cli.replay._Replayer.run``/``buffer``, ``replay(...,
-workers=)``); it is a measuring aid and exits if those are gone, rather than silently
+This reaches into private code (``ema_cli.replay._Replayer.run``, ``replay(..., workers=,
+block_bytes=)``); it is a measuring aid and exits if those are gone, rather than silently
 measuring something else.
 """
 
@@ -26,6 +27,8 @@ import atexit
 import os
 import sys
 import threading
+
+from ema_cli import engine
 
 
 def _pull_replay(replay_module, original):  # type: ignore[no-untyped-def]
@@ -58,6 +61,7 @@ def _pull_replay(replay_module, original):  # type: ignore[no-untyped-def]
         done, errors = [0], []
 
         def work() -> None:
+            engine.enter_tf_arithmetic_for_this_thread()  # as ema-cli's own worker threads do
             try:
                 while not errors:
                     with lock:
@@ -84,13 +88,10 @@ def _pull_replay(replay_module, original):  # type: ignore[no-untyped-def]
 
 def main() -> None:
     env = os.environ
-    if env.get("EMA_BENCH_NO_FSYNC"):
-        os.fsync = lambda fd: None  # only the outputs' durability steps call it
     from ema_cli import replay
 
-    for name in ("run", "buffer", "readers"):
-        if not hasattr(replay._Replayer, name) and name not in replay._Replayer.__annotations__:
-            sys.exit(f"variants.py: ema_cli.replay._Replayer has no {name}; update variants.py")
+    if not hasattr(replay._Replayer, "run"):
+        sys.exit("variants.py: ema_cli.replay._Replayer has no run(); update variants.py")
     original = replay.replay
     options = {}
     if "EMA_BENCH_WORKERS" in env:

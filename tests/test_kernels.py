@@ -9,6 +9,7 @@ operations for every float16 and bfloat16 input pattern and random float32 patte
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import sys
 from collections.abc import Iterator
@@ -34,7 +35,21 @@ def test_the_kernel_is_built_where_ci_runs() -> None:
     if not (sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64")):
         pytest.skip("the check is for Linux x86-64")
     assert kernel is not None, "ema_cli._kernels did not build: is a C compiler installed?"
-    assert kernels.describe() == "C kernels (AVX2, F16C)"
+    assert kernel.set_hardware(True), "this CPU has no AVX2 and F16C"
+
+
+@contextlib.contextmanager
+def kernels_on(simd: bool) -> Iterator[bool]:
+    """The C kernels in use, with their AVX2/F16C loops (``simd``) or their portable ones,
+    whatever EMA_CLI_NO_KERNELS or the CPU say; yields whether the SIMD loops run."""
+    assert kernel is not None
+    enabled = kernels._enabled
+    kernels._enabled = True
+    try:
+        yield bool(kernel.set_hardware(simd))
+    finally:
+        kernels._enabled = enabled
+        kernel.set_hardware(True)
 
 
 @pytest.fixture(params=["simd", "portable"])
@@ -42,13 +57,10 @@ def path(request: pytest.FixtureRequest) -> Iterator[str]:
     """Run a test with the AVX2/F16C code and again with the kernel's portable loop."""
     if kernel is None:
         pytest.skip("ema_cli._kernels was not built")
-    hardware = kernel.set_hardware(request.param == "simd")
-    if request.param == "simd" and not hardware:
-        pytest.skip("this CPU has no AVX2 and F16C")
-    try:
+    with kernels_on(request.param == "simd") as simd:
+        if request.param == "simd" and not simd:
+            pytest.skip("this CPU has no AVX2 and F16C")
         yield request.param
-    finally:
-        kernel.set_hardware(True)
 
 
 def bits(a: np.ndarray) -> np.ndarray:
@@ -96,16 +108,18 @@ def test_float32_rounds_to_float16_as_numpy_does(path: str, flushing: bool) -> N
     np.testing.assert_array_equal(bits(out), bits(numpy_cast(src, np.float16)))
 
 
+@needs_kernel
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.integers(0, (1 << 32) - 1), min_size=0, max_size=70))
-def test_random_float32_patterns_round_as_numpy_does(patterns: list[int]) -> None:
+@given(st.lists(st.integers(0, (1 << 32) - 1), min_size=0, max_size=70), st.booleans())
+def test_random_float32_patterns_round_as_numpy_does(patterns: list[int], simd: bool) -> None:
     """Any length (groups of 8 plus a tail), NaNs of any payload mixed with ordinary values."""
     src = np.array(patterns, dtype=np.uint32).view(np.float32)
     out = np.empty(src.size, np.float16)
-    kernels.convert(src, out)
-    np.testing.assert_array_equal(bits(out), bits(numpy_cast(src, np.float16)))
     back = np.empty(src.size, np.float32)
-    kernels.convert(out, back)
+    with kernels_on(simd):
+        kernels.convert(src, out)
+        kernels.convert(out, back)
+    np.testing.assert_array_equal(bits(out), bits(numpy_cast(src, np.float16)))
     np.testing.assert_array_equal(bits(back), bits(numpy_cast(out, np.float32)))
 
 
@@ -182,18 +196,20 @@ def test_fused_update_of_every_half_input_matches_numpy(path: str, source: str) 
                 )
 
 
+@needs_kernel
 @settings(max_examples=300, deadline=None)
 @given(
     st.lists(st.tuples(st.integers(0, (1 << 32) - 1), st.integers(0, (1 << 32) - 1)), max_size=40),
     st.floats(0, 1, width=32),
     st.booleans(),
+    st.booleans(),
 )
 def test_fused_update_of_float32_matches_numpy(
-    pairs: list[tuple[int, int]], c: float, flushing: bool
+    pairs: list[tuple[int, int]], c: float, flushing: bool, simd: bool
 ) -> None:
     s = np.array([p[0] for p in pairs], np.uint32).view(np.float32)
     x = np.array([p[1] for p in pairs], np.uint32).view(np.float32)
-    with engine.tf_arithmetic() if flushing else np.errstate(all="ignore"):
+    with engine.tf_arithmetic() if flushing else np.errstate(all="ignore"), kernels_on(simd):
         np.testing.assert_array_equal(
             bits(kernel_update(s, x, np.float32(c))), bits(numpy_update(s, x, np.float32(c)))
         )
