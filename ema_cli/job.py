@@ -164,16 +164,18 @@ def _check_targets(
         raise OptionError(f"{request.state}: folder {request.state.parent} does not exist")
 
 
-def _still_settling(file: Path, settle: float) -> bool:
-    return settle > 0 and time.time() - file_stats(file)[1] / 1e9 < settle
+def _still_settling(fingerprint: state.Fingerprint, settle: float) -> bool:
+    return settle > 0 and time.time() - fingerprint.mtime_ns / 1e9 < settle
 
 
 def _resume_point(
-    saved: state.SavedState, ordered: Sequence[Checkpoint], files: Sequence[Path]
+    saved: state.SavedState,
+    ordered: Sequence[Checkpoint],
+    fingerprints: Sequence[state.Fingerprint],
 ) -> int:
     """How many of ``ordered`` the saved state has folded in; raises when the inputs no longer
     continue it (a folded-in checkpoint changed or vanished, or a new one sorts before them)."""
-    by_real = {os.path.realpath(f): i for i, f in enumerate(files)}
+    by_real = {f.realpath: i for i, f in enumerate(fingerprints)}
     for position, folded in enumerate(saved.checkpoints):
         index = by_real.get(folded["realpath"])
         if index is None:
@@ -181,7 +183,7 @@ def _resume_point(
                 saved.folder,
                 f"checkpoint {folded['path']} was folded in but is no longer among the inputs",
             )
-        now = state.Fingerprint.of(ordered[index].path, files[index])
+        now = fingerprints[index]
         if (now.size, now.mtime_ns) != (folded["size"], folded["mtime_ns"]):
             raise state.StateError(
                 saved.folder, f"checkpoint {folded['path']} changed since it was folded in"
@@ -227,6 +229,11 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
             remove_stale_temporaries(output)
             remove_stale_temporaries(mapping_path)
 
+        # Size and mtime of every input, taken once and before anything is read: a checkpoint
+        # rewritten during this run is then recorded as it was, and the next run notices.
+        fingerprints = [
+            state.Fingerprint.of(c.path, f) for c, f in zip(ordered, files, strict=True)
+        ]
         saved = None
         if request.state is not None and not request.restart:
             saved = state.load(request.state)
@@ -235,13 +242,17 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
                 saved = None
         if saved is not None:
             saved.check_settings(settings)
-        folded = _resume_point(saved, ordered, files) if saved is not None else 0
+        folded = _resume_point(saved, ordered, fingerprints) if saved is not None else 0
 
         readers: list[CheckpointReader] = []
         new = list(range(folded, len(ordered)))
         for i in new:
             newest = i == len(ordered) - 1
-            if request.state is not None and newest and _still_settling(files[i], request.settle):
+            if (
+                request.state is not None
+                and newest
+                and _still_settling(fingerprints[i], request.settle)
+            ):
                 warn(
                     f"skipping {ordered[i].path}: modified less than {request.settle:g}s ago, it "
                     "may still be being written (next run picks it up; --settle 0 turns this off)"
@@ -284,7 +295,7 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
             report.checkpoint_record(
                 c,
                 w,
-                file_stats(files[i])[0],
+                fingerprints[i].size,
                 report.sha256(files[i]) if request.hash and not request.dry_run else None,
             )
             for i, (c, w) in enumerate(zip(history, weights, strict=True))
@@ -361,11 +372,10 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
         mapping_file.publish(report.to_json(record).encode(), request.durable)
         if state_writer is not None and request.state is not None:
             state_writer.commit(request.durable)
-            fingerprints = [state.Fingerprint.of(c.path, files[i]) for i, c in enumerate(history)]
             state.commit(
                 request.state,
                 settings,
-                list(zip(history, fingerprints, strict=True)),
+                list(zip(history, fingerprints[: len(history)], strict=True)),
                 plan,
                 shadows_name,
                 request.durable,

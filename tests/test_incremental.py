@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from ema_cli import lock
+from ema_cli import job, lock
 from tests.conftest import load, run_cli, write_checkpoint
 
 STEPS = (100, 200, 300, 400, 500)
@@ -156,6 +156,28 @@ def test_folded_checkpoint_changed_vanished_or_new_one_older(tmp_path: Path) -> 
         *paths[1:], "-o", out, "--decay", "0.9", "--state", state, "--settle", "0"
     )
     assert code == 2 and f"checkpoint {paths[2]} changed since it was folded in" in err
+
+
+def test_a_checkpoint_rewritten_during_a_run_is_noticed_by_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state records each checkpoint as it was before it was read: one rewritten while
+    the replay runs (here: its mtime moves) is reported by the next run, not trusted."""
+    paths = make(tmp_path / "run")
+    out, state = tmp_path / "o.safetensors", tmp_path / "state"
+    original = job.replay
+
+    def replay_then_touch(*args, **kwargs):  # type: ignore[no-untyped-def]
+        yield from original(*args, **kwargs)
+        os.utime(paths[2], ns=(0, os.stat(paths[2]).st_mtime_ns + 5_000_000_000))
+
+    monkeypatch.setattr(job, "replay", replay_then_touch)
+    assert (
+        average(*paths[:3], "-o", out, "--decay", "0.9", "--state", state, "--settle", "0")[0] == 0
+    )
+    monkeypatch.setattr(job, "replay", original)
+    code, _, err = average(*paths, "-o", out, "--decay", "0.9", "--state", state, "--settle", "0")
+    assert code == 2 and "changed since it was folded in" in err, err
 
 
 def test_missing_output_is_rebuilt_from_all_checkpoints(tmp_path: Path) -> None:
