@@ -224,7 +224,7 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
         if not request.dry_run:
             if request.state is not None:
                 stack.enter_context(lock.exclusive(request.state, "state"))
-                remove_stale_temporaries(request.state)
+                state.remove_leftovers(request.state)
             stack.enter_context(lock.exclusive(output, "output"))
             remove_stale_temporaries(output)
             remove_stale_temporaries(mapping_path)

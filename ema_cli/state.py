@@ -186,7 +186,16 @@ def commit(
         report.to_json(record).encode(),
         durable,
     )
-    for old in [*folder.glob("shadows-*.safetensors"), *folder.glob(".shadows-*.tmp")]:
-        if old.name != shadows:  # earlier states, and what killed runs left half-written
-            with contextlib.suppress(OSError):
-                old.unlink()
+    remove_leftovers(folder, keep=shadows)
+
+
+def remove_leftovers(folder: Path, keep: str | None = None) -> None:
+    """Delete what killed runs left in a state folder (hidden ``.*.tmp`` files: half-written
+    shadows or ``state.json``) and, given the current shadows file ``keep``, the shadows of
+    earlier states. Only call it while holding the state's lock."""
+    leftovers = list(folder.glob(".*.tmp")) if folder.is_dir() else []
+    if keep is not None:
+        leftovers += [p for p in folder.glob("shadows-*.safetensors") if p.name != keep]
+    for entry in leftovers:
+        with contextlib.suppress(OSError):
+            entry.unlink()
