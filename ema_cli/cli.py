@@ -9,6 +9,7 @@ only what was asked for (``--json``).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -49,6 +50,7 @@ class EmaCliGroup(click.Group):
         argv = list(sys.argv[1:] if args is None else args)
         debug = os.environ.get("EMA_CLI_DEBUG", "") not in ("", "0") or "--debug" in argv
         status = 0
+        failure = None  # the one line that explains a non-zero status
         previous_handler = _catch_sigterm()
         try:
             rv = super().main(
@@ -61,20 +63,17 @@ class EmaCliGroup(click.Group):
                 status = 0
             else:
                 hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
-                _error(e.format_message() + hint)
-                status = 2
+                failure, status = e.format_message() + hint, 2
         except click.ClickException as e:
-            _error(e.format_message())
-            status = e.exit_code
+            failure, status = e.format_message(), e.exit_code
         except EmaCliError as e:
-            _error(str(e))
-            status = e.exit_code
+            failure, status = str(e), e.exit_code
         except _Terminated:
             click.echo("ema-cli: terminated; nothing was written", err=True)
-            status = 128 + signal.SIGTERM
+            failure, status = "terminated; nothing was written", 128 + signal.SIGTERM
         except (KeyboardInterrupt, click.Abort):
             click.echo("ema-cli: interrupted; nothing was written", err=True)
-            status = 130
+            failure, status = "interrupted; nothing was written", 130
         except BrokenPipeError:
             # The reader of our stdout went away (`ema-cli ... --json | head`): not an error.
             with contextlib.suppress(OSError):
@@ -83,7 +82,7 @@ class EmaCliGroup(click.Group):
         except Exception as e:
             if debug:
                 traceback.print_exc()
-            _error(
+            failure = (
                 f"internal error: {type(e).__name__}: {e}. This is a bug in ema-cli; "
                 + ("" if debug else "rerun with EMA_CLI_DEBUG=1 for the traceback and ")
                 + "please report it"
@@ -92,6 +91,13 @@ class EmaCliGroup(click.Group):
         finally:
             if previous_handler is not None:
                 signal.signal(signal.SIGTERM, previous_handler)
+        if failure is not None:
+            if status not in (130, 128 + signal.SIGTERM):  # those printed their own line
+                _error(failure)
+            if "--json" in argv:  # scripts reading stdout get an answer on failure too
+                record = {"error": _one_line(failure), "exit_status": status, "status": "error"}
+                with contextlib.suppress(OSError):
+                    click.echo(json.dumps(record, sort_keys=True))
         sys.exit(status)
 
 

@@ -472,6 +472,18 @@ def test_duplicate_steps(sequence: list[Path], tmp_path: Path, existing_output: 
     assert_untouched(existing_output)
 
 
+def test_json_failures_answer_on_stdout(sequence: list[Path], tmp_path: Path) -> None:
+    result = average(*sequence, "-o", tmp_path / "o.safetensors", "--decay", "2", "--json")
+    assert_fails(result, "--decay")
+    assert json.loads(result.stdout) == {
+        "error": result.stderr.strip().removeprefix("ema-cli: error: "),
+        "exit_status": 2,
+        "status": "error",
+    }
+    without = average(*sequence, "-o", tmp_path / "o.safetensors", "--decay", "2")
+    assert without.stdout == ""
+
+
 def test_one_file_under_two_spellings_is_given_twice(
     sequence: list[Path], tmp_path: Path, existing_output: Path
 ) -> None:
