@@ -12,6 +12,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -167,6 +168,35 @@ class CheckpointWriter(ABC):
         self.tensors = list(tensors)
         self.metadata = dict(metadata)
         self.template = template
+        self.infos = {t.name: t for t in self.tensors}
+        self._expected = sum(t.nbytes for t in self.tensors)
+        self._written = 0
+        self._count_lock = threading.Lock()
+
+    def _check_block(self, name: str, start: int, values: npt.NDArray[np.generic]) -> TensorInfo:
+        """``write``'s prologue: ``values`` fit tensor ``name`` (dtype, range) at ``start``."""
+        info = self.infos[name]
+        if values.dtype != info.dtype:
+            raise TypeError(f"{name}: got {values.dtype}, expected {info.dtype}")
+        check_range(info, start, start + values.size)
+        return info
+
+    def _block_bytes(self, name: str, start: int, values: npt.NDArray[np.generic]) -> memoryview:
+        """``_check_block``, then ``values`` as the bytes to store."""
+        self._check_block(name, start, values)
+        return np.ascontiguousarray(values).reshape(-1).view(np.uint8).data
+
+    def _wrote(self, nbytes: int) -> None:
+        """Count bytes stored by a ``write`` (from any thread)."""
+        with self._count_lock:
+            self._written += nbytes
+
+    def _check_complete(self) -> None:
+        """``commit``'s guard: every byte of every tensor was written (a replay bug otherwise)."""
+        if self._written != self._expected:
+            raise RuntimeError(
+                f"internal error: wrote {self._written} of {self._expected} bytes of {self.path}"
+            )
 
     @classmethod
     def carries_non_tensors(cls, template: CheckpointReader) -> bool:

@@ -49,7 +49,6 @@ from ema_cli.formats.base import (
     NUMERIC_DTYPES,
     CheckpointReader,
     CheckpointWriter,
-    check_range,
     publish,
     temporary_sibling,
 )
@@ -499,11 +498,8 @@ class HDF5Writer(CheckpointWriter):
         super().__init__(path, tensors, metadata, template)
         self.check(path, self.tensors, template)
         self._source = _hdf5_source(template)
-        self._infos = {t.name: t for t in self.tensors}
         self._lock = threading.Lock()
         self._memory_types: dict[str, h5t.TypeID] = {}
-        self._expected = sum(t.size for t in self.tensors)
-        self._written = 0
         self._done = False
         handle, self._tmp = temporary_sibling(path)
         handle.close()  # HDF5 opens the file itself
@@ -593,7 +589,7 @@ class HDF5Writer(CheckpointWriter):
                 gid = h5g.create(target.id, encoded, lcpl=lcpl, gcpl=obj.id.get_create_plist())
                 self._copy_group(obj, h5py.Group(gid), path + "/", copied)
             elif isinstance(obj, h5py.Dataset) and path in self._source.tensors:
-                wanted = self._infos.get(path)
+                wanted = self.infos.get(path)
                 if wanted is None:
                     continue  # written under another name (--names shadow), created later
                 self._create_tensor_like(target, encoded, lcpl, obj, wanted)
@@ -669,11 +665,7 @@ class HDF5Writer(CheckpointWriter):
                 self._file.attrs[key] = value
 
     def write(self, name: str, start: int, values: npt.NDArray[np.generic]) -> None:
-        info = self._infos[name]
-        if values.dtype != info.dtype:
-            raise TypeError(f"{name}: got {values.dtype}, expected {info.dtype}")
-        count = len(values)
-        check_range(info, start, start + count)
+        info, count = self._check_block(name, start, values), values.size
         if count == 0:
             return
         data = np.ascontiguousarray(values)
@@ -686,14 +678,11 @@ class HDF5Writer(CheckpointWriter):
                 dataset.write(memory_space, file_space, data, self._memory_types[name])
             except OSError as e:
                 raise OutputError(self.path, e) from None
-            self._written += count
+        self._wrote(data.nbytes)
 
     def finish(self) -> Path:
         """Close the complete file and return its temporary path (``commit`` publishes it)."""
-        if self._written != self._expected:
-            raise RuntimeError(
-                f"internal error: wrote {self._written} of {self._expected} elements of {self.path}"
-            )
+        self._check_complete()
         try:
             self._datasets.clear()
             self._file.close()

@@ -43,7 +43,6 @@ from ema_cli.formats.base import (
     NUMERIC_DTYPES,
     CheckpointReader,
     CheckpointWriter,
-    check_range,
     publish,
     read_exact,
     temporary_sibling,
@@ -409,16 +408,12 @@ class NpzWriter(CheckpointWriter):
         super().__init__(path, tensors, metadata, template)
         self.check(path, self.tensors, template)
         self._source = template if isinstance(template, NpzReader) else None
-        self._infos = {t.name: t for t in self.tensors}
         self._layout = self._plan_members()
         self._offsets: dict[str, int] = {}
         position = 0
         for info in self.tensors:
             self._offsets[info.name] = position
             position += info.nbytes
-        self._expected = position
-        self._written = 0
-        self._lock = threading.Lock()
         self._done = False
         self._staging, self._staging_path = temporary_sibling(path)
         self._staging_closed = False
@@ -451,7 +446,7 @@ class NpzWriter(CheckpointWriter):
             for info, name in self._source.members:
                 if name is None:
                     layout.append((info, None))
-                elif name in self._infos:
+                elif name in self.infos:
                     layout.append((copy_zip_info(info), name))
                     placed.add(name)
         for tensor in self.tensors:
@@ -464,24 +459,16 @@ class NpzWriter(CheckpointWriter):
         return layout
 
     def write(self, name: str, start: int, values: npt.NDArray[np.generic]) -> None:
-        info = self._infos[name]
-        if values.dtype != info.dtype:
-            raise TypeError(f"{name}: got {values.dtype}, expected {info.dtype}")
-        check_range(info, start, start + values.size)
-        data = np.ascontiguousarray(values).view(np.uint8).data
-        offset = self._offsets[name] + start * info.dtype.itemsize
+        data = self._block_bytes(name, start, values)
+        offset = self._offsets[name] + start * values.dtype.itemsize
         try:
             write_exact(self._staging.fileno(), data, offset)
         except OSError as e:
             raise OutputError(self.path, e) from None
-        with self._lock:
-            self._written += len(data)
+        self._wrote(len(data))
 
     def commit(self, durable: bool = True) -> None:
-        if self._written != self._expected:
-            raise RuntimeError(
-                f"internal error: wrote {self._written} of {self._expected} bytes of {self.path}"
-            )
+        self._check_complete()
         handle, tmp = temporary_sibling(self.path)
         try:
             with handle, zipfile.ZipFile(handle, "w", allowZip64=True) as out:
@@ -490,7 +477,7 @@ class NpzWriter(CheckpointWriter):
                         assert self._source is not None
                         copy_member(self._source.archive, info, out)
                         continue
-                    tensor = self._infos[name]
+                    tensor = self.infos[name]
                     header = npy_header(tensor)
                     info.file_size = len(header) + tensor.nbytes
                     self._staging.seek(self._offsets[name])

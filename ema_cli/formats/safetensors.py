@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import struct
-import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,6 @@ from ema_cli.errors import CheckpointError, OptionError, OutputError, TruncatedC
 from ema_cli.formats.base import (
     CheckpointReader,
     CheckpointWriter,
-    check_range,
     publish,
     read_exact,
     temporary_sibling,
@@ -290,10 +288,6 @@ class SafetensorsWriter(CheckpointWriter):
         super().__init__(path, tensors, metadata, template)
         self.check(path, self.tensors, template)
         header, self._offsets = build_header(self.tensors, self.metadata)
-        self._infos = {t.name: t for t in self.tensors}
-        self._expected = sum(t.nbytes for t in self.tensors)
-        self._written = 0
-        self._lock = threading.Lock()
         self._file, self._tmp = temporary_sibling(path)
         self._done = False
         try:
@@ -314,25 +308,16 @@ class SafetensorsWriter(CheckpointWriter):
         check_dtypes(path, tensors)
 
     def write(self, name: str, start: int, values: npt.NDArray[np.generic]) -> None:
-        info = self._infos[name]
-        if values.dtype != info.dtype:
-            raise TypeError(f"{name}: got {values.dtype}, expected {info.dtype}")
-        check_range(info, start, start + values.size)
-        data = np.ascontiguousarray(values).view(np.uint8).data
-        offset = self._offsets[name] + start * info.dtype.itemsize
-        fd = self._file.fileno()
+        data = self._block_bytes(name, start, values)
+        offset = self._offsets[name] + start * values.dtype.itemsize
         try:
-            write_exact(fd, data, offset)
+            write_exact(self._file.fileno(), data, offset)
         except OSError as e:
             raise OutputError(self.path, e) from None
-        with self._lock:
-            self._written += len(data)
+        self._wrote(len(data))
 
     def commit(self, durable: bool = True) -> None:
-        if self._written != self._expected:
-            raise RuntimeError(
-                f"internal error: wrote {self._written} of {self._expected} bytes of {self.path}"
-            )
+        self._check_complete()
         self._file.close()
         publish(self._tmp, self.path, durable)
         self._done = True

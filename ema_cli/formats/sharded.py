@@ -38,7 +38,7 @@ import numpy.typing as npt
 
 from ema_cli.checkpoint import CHECKPOINT_SUFFIXES, TensorInfo
 from ema_cli.errors import CheckpointError, OptionError, OutputError
-from ema_cli.formats.base import CheckpointReader, CheckpointWriter, check_range, write_exact
+from ema_cli.formats.base import CheckpointReader, CheckpointWriter, write_exact
 from ema_cli.formats.safetensors import SafetensorsReader, build_header, check_dtypes
 
 #: The index that makes a folder one sharded checkpoint.
@@ -465,10 +465,6 @@ class ShardedWriter(CheckpointWriter):
         check_output_folder(path, template)
         self._shards = split_into_shards(self.tensors, max_shard_size)
         self._files = shard_file_names(len(self._shards))
-        self._infos = {t.name: t for t in self.tensors}
-        self._expected = sum(t.nbytes for t in self.tensors)
-        self._written = 0
-        self._lock = threading.Lock()
         self._done = False
         self._tmp = _unique_sibling(path, "tmp")
         try:
@@ -512,27 +508,19 @@ class ShardedWriter(CheckpointWriter):
     def write(self, name: str, start: int, values: npt.NDArray[np.generic]) -> None:
         if self._done:
             raise RuntimeError(f"{self.path}: write after commit() or abort()")
-        info = self._infos[name]
-        if values.dtype != info.dtype:
-            raise TypeError(f"{name}: got {values.dtype}, expected {info.dtype}")
-        check_range(info, start, start + values.size)
-        data = np.ascontiguousarray(values).reshape(-1).view(np.uint8).data
+        data = self._block_bytes(name, start, values)
         number, base = self._where[name]
-        offset = base + start * info.dtype.itemsize
+        offset = base + start * values.dtype.itemsize
         try:
             self._handles.call(number, lambda fd: write_exact(fd, data, offset))
         except OSError as e:  # typically a full disk
             raise OutputError(self.path, e) from None
-        with self._lock:
-            self._written += len(data)
+        self._wrote(len(data))
 
     def commit(self, durable: bool = True) -> None:
         if self._done:
             raise RuntimeError(f"{self.path}: commit() after commit() or abort()")
-        if self._written != self._expected:
-            raise RuntimeError(
-                f"internal error: wrote {self._written} of {self._expected} bytes of {self.path}"
-            )
+        self._check_complete()
         self._handles.close_all()
         try:
             self._finish(durable)
