@@ -284,14 +284,13 @@ def publish(tmp: Path, path: Path, durable: bool = True) -> None:
     processes; only a power loss right after it could."""
     try:
         if durable:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+            fsync_path(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp made it 0600; give it a normal file's mode
         os.replace(tmp, path)
     except OSError as e:
         raise OutputError(path, e) from None
     if durable:
-        _fsync_dir(path.parent)
+        fsync_folder(path.parent)
 
 
 class StagedFile:
@@ -341,13 +340,19 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's data to disk; a failure here means lost data, so it is not ignored."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a folder's entries (renames, new files) durable, where the system allows it."""
     with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(folder)
 
 
 def iter_blocks(size: int, block: int) -> Iterator[tuple[int, int]]:

@@ -25,7 +25,13 @@ import numpy.typing as npt
 
 from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import CheckpointError, OptionError, OutputError
-from ema_cli.formats.base import CheckpointReader, CheckpointWriter, publish, temporary_sibling
+from ema_cli.formats.base import (
+    CheckpointReader,
+    CheckpointWriter,
+    publish,
+    read_exact,
+    temporary_sibling,
+)
 from ema_cli.formats.hdf5 import HDF5Reader, HDF5Writer
 from ema_cli.formats.npz import (
     copy_member,
@@ -68,12 +74,7 @@ class _Window(io.RawIOBase):
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
         count = max(0, min(len(view), self._size - self._position))
-        done = 0
-        while done < count:
-            n = os.preadv(self._fd, [view[done:count]], self._start + self._position + done)
-            if n == 0:
-                break
-            done += n
+        done = read_exact(self._fd, view[:count], self._start + self._position)
         self._position += done
         return done
 

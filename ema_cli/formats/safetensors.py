@@ -206,7 +206,7 @@ class SafetensorsReader(CheckpointReader):
             )
         return out
 
-    def file_offset(self, name: str, start: int) -> int | None:
+    def file_offset(self, name: str, start: int) -> int:
         offset, itemsize, _, _ = self._layout[name]
         return int(offset + start * itemsize)
 

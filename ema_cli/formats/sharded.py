@@ -20,7 +20,6 @@ the finished folder into place on ``commit()``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -38,7 +37,13 @@ import numpy.typing as npt
 
 from ema_cli.checkpoint import CHECKPOINT_SUFFIXES, TensorInfo
 from ema_cli.errors import CheckpointError, OptionError, OutputError
-from ema_cli.formats.base import CheckpointReader, CheckpointWriter, write_exact
+from ema_cli.formats.base import (
+    CheckpointReader,
+    CheckpointWriter,
+    fsync_folder,
+    fsync_path,
+    write_exact,
+)
 from ema_cli.formats.safetensors import SafetensorsReader, build_header, check_dtypes
 
 #: The index that makes a folder one sharded checkpoint.
@@ -235,7 +240,7 @@ class ShardedReader(CheckpointReader):
         tensors: dict[str, TensorInfo] = {}
         self._shard_of: dict[str, str] = {}
         self._unindexed: dict[str, str] = {}
-        self._offsets: dict[str, int | None] = {}
+        self._offsets: dict[str, int] = {}
         self._metadata: dict[str, str] = {}
         for position, shard in enumerate(sorted(by_shard)):
             shard_path = path / shard
@@ -321,8 +326,7 @@ class ShardedReader(CheckpointReader):
         )
 
     def file_offset(self, name: str, start: int) -> int | None:
-        offset = self._offsets[name]
-        return None if offset is None else offset + start * self._tensors[name].dtype.itemsize
+        return self._offsets[name] + start * self._tensors[name].dtype.itemsize
 
     def close(self) -> None:
         self._closed = True
@@ -543,8 +547,8 @@ class ShardedWriter(CheckpointWriter):
             _create_file(self._tmp / INDEX_NAME, text.encode("utf-8"), None)
         if durable:
             for entry in self._tmp.iterdir():
-                _fsync_file(entry)
-            _fsync_folder(self._tmp)
+                fsync_path(entry)
+            fsync_folder(self._tmp)
         check_output_folder(self.path, self.template)  # anything may have appeared meanwhile
         _swap_into_place(self._tmp, self.path)
 
@@ -568,28 +572,11 @@ def _create_file(path: Path, head: bytes, size: int | None) -> None:
     """A new file holding ``head``, extended (sparsely) to ``size`` bytes when given."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        view = memoryview(head)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_exact(fd, memoryview(head), 0)
         if size is not None:
             os.ftruncate(fd, size)
     finally:
         os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    """Flush a file's data to disk; a failure here means lost data, so it is not ignored."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_folder(path: Path) -> None:
-    """Make a folder's entries (renames, new files) durable, where the system allows it."""
-    with contextlib.suppress(OSError):
-        _fsync_file(path)
 
 
 def _swap_into_place(tmp: Path, path: Path) -> None:
@@ -604,7 +591,7 @@ def _swap_into_place(tmp: Path, path: Path) -> None:
         if old is not None:
             os.rename(old, path)
         raise
-    _fsync_folder(path.parent)
+    fsync_folder(path.parent)
     if old is not None:
         if old.is_symlink() or not old.is_dir():
             old.unlink()  # a link to a folder: the link is replaced, never its target's files
