@@ -252,11 +252,12 @@ class ShardedReader(CheckpointReader):
                     + (f" ({len(listed) - 1} more tensors are mapped to it)" if listed[1:] else ""),
                     tensor=listed[0] if listed else None,
                 )
-            with SafetensorsReader(shard_path) as reader:
-                header = dict(reader.tensors)
-                offsets = {n: reader.file_offset(n, 0) for n in header}
+            shard_reader = SafetensorsReader(shard_path)
+            with shard_reader:
+                header = dict(shard_reader.tensors)
+                offsets = {n: shard_reader.file_offset(n, 0) for n in header}
                 if position == 0:
-                    self._metadata = dict(reader.metadata)
+                    self._metadata = dict(shard_reader.metadata)
             wanted = set(listed) if weight_map is not None else set(header)
             for name in listed:
                 if name not in header:
