@@ -250,7 +250,7 @@ def _print_json(record: Any) -> None:
     type=click.Choice(["step", "given"]),
     default="step",
     show_default=True,
-    help="'step' sorts checkpoints by the step number in their names (ckpt-2 before ckpt-10); 'given' keeps the command-line order.",
+    help="'step' sorts checkpoints by the step number in their names, the last run of digits (ckpt-2 before ckpt-10); 'given' keeps the command-line order.",
 )
 @click.option(
     "--include",
@@ -309,7 +309,7 @@ def _print_json(record: Any) -> None:
     type=int,
     default=None,
     metavar="K",
-    help="Also write the average as it stood after every K-th checkpoint of the replay, named OUTPUT-stem.CHECKPOINT-name (ema.ckpt-200.safetensors), in the same pass.",
+    help="Also write the average as it stood after every K-th checkpoint of the replay, in the same pass: -o ema.safetensors after ckpt-200.safetensors is ema.ckpt-200.safetensors.",
 )
 @click.option(
     "--max-shard-size",
