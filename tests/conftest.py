@@ -37,6 +37,18 @@ def run_cli(args: Sequence[str | os.PathLike[str]], stdin: str | None = None) ->
     return CliRunner().invoke(cli, [os.fspath(a) for a in args], input=stdin)
 
 
+def assert_fails(result: Result, *fragments: str) -> None:
+    """A failed run as users must see it: exit 2, one ``ema-cli: error:`` line on stderr
+    holding every fragment (file, tensor, reason), no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("ema-cli: error: ")
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
 @pytest.fixture
 def sequence(tmp_path: Path) -> list[Path]:
     """Three float32/bfloat16/int64 checkpoints, steps 2, 10, 5 (so name order != step order)."""

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ema_cli import __version__
-from tests.conftest import load, run_cli, write_checkpoint
+from tests.conftest import assert_fails, load, run_cli, write_checkpoint
 
 
 def average(*args: object, stdin: str | None = None):  # type: ignore[no-untyped-def]
@@ -278,16 +278,6 @@ def test_version_and_help() -> None:
 
 
 # ---------------------------------------------------------------- errors: exit 2, one line, nothing written
-
-
-def assert_fails(result, *fragments: str) -> None:  # type: ignore[no-untyped-def]
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("ema-cli: error: ")
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 @pytest.fixture

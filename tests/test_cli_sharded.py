@@ -10,21 +10,12 @@ import pytest
 from click.testing import Result
 
 from ema_cli.formats.sharded import INDEX_NAME, SINGLE_NAME
-from tests.conftest import load, run_cli
+from tests.conftest import assert_fails, load, run_cli
 from tests.test_sharded import load_folder, make_folder, shard_name, snapshot
 
 
 def average(*args: object) -> Result:
     return run_cli(["average", *map(str, args)])
-
-
-def assert_fails(result: Result, *fragments: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("ema-cli: error: ")
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import OptionError, TruncatedCheckpointError
 from ema_cli.formats.hdf5 import HDF5Reader, HDF5Writer, _flat_boxes, check_names
-from tests.conftest import run_cli
+from tests.conftest import assert_fails, run_cli
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -386,14 +386,6 @@ def keras_like(path: Path, scale: float = 1.0, **extra: np.ndarray) -> Path:
 @pytest.fixture
 def h5_sequence(tmp_path: Path) -> list[Path]:
     return [keras_like(tmp_path / f"ckpt-{s}.weights.h5", s) for s in (1, 2, 3)]
-
-
-def assert_fails(result, *fragments: str) -> None:  # type: ignore[no-untyped-def]
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ema-cli: error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 BAD_FILES = {

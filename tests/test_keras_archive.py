@@ -17,8 +17,8 @@ import pytest
 
 from ema_cli.formats import open_checkpoint
 from ema_cli.formats.keras_archive import WEIGHTS_MEMBER, KerasArchiveReader
-from tests.conftest import load, run_cli, write_checkpoint
-from tests.test_hdf5 import assert_fails, assert_same_structure
+from tests.conftest import assert_fails, load, run_cli, write_checkpoint
+from tests.test_hdf5 import assert_same_structure
 
 FIXTURES = Path(__file__).parent / "fixtures" / "keras"
 BF16 = np.dtype(ml_dtypes.bfloat16)

@@ -16,7 +16,7 @@ from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import CheckpointError, OptionError, TruncatedCheckpointError
 from ema_cli.formats import npz
 from ema_cli.formats.npz import NpzReader, NpzWriter
-from tests.conftest import load, run_cli, write_checkpoint
+from tests.conftest import assert_fails, load, run_cli, write_checkpoint
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -216,14 +216,6 @@ def npz_sequence(tmp_path: Path) -> list[Path]:
         np.savez(path, w=np.full(4, step, np.float32), step=np.array(step))
         paths.append(path)
     return paths
-
-
-def assert_fails(result, *fragments: str) -> None:  # type: ignore[no-untyped-def]
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ema-cli: error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 @pytest.mark.parametrize(
