@@ -291,13 +291,15 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
                         output, history[position].path, folder_output
                     )
         weights = report.weights(history, settings)
+        digests: list[str | dict[str, str] | None] = [None] * len(history)
+        if request.hash and not request.dry_run:
+            for i in range(len(history)):
+                # A checkpoint folded in earlier (its size and mtime checked above) keeps the
+                # digest recorded then: an incremental run reads only the new checkpoints.
+                known = saved.checkpoints[i].get("sha256") if saved and i < folded else None
+                digests[i] = known or report.sha256(files[i])
         records = [
-            report.checkpoint_record(
-                c,
-                w,
-                fingerprints[i].size,
-                report.sha256(files[i]) if request.hash and not request.dry_run else None,
-            )
+            report.checkpoint_record(c, w, fingerprints[i].size, digests[i])
             for i, (c, w) in enumerate(zip(history, weights, strict=True))
         ]
         extra = {
@@ -375,7 +377,7 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
             state.commit(
                 request.state,
                 settings,
-                list(zip(history, fingerprints[: len(history)], strict=True)),
+                list(zip(history, fingerprints[: len(history)], digests, strict=True)),
                 plan,
                 shadows_name,
                 request.durable,

@@ -154,12 +154,15 @@ def new_shadows_name() -> str:
 def commit(
     folder: Path,
     settings: Settings,
-    checkpoints: list[tuple[Checkpoint, Fingerprint]],
+    checkpoints: list[tuple[Checkpoint, Fingerprint, str | dict[str, str] | None]],
     plan: ReplayPlan,
     shadows: str,
     durable: bool = True,
 ) -> None:
-    """Make ``shadows`` (already in place) the current state, then drop older shadows files."""
+    """Make ``shadows`` (already in place) the current state, then drop older shadows files.
+
+    Each checkpoint comes with its fingerprint and, when ``--hash`` computed it, its sha256,
+    which later runs reuse while the fingerprint still matches."""
     record = {
         "checkpoints": [
             {
@@ -170,8 +173,9 @@ def commit(
                 "realpath": f.realpath,
                 "size": f.size,
                 "step": c.step,
+                **({} if digest is None else {"sha256": digest}),
             }
-            for c, f in checkpoints
+            for c, f, digest in checkpoints
         ],
         "format": STATE_FORMAT,
         "settings": binding_settings(settings),

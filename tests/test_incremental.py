@@ -184,6 +184,30 @@ def test_a_checkpoint_rewritten_during_a_run_is_noticed_by_the_next(
     assert code == 2 and "changed since it was folded in" in err, err
 
 
+def test_hash_with_state_reads_only_the_new_checkpoints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--hash digests of checkpoints folded in earlier come from the state, not a re-read."""
+    paths = make(tmp_path / "run")
+    out, state = tmp_path / "o.safetensors", tmp_path / "state"
+    options = ["--decay", "0.9", "--state", state, "--settle", "0", "--hash"]
+    assert average(*paths[:3], "-o", out, *options)[0] == 0
+    first = json.loads((tmp_path / "o.mapping.json").read_text())["checkpoints"]
+    hashed: list[str] = []
+    original = job.report.sha256
+
+    def counting(path: Path):  # type: ignore[no-untyped-def]
+        hashed.append(Path(path).name)
+        return original(path)
+
+    monkeypatch.setattr(job.report, "sha256", counting)
+    assert average(*paths, "-o", out, *options)[0] == 0
+    assert sorted(hashed) == sorted([paths[3].name, paths[4].name, out.name])
+    second = json.loads((tmp_path / "o.mapping.json").read_text())["checkpoints"]
+    assert [c["sha256"] for c in second[:3]] == [c["sha256"] for c in first]
+    assert second[3]["sha256"] == original(paths[3])
+
+
 def test_missing_output_is_rebuilt_from_all_checkpoints(tmp_path: Path) -> None:
     paths = make(tmp_path / "run")
     out, state = tmp_path / "o.safetensors", tmp_path / "state"
