@@ -30,6 +30,8 @@ from typing import Literal, cast
 import numpy as np
 import numpy.typing as npt
 
+from ema_cli import exactmath
+
 DEFAULT_EMA_NAME = "ExponentialMovingAverage"
 Precision = Literal["auto", "native"]
 
@@ -155,11 +157,25 @@ def average(state: ShadowState) -> Array:
         return state.value
     if state.last_coefficient is None:
         raise ValueError("average() of a zero-debias state that was never updated")
-    dtype = state.value.dtype
+    bias_factor = zero_debias_factor(state.last_coefficient, int(state.local_step))
+    return np.asarray(np.divide(state.value, bias_factor))  # decay 1: 0/0 = NaN
+
+
+def zero_debias_factor(c: np.generic, local_step: int) -> np.generic:
+    """TF's bias factor ``1 - (1 - c) ** local_step`` in ``c``'s dtype.
+
+    ``1 - c`` and the final subtraction are rounded in the dtype, as TF does. The power is the
+    correctly rounded one (``exactmath.power``): TF calls the C library's ``powf`` (float32,
+    and float16/bfloat16, which Eigen widens to float32 and rounds back) or ``pow`` (float64),
+    both correctly rounded for all but a vanishing fraction of inputs; numpy's ``np.power``
+    is not, and rounds differently on different CPUs.
+    """
+    dtype = np.dtype(type(c))
     one = dtype.type(1)
-    c = np.asarray(state.last_coefficient, dtype=dtype)
-    bias_factor = np.subtract(one, np.power(np.subtract(one, c), state.local_step))
-    return np.asarray(np.divide(state.value, bias_factor.astype(dtype)))  # decay 1: 0/0 = NaN
+    base = float(np.subtract(one, c))
+    fmt = exactmath.FLOAT64 if dtype == np.float64 else exactmath.FLOAT32
+    factor = np.asarray(exactmath.power(base, local_step, fmt), dtype=np.float64)
+    return cast(np.generic, np.subtract(one, factor.astype(dtype)[()]))
 
 
 def contribution_weights(coefficients: list[float], *, zero_debias: bool) -> list[float]:
@@ -178,7 +194,7 @@ def contribution_weights(coefficients: list[float], *, zero_debias: bool) -> lis
         weights[k] = coefficients[k] * keep
         keep *= 1.0 - coefficients[k]
     if n and zero_debias:
-        bias_factor = 1.0 - (1.0 - coefficients[-1]) ** n
+        bias_factor = 1.0 - exactmath.power(1.0 - coefficients[-1], n)  # not libm's pow
         return [w / bias_factor if bias_factor else float("nan") for w in weights]
     if n:
         weights[0] += keep

@@ -10,9 +10,10 @@ after the last ``apply`` start. Both files are written by ``make_golden.py``;
 Comparison rules (see ``compare``):
 
 * bitwise equality, NaN sign and payload included;
-* zero-debias cases may differ by at most one ulp (the ``pow`` in the bias factor: TF's scalar
-  kernel calls the C library's ``pow``; numpy may use its own SIMD ``pow`` on AVX-512 machines).
-  On the x86-64 machine that made the files every case is bit-identical anyway;
+* zero-debias cases too: the bias factor's power is computed correctly rounded
+  (``ema_cli.exactmath``), which is what TF's C library ``powf``/``pow`` give, on every CPU.
+  (Before, numpy's ``np.power`` ran its own AVX-512 code on some machines and missed by an ulp,
+  which the bias factor turned into several; ``compare`` still takes ``max_ulps`` for tools);
 * bfloat16 NaNs are compared by position only: TF's sign for a bfloat16 NaN is an artefact of
   Eigen's vectorisation (its packet float->bfloat16 conversion turns every NaN into +NaN 0x7fc0,
   its scalar conversion for the tail of a tensor keeps the sign), so the same arithmetic gives
@@ -84,8 +85,8 @@ class GoldenCase:
 
     @property
     def max_ulps(self) -> int:
-        """1 for zero debias (TF's pow may round differently), else 0: bit-identical."""
-        return 1 if self.zero_debias else 0
+        """0: every case, zero debias included, is bit-identical to TF on every CPU."""
+        return 0
 
     def num_updates_for(self, index: int) -> int | None:
         """The ``num_updates`` TF saw at the ``index``-th apply."""
