@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +35,7 @@ from ema_cli.formats.base import StagedFile, remove_stale_temporaries
 from ema_cli.formats.safetensors import SafetensorsWriter
 from ema_cli.plan import Checkpoint, ReplayPlan, Selection, Settings, build_plan, order_checkpoints
 from ema_cli.replay import Outputs, replay, state_tensors, total_bytes
+from ema_cli.targets import Target, check_targets
 
 #: ``--settle``'s default: a newest checkpoint modified less than this many seconds ago may
 #: still be being written, so a ``--state`` run leaves it for the next run.
@@ -95,19 +96,6 @@ def trajectory_path(output: Path, checkpoint: str, folder: bool) -> Path:
     return output.with_name(f"{stem}.{name}{output.name[len(stem) :]}")
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    return Path(os.path.realpath(folder)) in Path(os.path.realpath(path)).parents
-
-
 def _check_options(request: Request) -> None:
     check_output_path(request.output)
     if request.max_shard_size is not None and not is_folder_output(request.output):
@@ -129,30 +117,28 @@ def _check_options(request: Request) -> None:
 
 
 def _check_targets(
-    request: Request, mapping: Path, ordered: Sequence[Checkpoint], files: Sequence[Path]
+    request: Request,
+    mapping: Path,
+    ordered: Sequence[Checkpoint],
+    resolved: Mapping[str, Path],
 ) -> None:
-    """Refuse any output that is, or would destroy, an input."""
+    """Refuse any output that is, or would destroy, an input: every checkpoint given (selected
+    or not) and every file of a checkpoint folder, against the output, its trajectory files,
+    the mapping and the state folder (``targets.check_targets``)."""
     output = request.output
-    if _same_file(mapping, output):
-        raise OptionError(f"{mapping}: the mapping file cannot be the output checkpoint")
     folder_output = is_folder_output(output)
-    for given, file in zip(ordered, files, strict=True):
-        for target, what in ((output, "output"), (mapping, "mapping file")):
-            if _same_file(file, target):
-                raise OptionError(
-                    f"{target}: the {what} is one of the input checkpoints ({given.path})"
-                )
-        if folder_output and _inside(file, output):
-            raise OptionError(
-                f"{output}: the output folder holds the input checkpoint {given.path}; "
-                "name another output folder"
-            )
-        if request.state is not None and (
-            _same_file(file, request.state) or _inside(file, request.state)
-        ):
-            raise OptionError(
-                f"{request.state}: the state folder holds the input checkpoint {given.path}"
-            )
+    written = [Target(output, "output", folder=folder_output), Target(mapping, "mapping file")]
+    if request.every is not None:
+        written += [
+            Target(trajectory_path(output, c.path, folder_output), "trajectory file", folder_output)
+            for position, c in enumerate(ordered[:-1])
+            if (position + 1) % request.every == 0
+        ]
+    if request.state is not None:
+        written.append(Target(request.state, "state folder", folder=True))
+    inputs = [(given, Path(given)) for given in request.checkpoints]
+    inputs += [(given, path) for given, path in resolved.items()]
+    check_targets(inputs, written)
     for target in (output, mapping):
         if not target.parent.is_dir():
             raise OptionError(f"{target}: folder {target.parent} does not exist")
@@ -218,7 +204,7 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
         earlier = first_given.setdefault(os.path.realpath(file), c.path)
         if earlier != c.path:
             raise CheckpointError(c.path, f"given twice (also as {earlier})")
-    _check_targets(request, mapping_path, ordered, files)
+    _check_targets(request, mapping_path, ordered, resolved)
 
     with contextlib.ExitStack() as stack:
         if not request.dry_run:
