@@ -9,23 +9,24 @@ only what was asked for (``--json``).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import sys
 import threading
-import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from ema_cli import __version__, engine, job, kernels, report
+from ema_cli import __version__
+from ema_cli.defaults import DEFAULT_EMA_NAME, DEFAULT_SETTLE_SECONDS
 from ema_cli.errors import EmaCliError, OptionError
-from ema_cli.formats import find_checkpoint, open_checkpoint
-from ema_cli.formats.sharded import parse_size
-from ema_cli.plan import NumUpdates, Selection, Settings, step_from_name
+
+# Only what --help and --version need is imported here; numpy, the engine and the formats load
+# inside the commands that use them, so the command line answers at once.
+if TYPE_CHECKING:
+    from ema_cli.plan import NumUpdates
 
 
 def _one_line(text: str) -> str:
@@ -81,6 +82,8 @@ class EmaCliGroup(click.Group):
             status = 141
         except Exception as e:
             if debug:
+                import traceback
+
                 traceback.print_exc()
             failure = (
                 f"internal error: {type(e).__name__}: {e}. This is a bug in ema-cli; "
@@ -96,6 +99,8 @@ class EmaCliGroup(click.Group):
                 _error(failure)
             if "--json" in argv:  # scripts reading stdout get an answer on failure too
                 record = {"error": _one_line(failure), "exit_status": status, "status": "error"}
+                import json
+
                 with contextlib.suppress(OSError):
                     click.echo(json.dumps(record, sort_keys=True))
         sys.exit(status)
@@ -116,16 +121,27 @@ def _catch_sigterm() -> Any:
     return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from ema_cli import kernels
+
+    click.echo(f"ema-cli {__version__}\nhot loops: {kernels.describe()}")
+    ctx.exit()
+
+
 @click.group(
     cls=EmaCliGroup,
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
-@click.version_option(
-    __version__,
+@click.option(
     "--version",
-    prog_name="ema-cli",
-    message=f"%(prog)s %(version)s\nhot loops: {kernels.describe()}",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Show the version and what runs the hot loops, and exit.",
 )
 @click.option(
     "--debug",
@@ -177,6 +193,8 @@ def _expand_stdin(arguments: Sequence[str]) -> list[str]:
 def _parse_size_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
     if value is None:
         return None
+    from ema_cli.formats.sharded import parse_size
+
     try:
         return parse_size(value)
     except ValueError as e:
@@ -192,6 +210,8 @@ def _warn(quiet: bool) -> Callable[[str], None]:
 
 
 def _print_json(record: Any) -> None:
+    from ema_cli import report
+
     click.echo(report.to_json(record), nl=False)
 
 
@@ -228,7 +248,7 @@ def _print_json(record: Any) -> None:
 @click.option(
     "--name",
     "ema_name",
-    default=engine.DEFAULT_EMA_NAME,
+    default=DEFAULT_EMA_NAME,
     show_default=True,
     help="The EMA name: shadow names are '<tensor>/<name>'.",
 )
@@ -332,7 +352,7 @@ def _print_json(record: Any) -> None:
 @click.option(
     "--settle",
     type=float,
-    default=job.DEFAULT_SETTLE_SECONDS,
+    default=DEFAULT_SETTLE_SECONDS,
     show_default=True,
     metavar="SECONDS",
     help="With --state: leave the newest checkpoint for the next run if it was modified less than SECONDS ago (it may still be being written); 0 turns the check off. A newest checkpoint shorter than its header says is always left for later.",
@@ -413,6 +433,9 @@ def average(
     Exit status: 0 done (or up to date), 2 bad input or options (one line on stderr, nothing
     written), 75 another run holds the lock (retry later), 1 a bug.
     """
+    from ema_cli import job, report
+    from ema_cli.plan import Selection, Settings
+
     settings = Settings(
         decay=decay,
         num_updates=num_updates,
@@ -499,6 +522,10 @@ def inspect(checkpoints: tuple[str, ...], as_json: bool) -> None:
       ema-cli inspect run/ckpt-1000.safetensors
       ema-cli inspect run/checkpoint-500/ --json | jq '.[0].tensor_count'
     """
+    from ema_cli import report
+    from ema_cli.formats import find_checkpoint, open_checkpoint
+    from ema_cli.plan import step_from_name
+
     records = []
     for given in _expand_stdin(checkpoints):
         file = find_checkpoint(Path(given))

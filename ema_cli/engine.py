@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
+import functools
 import platform
 import sys
 from collections.abc import Callable, Iterator
@@ -31,8 +31,8 @@ import numpy as np
 import numpy.typing as npt
 
 from ema_cli import exactmath
+from ema_cli.defaults import DEFAULT_EMA_NAME as DEFAULT_EMA_NAME
 
-DEFAULT_EMA_NAME = "ExponentialMovingAverage"
 Precision = Literal["auto", "native"]
 
 #: The dtypes TensorFlow's EMA accepts ("half, float, or double", plus bfloat16), by numpy name.
@@ -219,25 +219,33 @@ _FLUSH_BITS = {
 }
 
 
+@functools.cache
 def _libm() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("m") or ctypes.util.find_library("c")
+    """The C library's fegetenv/fesetenv, loaded on first use: ``ctypes.util.find_library``
+    runs ``ldconfig``, a fifth of ``--help``'s time, so the usual names are tried first."""
+    for name in ("libm.so.6", "libm.dylib"):
+        with contextlib.suppress(OSError):
+            return ctypes.CDLL(name)
+    from ctypes import util
+
+    found = util.find_library("m") or util.find_library("c")
     try:
-        return ctypes.CDLL(name) if name else None
+        return ctypes.CDLL(found) if found else None
     except OSError:
         return None
 
 
-_LIBM = _libm()
 _FLUSH = _FLUSH_BITS.get((platform.machine().lower(), sys.platform))
 
 
 def _flush_register() -> tuple[ctypes.Array[ctypes.c_uint8], ctypes.Array[ctypes.c_uint8]] | None:
     """This thread's floating-point environment, and a copy with flushing switched on."""
-    if _LIBM is None or _FLUSH is None:
+    libm = _libm()
+    if libm is None or _FLUSH is None:
         return None
     offset, width, bits = _FLUSH
     saved = (ctypes.c_uint8 * _FENV_BYTES)()
-    if _LIBM.fegetenv(saved) != 0:
+    if libm.fegetenv(saved) != 0:
         return None
     raw = bytearray(bytes(saved))
     register = int.from_bytes(raw[offset : offset + width], "little") | bits
@@ -271,12 +279,12 @@ def tf_arithmetic() -> Iterator[bool]:
             return
         saved, flushed = environments
         try:
-            _LIBM.fesetenv(flushed)  # type: ignore[union-attr]
+            _libm().fesetenv(flushed)  # type: ignore[union-attr]
             if _FLUSH_WORKS is None:
                 _FLUSH_WORKS = _flushes_now()
             yield _FLUSH_WORKS
         finally:
-            _LIBM.fesetenv(saved)  # type: ignore[union-attr]
+            _libm().fesetenv(saved)  # type: ignore[union-attr]
 
 
 def enter_tf_arithmetic_for_this_thread() -> None:
@@ -285,4 +293,4 @@ def enter_tf_arithmetic_for_this_thread() -> None:
     np.seterr(all="ignore")
     environments = _flush_register()
     if environments is not None:
-        _LIBM.fesetenv(environments[1])  # type: ignore[union-attr]
+        _libm().fesetenv(environments[1])  # type: ignore[union-attr]

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from ema_cli import lock, report, state
 from ema_cli.checkpoint import file_stats
+from ema_cli.defaults import DEFAULT_SETTLE_SECONDS
 from ema_cli.errors import CheckpointError, OptionError, TruncatedCheckpointError
 from ema_cli.formats import (
     CheckpointReader,
@@ -36,10 +37,6 @@ from ema_cli.formats.safetensors import SafetensorsWriter
 from ema_cli.plan import Checkpoint, ReplayPlan, Selection, Settings, build_plan, order_checkpoints
 from ema_cli.replay import Outputs, replay, state_tensors, total_bytes
 from ema_cli.targets import Target, check_targets
-
-#: ``--settle``'s default: a newest checkpoint modified less than this many seconds ago may
-#: still be being written, so a ``--state`` run leaves it for the next run.
-DEFAULT_SETTLE_SECONDS = 60.0
 
 Status = Literal["written", "up to date", "dry run"]
 Progress = Callable[[int], AbstractContextManager[Callable[[int], None]]]

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 
 from ema_cli import __version__, engine
@@ -182,54 +183,79 @@ def describe_checkpoint(given: str, reader: CheckpointReader, step: int | None) 
     }
 
 
-def _console(widest: int) -> Any:
-    """A stdout console; when stdout is not a terminal, wide enough that nothing is cut."""
+Column = tuple[str, str]  # (header, "left" or "right")
+
+
+def _print_table(
+    title: str | None, columns: Sequence[Column], rows: Sequence[Sequence[str]]
+) -> None:
+    """A table on stdout: drawn by rich on a terminal; plain aligned text otherwise (pipes,
+    files, scripts), which is what a script would parse and costs no rich import."""
     import sys
 
-    from rich.console import Console
-
     if sys.stdout.isatty():
-        return Console()
-    return Console(width=max(80, widest), no_color=True)
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title, title_justify="left")
+        for header, justify in columns:
+            table.add_column(header, justify=justify)  # type: ignore[arg-type]
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+        return
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, (h, _) in enumerate(columns)]
+
+    def line(cells: Sequence[str]) -> str:
+        parts = [
+            cell.rjust(width) if justify == "right" else cell.ljust(width)
+            for cell, width, (_, justify) in zip(cells, widths, columns, strict=True)
+        ]
+        return "  ".join(parts).rstrip()
+
+    text = [title] if title else []
+    text += [line([h for h, _ in columns]), line(["-" * w for w in widths])]
+    text += [line(row) for row in rows]
+    click.echo("\n".join(text))
 
 
 def print_inspection(records: Sequence[dict[str, Any]]) -> None:
     """Tables on stdout: one per checkpoint, one row per tensor."""
-    from rich.table import Table
-
-    widest = max(
-        (len(t["name"]) + len(str(t["shape"])) for r in records for t in r["tensors"]), default=0
-    )
-    console = _console(widest + 50)
     for record in records:
         step = "no step" if record["step"] is None else f"step {record['step']}"
-        console.print(
+        click.echo(
             f"{record['path']}: {record['format']}, {step}, {record['tensor_count']} tensors, "
-            f"{human_size(record['bytes'])}",
-            markup=False,
-            highlight=False,
-            soft_wrap=True,
+            f"{human_size(record['bytes'])}"
         )
-        table = Table()
-        table.add_column("tensor")
-        table.add_column("dtype")
-        table.add_column("shape")
-        table.add_column("bytes", justify="right")
-        for t in record["tensors"]:
-            table.add_row(t["name"], t["dtype"], str(tuple(t["shape"])), human_size(t["nbytes"]))
-        console.print(table)
+        rows = [
+            [t["name"], t["dtype"], str(tuple(t["shape"])), human_size(t["nbytes"])]
+            for t in record["tensors"]
+        ]
+        columns = [("tensor", "left"), ("dtype", "left"), ("shape", "left"), ("bytes", "right")]
+        _print_table(None, columns, rows)
 
 
 def print_plan(record: Mapping[str, Any], folded: int = 0) -> None:
     """``--dry-run``: the replay order, each checkpoint's decay and weight (with bars), and what
     is averaged and copied."""
-    from rich.table import Table
-
     checkpoints = record["checkpoints"]
-    console = _console(max((len(c["path"]) for c in checkpoints), default=0) + 90)
     top = max((c["weight"] for c in checkpoints), default=0.0) or 1.0
-    table = Table(title=f"replay plan: {len(checkpoints)} checkpoints", title_justify="left")
-    for column, justify in (
+    rows = []
+    for i, c in enumerate(checkpoints):
+        bar = "█" * max(0, round(24 * c["weight"] / top)) if c["weight"] == c["weight"] else "?"
+        name = c["path"] + ("  (folded in)" if i < folded else "")
+        rows.append(
+            [
+                str(i),
+                name,
+                "-" if c["step"] is None else str(c["step"]),
+                "-" if c["num_updates"] is None else str(c["num_updates"]),
+                f"{c['decay']:.6g}",
+                f"{c['weight']:.6f}",
+                bar,
+            ]
+        )
+    columns = [
         ("#", "right"),
         ("checkpoint", "left"),
         ("step", "right"),
@@ -237,26 +263,13 @@ def print_plan(record: Mapping[str, Any], folded: int = 0) -> None:
         ("decay", "right"),
         ("weight", "right"),
         ("", "left"),
-    ):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    for i, c in enumerate(checkpoints):
-        bar = "█" * max(0, round(24 * c["weight"] / top)) if c["weight"] == c["weight"] else "?"
-        name = c["path"] + ("  (folded in)" if i < folded else "")
-        table.add_row(
-            str(i),
-            name,
-            "-" if c["step"] is None else str(c["step"]),
-            "-" if c["num_updates"] is None else str(c["num_updates"]),
-            f"{c['decay']:.6g}",
-            f"{c['weight']:.6f}",
-            bar,
-        )
-    console.print(table)
+    ]
+    _print_table(f"replay plan: {len(checkpoints)} checkpoints", columns, rows)
     averaged = sorted(record["mapping"])
     copied = record["passthrough"]
-    console.print(f"averaged ({len(averaged)}): {_name_list(averaged)}")
-    console.print(f"copied from the last checkpoint ({len(copied)}): {_name_list(copied)}")
-    console.print(
+    click.echo(f"averaged ({len(averaged)}): {_name_list(averaged)}")
+    click.echo(f"copied from the last checkpoint ({len(copied)}): {_name_list(copied)}")
+    click.echo(
         f"would write {record['output']}"
         + "".join(f", {o['path']}" for o in record["outputs"] if o["path"] != record["output"])
     )

@@ -33,10 +33,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-import ml_dtypes
 import numpy as np
 import numpy.typing as npt
 
+from ema_cli import dtypes
 from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import CheckpointError, OptionError, OutputError, TruncatedCheckpointError
 from ema_cli.formats.base import (
@@ -52,7 +52,6 @@ from ema_cli.formats.base import (
 #: Zip timestamps of written members that have no template member: the earliest zip date.
 FIXED_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 
-_BFLOAT16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
 
 #: How far back a deflated member can be re-read without decompressing it again from the start.
 INFLATE_WINDOW_BYTES = 16 << 20
@@ -205,7 +204,7 @@ class _Inflater:
 def _tensor_dtype(dtype: np.dtype[Any]) -> np.dtype[Any] | None:
     """The in-memory dtype of a member that is a tensor, else None."""
     if dtype.kind == "V" and dtype.itemsize == 2 and dtype.fields is None and not dtype.subdtype:
-        return _BFLOAT16
+        return dtypes.by_name("bfloat16")
     native: np.dtype[Any] = dtype.newbyteorder("=")
     return native if native in NUMERIC_DTYPES else None
 
@@ -389,7 +388,7 @@ def npy_header(info: TensorInfo) -> bytes:
 
 def _check_dtype(path: Path, info: TensorInfo) -> None:
     dtype = np.dtype(info.dtype)
-    if dtype in NUMERIC_DTYPES or dtype == _BFLOAT16:
+    if dtype in NUMERIC_DTYPES or dtype.name == "bfloat16":
         return
     raise OptionError(
         f"{path}: tensor '{info.name}' is {dtype}, which .npz cannot mark (numpy would store "

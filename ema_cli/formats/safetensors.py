@@ -18,10 +18,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 import numpy.typing as npt
 
+from ema_cli import dtypes
 from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import CheckpointError, OptionError, OutputError, TruncatedCheckpointError
 from ema_cli.formats.base import (
@@ -36,33 +36,41 @@ from ema_cli.formats.base import (
 #: safetensors' own refusal limit for a header, so we refuse what it refuses.
 MAX_HEADER_BYTES = 100_000_000
 
-#: safetensors dtype names, in the order of the format's dtype enum (which the reference writer
-#: uses, largest first, to lay tensors out aligned).
-_DTYPES: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype(np.bool_),
-    "U8": np.dtype("<u1"),
-    "I8": np.dtype("<i1"),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "I16": np.dtype("<i2"),
-    "U16": np.dtype("<u2"),
-    "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "I32": np.dtype("<i4"),
-    "U32": np.dtype("<u4"),
-    "F32": np.dtype("<f4"),
-    "F64": np.dtype("<f8"),
-    "I64": np.dtype("<i8"),
-    "U64": np.dtype("<u8"),
+#: safetensors dtype names -> numpy dtype names, in the order of the format's dtype enum (which
+#: the reference writer uses, largest first, to lay tensors out aligned). Names, not dtypes, so
+#: ml_dtypes is imported only when a checkpoint holds bfloat16 or float8 (``dtypes.by_name``).
+_DTYPES: dict[str, str] = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3": "float8_e4m3fn",
+    "I16": "int16",
+    "U16": "uint16",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I32": "int32",
+    "U32": "uint32",
+    "F32": "float32",
+    "F64": "float64",
+    "I64": "int64",
+    "U64": "uint64",
 }
-_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+_DTYPE_NAMES = {numpy_name: name for name, numpy_name in _DTYPES.items()}
 _DTYPE_RANK = {name: rank for rank, name in enumerate(_DTYPES)}
+
+
+def _safetensors_name(dtype: np.dtype[Any]) -> str | None:
+    dtype = np.dtype(dtype)
+    if not dtypes.is_native_order(dtype) or dtype.fields is not None:
+        return None
+    return _DTYPE_NAMES.get(dtype.name)
 
 
 def check_dtypes(path: Path, tensors: Sequence[TensorInfo]) -> None:
     """Refuse tensors whose dtype safetensors has no name for (float8 ``fnuz`` kinds, ...)."""
     for info in tensors:
-        if np.dtype(info.dtype) not in _DTYPE_NAMES:
+        if _safetensors_name(info.dtype) is None:
             raise OptionError(
                 f"{path}: tensor '{info.name}' is {info.dtype}, which safetensors cannot store; "
                 "write a .h5 output instead"
@@ -71,10 +79,10 @@ def check_dtypes(path: Path, tensors: Sequence[TensorInfo]) -> None:
 
 def dtype_name(dtype: np.dtype[Any]) -> str:
     """The safetensors name of a numpy dtype (``F32``, ``BF16``, ...)."""
-    try:
-        return _DTYPE_NAMES[np.dtype(dtype)]
-    except KeyError:
-        raise ValueError(f"safetensors cannot store dtype {dtype}") from None
+    name = _safetensors_name(dtype)
+    if name is None:
+        raise ValueError(f"safetensors cannot store dtype {dtype}")
+    return name
 
 
 class SafetensorsReader(CheckpointReader):
@@ -235,7 +243,7 @@ def _parse_entry(path: Path, name: str, entry: object) -> tuple[TensorInfo, tupl
         or not 0 <= offsets[0] <= offsets[1]
     ):
         raise CheckpointError(path, f"corrupt header: bad data_offsets {offsets!r}", tensor=name)
-    info = TensorInfo(name, _DTYPES[dtype_str], tuple(shape))
+    info = TensorInfo(name, dtypes.by_name(_DTYPES[dtype_str]), tuple(shape))
     if offsets[1] - offsets[0] != info.nbytes:
         raise CheckpointError(
             path,
