@@ -481,6 +481,26 @@ def _utf8_links() -> h5p.PropLCID:
     return lcpl
 
 
+def _untimed(kind: Any) -> Any:
+    """A creation property list whose objects record no creation or modification time: HDF5
+    stamps new groups (and a template's timed datasets) with the clock by default, and then the
+    same run writes different bytes every second. Nothing that loads checkpoints reads them."""
+    plist = h5p.create(kind)
+    plist.set_obj_track_times(False)
+    return plist
+
+
+def _allocate_now(dcpl: Any) -> None:
+    """Give the dataset its file space when it is created, in the template's order: left to
+    the first write, the space goes to whichever worker thread writes first, and the file's
+    layout (so its bytes) would change from run to run. No fill value is written: every byte
+    is written by the replay. Compressed chunks are placed when written, so datasets with
+    filters keep HDF5's own allocation."""
+    if dcpl.get_nfilters() == 0:
+        dcpl.set_alloc_time(h5d.ALLOC_TIME_EARLY)
+        dcpl.set_fill_time(h5d.FILL_TIME_NEVER)
+
+
 class HDF5Writer(CheckpointWriter):
     """Builds the output in a hidden temporary HDF5 file beside ``path``.
 
@@ -543,7 +563,7 @@ class HDF5Writer(CheckpointWriter):
         fapl.set_cache(0, 521, _WRITE_CHUNK_CACHE_BYTES, 1.0)
         with contextlib.suppress(AttributeError, ValueError):  # HDF5 < 1.12.1 has no setting
             fapl.set_file_locking(False, True)
-        fcpl = None
+        fcpl = _untimed(h5p.FILE_CREATE)
         if self._source is not None:
             # The template's sizes and layout, and its root group's creation-order tracking
             # (which HDF5 reports on the root group, not in the file's properties).
@@ -551,6 +571,7 @@ class HDF5Writer(CheckpointWriter):
             root = self._source.file["/"].id.get_create_plist()
             fcpl.set_link_creation_order(root.get_link_creation_order())
             fcpl.set_attr_creation_order(root.get_attr_creation_order())
+            fcpl.set_obj_track_times(False)
         fid = h5f.create(os.fsencode(self._tmp), h5f.ACC_TRUNC, fcpl=fcpl, fapl=fapl)
         return h5py.File(fid)
 
@@ -586,7 +607,9 @@ class HDF5Writer(CheckpointWriter):
                 continue
             copied[key] = (target.id, encoded)
             if isinstance(obj, h5py.Group):
-                gid = h5g.create(target.id, encoded, lcpl=lcpl, gcpl=obj.id.get_create_plist())
+                gcpl = obj.id.get_create_plist()
+                gcpl.set_obj_track_times(False)  # see _untimed
+                gid = h5g.create(target.id, encoded, lcpl=lcpl, gcpl=gcpl)
                 self._copy_group(obj, h5py.Group(gid), path + "/", copied)
             elif isinstance(obj, h5py.Dataset) and path in self._source.tensors:
                 wanted = self.infos.get(path)
@@ -612,7 +635,9 @@ class HDF5Writer(CheckpointWriter):
         file_type = source.id.get_type().copy()  # a transient copy of a committed type
         dcpl = source.id.get_create_plist()
         if dcpl.get_layout() == h5d.VIRTUAL or dcpl.get_external_count():
-            dcpl = None  # writing through would write into other files: store it here instead
+            dcpl = _untimed(h5p.DATASET_CREATE)  # writing through would write into other files
+        dcpl.set_obj_track_times(False)
+        _allocate_now(dcpl)
         dataset = h5d.create(group.id, name, file_type, source.id.get_space(), dcpl=dcpl, lcpl=lcpl)
         _copy_attributes(source, dataset)
         self._memory_types[info.name] = _memory_type(file_type, info.dtype)
@@ -629,7 +654,9 @@ class HDF5Writer(CheckpointWriter):
         # check() refused every other kind of dtype
         file_type = h5t.create(h5t.OPAQUE, dtype.itemsize) if opaque else h5t.py_create(dtype)
         space = h5s.create_simple(info.shape) if info.shape else h5s.create(h5s.SCALAR)
-        dataset = h5d.create(group.id, name, file_type, space, lcpl=_utf8_links())
+        dcpl = _untimed(h5p.DATASET_CREATE)
+        _allocate_now(dcpl)
+        dataset = h5d.create(group.id, name, file_type, space, dcpl=dcpl, lcpl=_utf8_links())
         if opaque:
             h5py.AttributeManager(h5py.Dataset(dataset))[DTYPE_ATTRIBUTE] = dtype.name
         self._memory_types[info.name] = _memory_type(file_type, dtype)
@@ -640,7 +667,8 @@ class HDF5Writer(CheckpointWriter):
         for i, part in enumerate(parents):
             member = group.get(part, getclass=True)
             if member is None:
-                gid = h5g.create(group.id, part.encode("utf-8"), lcpl=_utf8_links())
+                gcpl = _untimed(h5p.GROUP_CREATE)
+                gid = h5g.create(group.id, part.encode("utf-8"), lcpl=_utf8_links(), gcpl=gcpl)
                 group = h5py.Group(gid)
             elif member is h5py.Group:
                 group = group[part]
