@@ -310,7 +310,9 @@ class TensorBundleReader(CheckpointReader):
 
         tensors: dict[str, TensorInfo] = {}
         raw: dict[str, BundleEntry] = {}
-        for key, entry in self.entries.items():
+        # In data order, so a cut-off file names the tensor it ends in.
+        for key in sorted(self.entries, key=self.data_order):
+            entry = self.entries[key]
             shard = self.data_paths[entry.shard_id]
             if entry.offset + entry.size > sizes[entry.shard_id]:
                 raise TruncatedCheckpointError(
@@ -332,8 +334,9 @@ class TensorBundleReader(CheckpointReader):
                     tensor=key,
                 )
             tensors[key] = info
-        # File order: shard, then offset (TF's order of adding them), as other tools list them.
-        order = sorted(tensors, key=lambda k: (self.entries[k].shard_id, self.entries[k].offset))
+        # File order (TF's order of adding them): shard, then offset; an empty tensor shares
+        # its offset with the next one and came before it.
+        order = sorted(tensors, key=self.data_order)
         self._tensors = {k: tensors[k] for k in order}
         self.raw_entries: dict[str, BundleEntry] = raw
         self._progress = {k: _Progress() for k in self._tensors}
@@ -409,6 +412,13 @@ class TensorBundleReader(CheckpointReader):
             self._fds.append(fd)
             sizes.append(os.fstat(fd).st_size)
         return sizes
+
+    def data_order(self, key: str) -> tuple[int, int, bool]:
+        """A sort key putting entries in the order TF wrote them: ``sorted(reader.entries,
+        key=reader.data_order)`` lists a shard's entries as a writer must lay them out to
+        reproduce its bytes."""
+        entry = self.entries[key]
+        return entry.shard_id, entry.offset, entry.size > 0
 
     @property
     def tensors(self) -> Mapping[str, TensorInfo]:

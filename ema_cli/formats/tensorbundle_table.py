@@ -136,13 +136,13 @@ def read_table(read: Callable[[int, int], bytes], file_size: int) -> list[tuple[
     """Every ``(key, value)`` of the table in a file of ``file_size`` bytes, in key order;
     ``read(offset, size)`` returns the file's bytes there (fewer only at its end). Checks that
     handles stay inside the file and between the blocks before them, that block checksums
-    match, and that keys ascend strictly."""
+    match (the metaindex block's too), and that keys ascend strictly."""
     if file_size < FOOTER_SIZE:
         raise TableError(
             f"only {file_size} bytes, too short for a table footer (truncated, or not an index)"
         )
     limit = file_size - FOOTER_SIZE
-    _, (index_offset, index_size) = parse_footer(read(limit, FOOTER_SIZE))
+    (meta_offset, meta_size), (index_offset, index_size) = parse_footer(read(limit, FOOTER_SIZE))
 
     def block(offset: int, size: int, what: str, floor: int) -> bytes:
         if offset < floor or size > limit or offset > limit - size - TRAILER_SIZE:
@@ -156,6 +156,8 @@ def read_table(read: Callable[[int, int], bytes], file_size: int) -> list[tuple[
         return check_block(raw, what)
 
     index = block(index_offset, index_size, "index block", 0)
+    # Nothing lives in the metaindex block, but its checksum still tells a damaged file.
+    block(meta_offset, meta_size, "metaindex block", 0)
     entries: list[tuple[bytes, bytes]] = []
     floor = 0
     for separator, handle in iter_block(index, "index block"):
