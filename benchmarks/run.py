@@ -33,6 +33,7 @@ import ml_dtypes
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 DEFAULT_DATA = HERE / "data"
 DEFAULT_TF_PYTHON = "/tmp/tfvenv/bin/python"
 
@@ -589,6 +590,58 @@ def check_flat(args: argparse.Namespace) -> list[dict[str, object]]:
     return results
 
 
+#: What a command-line tool should answer within (issue "Do first": measured on this machine
+#: kind, 2 cores): --help, --version and inspect of a small file; a small float32 average.
+STARTUP_TARGETS_MS = {"--help": 150, "--version": 150, "inspect": 150, "average (12 tiny)": 300}
+
+
+def startup(repeats: int) -> list[dict[str, object]]:
+    """Wall time of the commands people run from shells and loops, with Python's own start and
+    numpy's import as floors, medians of ``repeats`` runs after one warm-up each."""
+    examples = sorted(
+        (ROOT / "examples" / "checkpoints").glob("ckpt-*.safetensors"),
+        key=lambda p: int(p.stem.split("-")[1]),
+    )
+    out = Path(tempfile.mkdtemp(prefix="ema-startup-")) / "avg.safetensors"
+    cli = ema_cli_command()
+    commands = {
+        "python -c pass (floor)": [sys.executable, "-c", "pass"],
+        "python -c 'import numpy' (floor)": [sys.executable, "-c", "import numpy"],
+        "--help": [*cli, "--help"],
+        "--version": [*cli, "--version"],
+        "inspect": [*cli, "inspect", str(examples[0])],
+        "average (12 tiny)": [
+            *cli,
+            "average",
+            *map(str, examples),
+            "-o",
+            str(out),
+            "--decay",
+            "0.9",
+        ],
+    }
+    rows = []
+    print("| command | median ms | min ms | target ms |\n|---|---:|---:|---:|")
+    for name, command in commands.items():
+        times = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            # ema-cli's entry point sets OPENBLAS_NUM_THREADS=1 before numpy loads; so does the
+            # numpy floor, or it would time OpenBLAS starting a thread per core.
+            env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+            subprocess.run(
+                command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, check=True
+            )
+            times.append((time.perf_counter() - start) * 1000)
+        times = sorted(times[1:])
+        median = times[len(times) // 2]
+        target = STARTUP_TARGETS_MS.get(name)
+        print(f"| `{name}` | {median:.0f} | {times[0]:.0f} | {target or ''} |")
+        rows.append({"command": name, "median_ms": median, "min_ms": times[0], "target_ms": target})
+    shutil.rmtree(out.parent, ignore_errors=True)
+    return rows
+
+
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     name, _, settings = text.partition(":")
     env = dict(item.split("=", 1) for item in settings.split(",") if item)
@@ -674,6 +727,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also run benchmarks/variants.py with these EMA_BENCH_* settings (repeatable), "
         "e.g. 1-worker:EMA_BENCH_WORKERS=1",
     )
+    parser.add_argument(
+        "--startup",
+        action="store_true",
+        help="time --help, --version, inspect and a tiny average (with Python's own start as "
+        "the floor) instead of the replay",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw measurements here")
     args = parser.parse_args(argv)
     args.data = args.data.resolve()
@@ -684,7 +743,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{info['memory']} RAM, Python {info['python']}, numpy {info['numpy']}\n"
         f"command: {' '.join([Path(sys.executable).name, *sys.argv])}\n"
     )
-    if args.check_flat:
+    if args.startup:
+        results = startup(max(args.repeats, 15))
+    elif args.check_flat:
         results = check_flat(args)
     else:
         data = Dataset(args.data, args.params, args.dtype, args.sharded, args.shards, args.align)

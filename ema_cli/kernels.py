@@ -18,11 +18,13 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
-from ema_cli.engine import Update
+if TYPE_CHECKING:
+    from ema_cli.engine import Update
 
 Array = npt.NDArray[np.generic]
 
