@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ema_cli import lock, report, state
-from ema_cli.checkpoint import file_stats
 from ema_cli.defaults import DEFAULT_SETTLE_SECONDS
 from ema_cli.errors import CheckpointError, OptionError, TruncatedCheckpointError
 from ema_cli.formats import (
@@ -26,11 +25,12 @@ from ema_cli.formats import (
     CheckpointWriter,
     check_output_path,
     check_writer,
+    checkpoint_stats,
     create_writer,
     find_checkpoint,
     is_folder_output,
     open_checkpoint,
-    strip_format_suffix,
+    strip_suffix,
 )
 from ema_cli.formats.base import StagedFile, remove_stale_temporaries
 from ema_cli.formats.safetensors import SafetensorsWriter
@@ -79,17 +79,17 @@ class Result:
 def default_mapping_path(output: Path) -> Path:
     """``out/avg.safetensors`` -> ``out/avg.mapping.json``; ``out/run-ema`` (a folder) ->
     ``out/run-ema.mapping.json``."""
-    return output.with_name(strip_format_suffix(output.name) + ".mapping.json")
+    return output.with_name(strip_suffix(output.name) + ".mapping.json")
 
 
 def trajectory_path(output: Path, checkpoint: str, folder: bool) -> Path:
     """Where the average as it stood after ``checkpoint`` goes: the output's name, a dot, and the
     checkpoint's name (``ema.safetensors`` after ``run/ckpt-200.safetensors`` ->
     ``ema.ckpt-200.safetensors``), so trajectory files sort by step like their checkpoints."""
-    name = strip_format_suffix(Path(checkpoint.rstrip("/")).name)
+    name = strip_suffix(Path(checkpoint.rstrip("/")).name)
     if folder:
         return output.with_name(f"{output.name}.{name}")
-    stem = strip_format_suffix(output.name)
+    stem = strip_suffix(output.name)
     return output.with_name(f"{stem}.{name}{output.name[len(stem) :]}")
 
 
@@ -350,7 +350,7 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
             writers[i].commit(request.durable)
         for entry in outputs:
             path = Path(entry["path"])
-            entry["size"] = file_stats(path)[0]
+            entry["size"] = checkpoint_stats(path)[0]
             if request.hash:
                 entry["sha256"] = report.sha256(path)
         record = report.summary(plan, records, output, outputs=outputs, extra=extra)

@@ -16,8 +16,9 @@ from typing import Literal
 import numpy as np
 
 from ema_cli import engine
-from ema_cli.checkpoint import TensorInfo, strip_format_suffix
+from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import CheckpointError, OptionError
+from ema_cli.formats.registry import strip_suffix
 
 NumUpdates = int | Literal["step", "index"] | None
 Order = Literal["step", "given"]
@@ -32,7 +33,7 @@ def step_from_name(name: str) -> int | None:
     ``ckpt-1200.safetensors`` -> 1200, ``ckpt-8.weights.h5`` -> 8, ``checkpoint-500/`` -> 500,
     ``run3_step0042.npz`` -> 42, ``model.safetensors`` -> None.
     """
-    base = strip_format_suffix(name.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1])
+    base = strip_suffix(name.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1])
     runs = _DIGITS.findall(base)
     return int(runs[-1]) if runs else None
 

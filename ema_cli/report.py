@@ -15,7 +15,7 @@ import click
 import numpy as np
 
 from ema_cli import __version__, engine
-from ema_cli.checkpoint import file_stats
+from ema_cli.formats import checkpoint_stats
 from ema_cli.formats.base import CheckpointReader
 from ema_cli.plan import Checkpoint, ReplayPlan, Settings
 
@@ -176,7 +176,7 @@ def describe_checkpoint(given: str, reader: CheckpointReader, step: int | None) 
         "format": reader.format_name,
         "metadata": dict(reader.metadata),
         "path": given,
-        "size": file_stats(reader.path)[0],
+        "size": checkpoint_stats(reader.path)[0],
         "step": step,
         "tensor_count": len(tensors),
         "tensors": tensors,

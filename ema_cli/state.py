@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from ema_cli import __version__, report
-from ema_cli.checkpoint import file_stats
 from ema_cli.errors import CheckpointError, EmaCliError
+from ema_cli.formats import checkpoint_stats
 from ema_cli.formats.base import write_file_atomically
 from ema_cli.plan import Checkpoint, ReplayPlan, Settings
 
@@ -55,7 +55,7 @@ class Fingerprint:
 
     @classmethod
     def of(cls, given: str, file: Path) -> Fingerprint:
-        size, mtime = file_stats(file)
+        size, mtime = checkpoint_stats(file)
         return cls(given, os.path.realpath(file), size, mtime)
 
 

@@ -2,68 +2,34 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from ema_cli.checkpoint import CHECKPOINT_SUFFIXES, TensorInfo, strip_format_suffix
+from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import CheckpointError, OptionError
+from ema_cli.formats import registry
 from ema_cli.formats.base import CheckpointReader, CheckpointWriter
-from ema_cli.formats.sharded import DEFAULT_MAX_SHARD_SIZE, INDEX_NAME, ShardedReader, ShardedWriter
+from ema_cli.formats.registry import Format, strip_suffix
 
 __all__ = [
-    "CHECKPOINT_SUFFIXES",
     "CheckpointReader",
     "CheckpointWriter",
+    "Format",
     "TensorInfo",
     "check_output_path",
     "check_writer",
+    "checkpoint_files",
+    "checkpoint_stats",
     "create_writer",
     "find_checkpoint",
+    "format_of",
     "is_folder_output",
     "open_checkpoint",
-    "strip_format_suffix",
+    "strip_suffix",
 ]
-
-#: suffix -> (module, reader class, writer class). Modules are imported on first use: h5py
-#: alone costs a tenth of a second at start-up, which a safetensors run should not pay.
-_FORMATS: dict[str, tuple[str, str, str]] = {
-    ".safetensors": ("safetensors", "SafetensorsReader", "SafetensorsWriter"),
-    ".weights.h5": ("hdf5", "HDF5Reader", "HDF5Writer"),
-    ".h5": ("hdf5", "HDF5Reader", "HDF5Writer"),
-    ".hdf5": ("hdf5", "HDF5Reader", "HDF5Writer"),
-    ".keras": ("keras_archive", "KerasArchiveReader", "KerasArchiveWriter"),
-    ".npz": ("npz", "NpzReader", "NpzWriter"),
-}
-
-
-def _format_class(suffix: str, role: int) -> type:
-    module, *classes = _FORMATS[suffix]
-    cls: type = getattr(importlib.import_module(f"ema_cli.formats.{module}"), classes[role])
-    return cls
-
-
-def _reader_class(suffix: str) -> type[CheckpointReader] | None:
-    return _format_class(suffix, 0) if suffix in _FORMATS else None
-
-
-def _writer_class(suffix: str) -> type[CheckpointWriter] | None:
-    return _format_class(suffix, 1) if suffix in _FORMATS else None
-
-
-def _suffix(path: Path) -> str:
-    lower = path.name.lower()
-    for suffix in CHECKPOINT_SUFFIXES:
-        if lower.endswith(suffix):
-            return suffix
-    return path.suffix.lower()
-
-
-def _readable(path: Path) -> bool:
-    return _suffix(path) in _FORMATS
-
 
 #: A last name part that looks like a file extension (``.safetensor``, ``.v2``), unlike the dots
 #: in a folder name such as ``llama-3.1-ema``.
@@ -71,7 +37,7 @@ _FILE_EXTENSION = re.compile(r"\.[A-Za-z][A-Za-z0-9]*")
 
 
 def is_folder_output(path: Path) -> bool:
-    """Whether ``-o PATH`` names a Hugging Face model folder rather than a checkpoint file.
+    """Whether ``-o PATH`` names a model folder rather than a checkpoint file.
 
     An existing folder, or a name without a file extension (``ema``, ``checkpoint-ema``,
     ``llama-3.1-ema``), is a folder; a mistyped extension (``ema.safetensor``) stays a file name
@@ -79,27 +45,37 @@ def is_folder_output(path: Path) -> bool:
     """
     if path.is_dir():
         return True
-    return _suffix(path) not in CHECKPOINT_SUFFIXES and not _FILE_EXTENSION.fullmatch(path.suffix)
+    return registry.suffix_of(path.name) is None and not _FILE_EXTENSION.fullmatch(path.suffix)
+
+
+def format_of(path: Path) -> Format | None:
+    """The format of an input checkpoint: a folder by its markers, a file by its suffix."""
+    if path.is_dir():
+        return registry.folder_format(path, opening=True)
+    return registry.by_suffix(path.name)
 
 
 def find_checkpoint(path: Path) -> Path:
-    """The checkpoint file a command-line argument names.
+    """The checkpoint a command-line argument names.
 
-    A file is taken as is. A folder holding ``model.safetensors.index.json`` is one sharded
-    checkpoint and is returned itself; any other folder must hold exactly one checkpoint file of
-    a format we read.
+    A file is taken as is. A folder holding a folder format's marker (a sharded model's index)
+    is one checkpoint and is returned itself; any other folder must hold exactly one checkpoint
+    file of a format we read.
     """
     if path.is_dir():
-        if (path / INDEX_NAME).is_file():
+        if registry.folder_format(path) is not None:
             return path
-        found = sorted(p for p in path.iterdir() if p.is_file() and _readable(p))
+        found = sorted(
+            p for p in path.iterdir() if p.is_file() and registry.by_suffix(p.name) is not None
+        )
         if len(found) == 1:
             return found[0]
         if not found:
-            patterns = ", ".join(f"*{s}" for s in _FORMATS)
+            patterns = ", ".join(f"*{s}" for s in registry.readable())
             raise CheckpointError(path, f"folder holds no checkpoint file ({patterns})")
         names = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
-        every = os.path.join(path, "*" + _suffix(found[0]))
+        suffix = registry.suffix_of(found[0].name) or found[0].suffix
+        every = os.path.join(path, "*" + suffix)
         raise CheckpointError(
             path,
             f"folder holds {len(found)} checkpoint files ({names}); name one, or all of them "
@@ -111,23 +87,54 @@ def find_checkpoint(path: Path) -> Path:
 
 
 def open_checkpoint(path: Path) -> CheckpointReader:
-    """Open a checkpoint for reading: a folder as a sharded one, a file by its suffix."""
-    if path.is_dir():
-        return ShardedReader(path)
-    reader = _reader_class(_suffix(path))
-    if reader is None:
-        known = ", ".join(sorted(_FORMATS))
+    """Open a checkpoint for reading, in the format ``format_of`` finds."""
+    fmt = format_of(path)
+    if fmt is None:
+        if path.is_dir():
+            markers = [
+                m
+                for f in registry.formats()
+                if f.layout == "folder"
+                for m in f.markers + f.single_files
+            ]
+            raise CheckpointError(path, f"folder holds neither {' nor '.join(markers)}")
+        known = ", ".join(sorted(registry.readable()))
         raise CheckpointError(path, f"unsupported checkpoint format (ema-cli reads {known})")
-    return reader(path)
+    reader: CheckpointReader = fmt.reader_class()(path)
+    return reader
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The files that make the checkpoint at ``path`` (for sizes, mtimes and digests)."""
+    fmt = format_of(path)
+    if fmt is not None:
+        return fmt.checkpoint_files(path)
+    return sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+
+
+def checkpoint_stats(path: Path) -> tuple[int, int]:
+    """A checkpoint's size in bytes and modification time (ns): the total of its files and the
+    newest of them."""
+    files = checkpoint_files(path)
+    stats = [p.stat() for p in files]
+    default = os.stat(path).st_mtime_ns if path.exists() else 0
+    mtime = max((s.st_mtime_ns for s in stats), default=default)
+    return sum(s.st_size for s in stats), mtime
+
+
+def _output_format(path: Path, folder: bool) -> Format:
+    if folder:
+        return registry.folder_output_format()
+    fmt = registry.by_suffix(path.name)
+    if fmt is None or fmt.writer is None:
+        known = ", ".join(sorted(registry.writable()))
+        raise OptionError(f"{path}: unsupported output format (ema-cli writes {known})")
+    return fmt
 
 
 def check_output_path(path: Path) -> None:
     """Refuse an output whose format we cannot write, before any work is done."""
-    if is_folder_output(path):
-        return
-    if _suffix(path) not in _FORMATS:
-        known = ", ".join(sorted(_FORMATS))
-        raise OptionError(f"{path}: unsupported output format (ema-cli writes {known})")
+    _output_format(path, is_folder_output(path))
 
 
 def check_writer(
@@ -142,18 +149,17 @@ def check_writer(
     ``--dry-run`` runs it too. ``folder``: as in ``create_writer``."""
     if folder is None:
         folder = is_folder_output(path)
-    if not folder:
-        check_output_path(path)
-    writer = ShardedWriter if folder else _writer_class(_suffix(path))
-    assert writer is not None  # check_output_path refused unknown suffixes
+    fmt = _output_format(path, folder)
+    writer: type[CheckpointWriter] = fmt.writer_class()
     if template is not None and template.non_tensors and not writer.carries_non_tensors(template):
         # A conversion keeps every tensor; refuse it when the input holds data that is not one.
         lost = template.non_tensors
         more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
-        kind = "a model folder" if folder else f"a {_suffix(path)} file"
+        kind = "a model folder" if folder else f"a {registry.suffix_of(path.name)} file"
+        keep = registry.suffix_of(Path(template.path).name) or "same-format"
         raise OptionError(
             f"{path}: {template.path} holds {lost[0]}{more}, which {kind} cannot hold; write "
-            f"a {_suffix(Path(template.path))} output to keep it"
+            f"a {keep} output to keep it"
         )
     writer.check(path, tensors, template)
     return writer
@@ -171,11 +177,14 @@ def create_writer(
     first).
 
     ``template`` (the last input checkpoint) lets a format copy what is not a tensor. A folder
-    output (``folder``, or by default a name without a file suffix) is sharded at
-    ``max_shard_size`` bytes (default 5 GB, as Hugging Face does).
+    output (``folder``, or by default a name without a file suffix) is written by the first
+    folder format that writes, sharded at ``max_shard_size`` bytes where it shards.
     """
     writer = check_writer(path, tensors, template, folder)
-    if writer is ShardedWriter:
-        limit = DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size
-        return ShardedWriter(path, tensors, metadata, template, max_shard_size=limit)
+    if max_shard_size is not None and writer.takes_max_shard_size:
+        sharding: Any = writer  # a writer class that declares the extra argument
+        made: CheckpointWriter = sharding(
+            path, tensors, metadata, template, max_shard_size=max_shard_size
+        )
+        return made
     return writer(path, tensors, metadata, template)

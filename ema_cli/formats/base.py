@@ -155,6 +155,9 @@ class CheckpointWriter(ABC):
     discards everything written.
     """
 
+    #: Whether the constructor takes ``max_shard_size`` (formats that split into shards).
+    takes_max_shard_size = False
+
     def __init__(
         self,
         path: Path,

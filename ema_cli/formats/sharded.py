@@ -35,8 +35,9 @@ from typing import Generic, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from ema_cli.checkpoint import CHECKPOINT_SUFFIXES, TensorInfo
+from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import CheckpointError, OptionError, OutputError
+from ema_cli.formats import registry
 from ema_cli.formats.base import (
     CheckpointReader,
     CheckpointWriter,
@@ -58,7 +59,7 @@ DEFAULT_OPEN_SHARDS = 4
 #: Weight files in other formats (and their indexes) are not copied into an output folder: they
 #: would hold the template's un-averaged weights next to the averaged ones, and a loader that
 #: prefers them (``use_safetensors=False``, other frameworks) would silently load stale values.
-_OTHER_WEIGHT_SUFFIXES = (*CHECKPOINT_SUFFIXES, ".msgpack", ".gguf", ".onnx")
+_OTHER_WEIGHT_SUFFIXES = (*registry.suffixes(), ".msgpack", ".gguf", ".onnx")
 
 _UNITS = {
     "B": 1,
@@ -453,6 +454,8 @@ class ShardedWriter(CheckpointWriter):
     folder at ``path`` but the complete earlier output at ``.<name>.old-XXXXXXXX``: rename it
     back to recover. Nothing outside the temporary folder is touched before ``commit()``.
     """
+
+    takes_max_shard_size = True
 
     def __init__(
         self,

@@ -1,0 +1,203 @@
+"""Every checkpoint format, as data: one ``Format`` descriptor each, in one list.
+
+Everything that needs to know the formats reads this list: finding a checkpoint on disk, the
+suffix stripped before a step number is parsed, which outputs can be written, the files that
+make one checkpoint (for sizes, mtimes and digests), ``--help`` and the README's table (a test
+keeps it equal to ``markdown_table()``). Adding a format is one module with its reader (and
+writer) and one ``Format`` line below; ``register`` adds one at run time (tests do).
+
+This module imports only the standard library: ``--help`` and step parsing read it without
+loading numpy or any format's module, which are imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+Layout = Literal["file", "folder", "prefix"]
+
+
+@dataclass(frozen=True)
+class Format:
+    """What ema-cli knows about one checkpoint format.
+
+    ``layout``: ``file`` (one file, chosen by its suffix), ``folder`` (a folder recognised by
+    one of its ``markers``, such as a sharded model's index; a folder opened as a checkpoint may
+    instead hold one of its ``single_files``, as an unsharded model folder does), or ``prefix`` (a name whose
+    suffixed siblings make one checkpoint, as TensorFlow's ``ckpt-7.index`` and
+    ``ckpt-7.data-*``). ``reader`` and ``writer`` are ``"module:Class"`` names inside
+    ``ema_cli.formats``, imported when first used; ``writer`` is None for a read-only format.
+    ``files`` (``"module:function"``, taking the checkpoint's path) lists the files that make
+    one checkpoint, when that is more than the path itself (or, for a folder, its files).
+    """
+
+    name: str
+    suffixes: tuple[str, ...]
+    layout: Layout
+    reader: str
+    writer: str | None
+    help: str
+    markers: tuple[str, ...] = ()
+    single_files: tuple[str, ...] = ()
+    files: str | None = None
+
+    def reader_class(self) -> Any:
+        return _load(self.reader)
+
+    def writer_class(self) -> Any:
+        return None if self.writer is None else _load(self.writer)
+
+    def checkpoint_files(self, path: Path) -> list[Path]:
+        """The files that make the checkpoint at ``path``, sorted."""
+        if self.files is not None:
+            listed: list[Path] = _load(self.files)(path)
+            return sorted(listed)
+        if self.layout == "folder" or path.is_dir():
+            return sorted(p for p in path.iterdir() if p.is_file())
+        return [path]
+
+
+def _load(name: str) -> Any:
+    module, _, attribute = name.partition(":")
+    return getattr(importlib.import_module(f"ema_cli.formats.{module}"), attribute)
+
+
+_FORMATS: list[Format] = [
+    Format(
+        "safetensors",
+        (".safetensors",),
+        "file",
+        "safetensors:SafetensorsReader",
+        "safetensors:SafetensorsWriter",
+        "a safetensors file",
+    ),
+    Format(
+        "safetensors folder",
+        (),
+        "folder",
+        "sharded:ShardedReader",
+        "sharded:ShardedWriter",
+        "a Hugging Face model folder: model.safetensors, or shards with "
+        "model.safetensors.index.json; an output named without a suffix is written as one",
+        markers=("model.safetensors.index.json",),
+        single_files=("model.safetensors",),
+    ),
+    Format(
+        "keras weights",
+        (".weights.h5",),
+        "file",
+        "hdf5:HDF5Reader",
+        "hdf5:HDF5Writer",
+        "Keras 3 model.save_weights() (layers/<name>/vars/<i>, optimizer/vars/<i>)",
+    ),
+    Format(
+        "hdf5",
+        (".h5", ".hdf5"),
+        "file",
+        "hdf5:HDF5Reader",
+        "hdf5:HDF5Writer",
+        "legacy Keras full models and weight files (model_weights/..., optimizer_weights/...), "
+        "or any other HDF5 file: every numeric dataset is a tensor named by its path",
+    ),
+    Format(
+        "keras",
+        (".keras",),
+        "file",
+        "keras_archive:KerasArchiveReader",
+        "keras_archive:KerasArchiveWriter",
+        "a Keras 3 archive: the model.weights.h5 inside is averaged, every other member copied",
+    ),
+    Format(
+        "npz",
+        (".npz",),
+        "file",
+        "npz:NpzReader",
+        "npz:NpzWriter",
+        "a numpy archive, one tensor per member",
+    ),
+]
+
+#: Suffixes that name checkpoints of formats ema-cli does not read yet. They are stripped
+#: before a step number is parsed (``ckpt-8.pt`` is step 8) and refused as inputs by name.
+_STEP_ONLY_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+
+
+def formats() -> tuple[Format, ...]:
+    return tuple(_FORMATS)
+
+
+@contextmanager
+def register(fmt: Format) -> Iterator[Format]:
+    """Add ``fmt`` for the duration of the block (for tests, and plugins that scope it)."""
+    _FORMATS.append(fmt)
+    try:
+        yield fmt
+    finally:
+        _FORMATS.remove(fmt)
+
+
+def suffixes() -> tuple[str, ...]:
+    """Every suffix that names a checkpoint, longest first (``.weights.h5`` before ``.h5``)."""
+    known = {s for f in _FORMATS for s in f.suffixes} | set(_STEP_ONLY_SUFFIXES)
+    return tuple(sorted(known, key=lambda s: (-len(s), s)))
+
+
+def suffix_of(name: str) -> str | None:
+    """The checkpoint suffix ``name`` ends with (case-insensitive), longest match first."""
+    lower = name.lower()
+    for suffix in suffixes():
+        if lower.endswith(suffix) and len(name) > len(suffix):
+            return suffix
+    return None
+
+
+def strip_suffix(name: str) -> str:
+    """``ckpt-8.weights.h5`` -> ``ckpt-8``; names without a checkpoint suffix are returned as is."""
+    suffix = suffix_of(name)
+    return name[: -len(suffix)] if suffix else name
+
+
+def by_suffix(name: str) -> Format | None:
+    """The file format a name's suffix picks, if ema-cli reads it."""
+    suffix = suffix_of(name)
+    return next((f for f in _FORMATS if suffix in f.suffixes), None) if suffix else None
+
+
+def folder_format(path: Path, opening: bool = False) -> Format | None:
+    """The folder format whose marker ``path`` holds (None: not a folder checkpoint).
+    ``opening``: a folder given to be opened as one, which may hold a single model file."""
+    for fmt in _FORMATS:
+        names = fmt.markers + (fmt.single_files if opening else ())
+        if fmt.layout == "folder" and any((path / m).is_file() for m in names):
+            return fmt
+    return None
+
+
+def folder_output_format() -> Format:
+    """The format of an output named without a suffix: the first folder format that writes."""
+    return next(f for f in _FORMATS if f.layout == "folder" and f.writer is not None)
+
+
+def readable(kind: Callable[[Format], bool] = lambda f: True) -> list[str]:
+    """The file suffixes ema-cli reads (of formats ``kind`` accepts), for messages."""
+    return [s for f in _FORMATS if f.layout != "folder" and kind(f) for s in f.suffixes]
+
+
+def writable() -> list[str]:
+    """The file suffixes ema-cli writes, for messages and ``--help``."""
+    return readable(lambda f: f.writer is not None)
+
+
+def markdown_table() -> str:
+    """The README's format table, rendered from the registry."""
+    rows = ["| suffix | reads | writes | what |", "|---|---|---|---|"]
+    for fmt in _FORMATS:
+        names = ", ".join(f"`{s}`" for s in fmt.suffixes) or "a folder"
+        writes = "yes" if fmt.writer is not None else "no"
+        rows.append(f"| {names} | yes | {writes} | {fmt.help} |")
+    return "\n".join(rows)
