@@ -1,4 +1,16 @@
-"""One ``ema-cli average`` run, start to finish: select, lock, open, plan, replay, commit, record.
+"""One ``ema-cli average`` run: check, lock, gather, decide, then do.
+
+``run`` keeps deciding apart from doing:
+
+1. the options, the replay order and selection, and every target against every input are
+   checked with nothing locked or opened (``_check_options``, ``order_checkpoints``,
+   ``_check_targets``);
+2. under the locks (``--dry-run`` takes none), the facts are gathered: each input's size and
+   mtime, the saved ``--state``, and readers of the checkpoints not folded in yet (``_gather``);
+   the state is read under its lock, so no other run can change it between here and the commit;
+3. ``decide`` (pure) turns the facts into a ``RunPlan``: what is folded in and what is new,
+   which checkpoint waits for the next run, the tensors' fates, every output's path, the record;
+4. ``_execute`` writes it: outputs, then the mapping, then the state.
 
 The order of commits is what makes a killed run harmless: every output is built in a hidden
 temporary file and renamed into place only when complete; the mapping follows the outputs; the
@@ -30,12 +42,12 @@ from ema_cli.formats import (
     find_checkpoint,
     is_folder_output,
     open_checkpoint,
+    output_format,
     strip_suffix,
 )
 from ema_cli.formats.base import StagedFile, remove_stale_temporaries
-from ema_cli.formats.safetensors import SafetensorsWriter
 from ema_cli.plan import Checkpoint, ReplayPlan, Selection, Settings, build_plan, order_checkpoints
-from ema_cli.replay import Outputs, replay, state_tensors, total_bytes
+from ema_cli.replay import Outputs, replay, total_bytes
 from ema_cli.targets import Target, check_targets
 
 Status = Literal["written", "up to date", "dry run"]
@@ -147,38 +159,8 @@ def _check_targets(
         raise OptionError(f"{request.state}: folder {request.state.parent} does not exist")
 
 
-def _still_settling(fingerprint: state.Fingerprint, settle: float) -> bool:
-    return settle > 0 and time.time() - fingerprint.mtime_ns / 1e9 < settle
-
-
-def _resume_point(
-    saved: state.SavedState,
-    ordered: Sequence[Checkpoint],
-    fingerprints: Sequence[state.Fingerprint],
-) -> int:
-    """How many of ``ordered`` the saved state has folded in; raises when the inputs no longer
-    continue it (a folded-in checkpoint changed or vanished, or a new one sorts before them)."""
-    by_real = {f.realpath: i for i, f in enumerate(fingerprints)}
-    for position, folded in enumerate(saved.checkpoints):
-        index = by_real.get(folded["realpath"])
-        if index is None:
-            raise state.StateError(
-                saved.folder,
-                f"checkpoint {folded['path']} was folded in but is no longer among the inputs",
-            )
-        now = fingerprints[index]
-        if (now.size, now.mtime_ns) != (folded["size"], folded["mtime_ns"]):
-            raise state.StateError(
-                saved.folder, f"checkpoint {folded['path']} changed since it was folded in"
-            )
-        if index != position:
-            newer = ordered[position].path
-            raise state.StateError(
-                saved.folder,
-                f"new checkpoint {newer} comes before {saved.checkpoints[-1]['path']}, the last "
-                "one folded in",
-            )
-    return len(saved.checkpoints)
+def _still_settling(fingerprint: state.Fingerprint, settle: float, now: float) -> bool:
+    return settle > 0 and now - fingerprint.mtime_ns / 1e9 < settle
 
 
 def _remove_if_empty(folder: Path) -> None:
@@ -186,15 +168,157 @@ def _remove_if_empty(folder: Path) -> None:
         folder.rmdir()
 
 
+@dataclass
+class Facts:
+    """What the disk says, gathered under the locks before anything is decided."""
+
+    ordered: list[Checkpoint]
+    files: list[Path]
+    fingerprints: list[state.Fingerprint]
+    saved: state.SavedState | None
+    folded: int
+    readers: list[CheckpointReader]  # of the new checkpoints that are ready, in order
+    warnings: list[str]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything a run will write, decided before any of it is: a pure function of the
+    request and the facts (``decide``)."""
+
+    request: Request
+    mapping_path: Path
+    history: tuple[Checkpoint, ...]  # every checkpoint in the average: folded, then fresh
+    folded: int
+    replay: ReplayPlan
+    snapshots: dict[int, Path]  # index among the fresh checkpoints -> the output written after it
+    folder_output: bool
+    record: dict[str, Any]  # the mapping file's content, less what only writing tells
+    outputs: list[dict[str, Any]]
+
+
+def _gather(
+    stack: contextlib.ExitStack, request: Request, ordered: list[Checkpoint], files: list[Path]
+) -> Facts:
+    # Size and mtime of every input, taken once and before anything is read: a checkpoint
+    # rewritten during this run is then recorded as it was, and the next run notices.
+    fingerprints = [state.Fingerprint.of(c.path, f) for c, f in zip(ordered, files, strict=True)]
+    warnings: list[str] = []
+    saved = None
+    if request.state is not None and not request.restart:
+        saved = state.load(request.state)
+        if saved is not None and not (request.output.exists() or request.dry_run):
+            warnings.append(
+                f"{request.output} is missing; rebuilding it and the state from all checkpoints"
+            )
+            saved = None
+    if saved is not None:
+        saved.check_settings(request.settings)
+    folded = state.resume_point(saved, ordered, fingerprints) if saved is not None else 0
+    readers: list[CheckpointReader] = []
+    now = time.time()
+    for i in range(folded, len(ordered)):
+        newest = i == len(ordered) - 1
+        if (
+            request.state is not None
+            and newest
+            and _still_settling(fingerprints[i], request.settle, now)
+        ):
+            warnings.append(
+                f"skipping {ordered[i].path}: modified less than {request.settle:g}s ago, it "
+                "may still be being written (next run picks it up; --settle 0 turns this off)"
+            )
+            break
+        try:
+            readers.append(stack.enter_context(open_checkpoint(files[i])))
+        except TruncatedCheckpointError as e:
+            if request.state is None or not newest:
+                raise
+            warnings.append(f"skipping {e}; the next run picks it up once it is complete")
+    return Facts(ordered, files, fingerprints, saved, folded, readers, warnings)
+
+
+def decide(request: Request, mapping_path: Path, facts: Facts) -> RunPlan:
+    """The plan of a run that has new checkpoints to fold in (pure: no file is touched)."""
+    settings, output, folded = request.settings, request.output, facts.folded
+    fresh = facts.ordered[folded : folded + len(facts.readers)]
+    history = (*facts.ordered[:folded], *fresh)
+    plan = build_plan(
+        fresh,
+        [r.tensors for r in facts.readers],
+        settings,
+        optimizer_prefixes=facts.readers[-1].optimizer_prefixes,
+    )
+    if facts.saved is not None:
+        facts.saved.check_plan(plan)
+    folder_output = is_folder_output(output)
+    snapshots: dict[int, Path] = {len(fresh) - 1: output}
+    if request.every is not None:
+        for position in range(folded, len(history) - 1):
+            if (position + 1) % request.every == 0:
+                snapshots[position - folded] = trajectory_path(
+                    output, history[position].path, folder_output
+                )
+    outputs: list[dict[str, Any]] = [
+        {
+            "after": {"path": history[folded + i].path, "step": history[folded + i].step},
+            "path": str(p),
+        }
+        for i, p in sorted(snapshots.items())
+    ]
+    record = report.summary(
+        plan,
+        [],
+        output,
+        outputs=outputs,
+        extra={
+            "selection": {
+                "last": request.selection.last,
+                "max_step": request.selection.max_step,
+                "min_step": request.selection.min_step,
+            },
+            "state": None if request.state is None else str(request.state),
+        },
+    )
+    return RunPlan(
+        request,
+        mapping_path,
+        tuple(history),
+        folded,
+        plan,
+        snapshots,
+        folder_output,
+        record,
+        outputs,
+    )
+
+
+def _checkpoint_records(
+    run: RunPlan, facts: Facts, hashed: bool
+) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Each replayed checkpoint's record, and its digest (``--hash``: a checkpoint folded in
+    earlier, its size and mtime checked, keeps the digest recorded then)."""
+    history, saved = run.history, facts.saved
+    digests: list[str | dict[str, str] | None] = [None] * len(history)
+    if hashed:
+        for i in range(len(history)):
+            known = saved.checkpoints[i].get("sha256") if saved and i < run.folded else None
+            digests[i] = known or report.sha256(facts.files[i])
+    weights = report.weights(history, run.request.settings)
+    records = [
+        report.checkpoint_record(c, w, facts.fingerprints[i].size, digests[i])
+        for i, (c, w) in enumerate(zip(history, weights, strict=True))
+    ]
+    return records, digests
+
+
 def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Result:
     """Do the run; raise ``EmaCliError`` for anything the user can fix, before writing anything."""
     _check_options(request)
-    settings = request.settings
-    output = request.output
-    mapping_path = request.mapping or default_mapping_path(output)
+    mapping_path = request.mapping or default_mapping_path(request.output)
     # Existence first: "no such file" says more than "no step number" about a mistyped path.
     resolved = {given: find_checkpoint(Path(given)) for given in request.checkpoints}
-    ordered = order_checkpoints(request.checkpoints, settings, request.selection)
+    ordered = order_checkpoints(request.checkpoints, request.settings, request.selection)
     files = [resolved[c.path] for c in ordered]
     first_given: dict[str, str] = {}
     for c, file in zip(ordered, files, strict=True):  # the same file under two spellings
@@ -205,164 +329,102 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
 
     with contextlib.ExitStack() as stack:
         if not request.dry_run:
-            if request.state is not None:
-                stack.enter_context(lock.exclusive(request.state, "state"))
-                state.remove_leftovers(request.state)
-            stack.enter_context(lock.exclusive(output, "output"))
-            remove_stale_temporaries(output)
-            remove_stale_temporaries(mapping_path)
-
-        # Size and mtime of every input, taken once and before anything is read: a checkpoint
-        # rewritten during this run is then recorded as it was, and the next run notices.
-        fingerprints = [
-            state.Fingerprint.of(c.path, f) for c, f in zip(ordered, files, strict=True)
-        ]
-        saved = None
-        if request.state is not None and not request.restart:
-            saved = state.load(request.state)
-            if saved is not None and not (output.exists() or request.dry_run):
-                warn(f"{output} is missing; rebuilding it and the state from all checkpoints")
-                saved = None
-        if saved is not None:
-            saved.check_settings(settings)
-        folded = _resume_point(saved, ordered, fingerprints) if saved is not None else 0
-
-        readers: list[CheckpointReader] = []
-        new = list(range(folded, len(ordered)))
-        for i in new:
-            newest = i == len(ordered) - 1
-            if (
-                request.state is not None
-                and newest
-                and _still_settling(fingerprints[i], request.settle)
-            ):
-                warn(
-                    f"skipping {ordered[i].path}: modified less than {request.settle:g}s ago, it "
-                    "may still be being written (next run picks it up; --settle 0 turns this off)"
-                )
-                break
-            try:
-                readers.append(stack.enter_context(open_checkpoint(files[i])))
-            except TruncatedCheckpointError as e:
-                if request.state is None or not newest:
-                    raise
-                warn(f"skipping {e}; the next run picks it up once it is complete")
-        fresh = ordered[folded : folded + len(readers)]
-        history = [*ordered[:folded], *fresh]
-
-        if not readers:
-            record = {"status": "up to date", "checkpoints": [c.path for c in history]}
-            return Result("up to date", record, mapping_path, None, folded)
-
-        plan = build_plan(
-            fresh,
-            [r.tensors for r in readers],
-            settings,
-            optimizer_prefixes=readers[-1].optimizer_prefixes,
-        )
-        if saved is not None:
-            saved.check_plan(plan)
-        for pattern in plan.unmatched_excludes:
-            warn(f"--exclude {pattern!r} matches no tensor")
-
-        folder_output = is_folder_output(output)
-        snapshot_at: dict[int, Path] = {len(fresh) - 1: output}
-        if request.every is not None:
-            for position in range(folded, len(history) - 1):
-                if (position + 1) % request.every == 0:
-                    snapshot_at[position - folded] = trajectory_path(
-                        output, history[position].path, folder_output
-                    )
-        weights = report.weights(history, settings)
-        digests: list[str | dict[str, str] | None] = [None] * len(history)
-        if request.hash and not request.dry_run:
-            for i in range(len(history)):
-                # A checkpoint folded in earlier (its size and mtime checked above) keeps the
-                # digest recorded then: an incremental run reads only the new checkpoints.
-                known = saved.checkpoints[i].get("sha256") if saved and i < folded else None
-                digests[i] = known or report.sha256(files[i])
-        records = [
-            report.checkpoint_record(c, w, fingerprints[i].size, digests[i])
-            for i, (c, w) in enumerate(zip(history, weights, strict=True))
-        ]
-        extra = {
-            "selection": {
-                "last": request.selection.last,
-                "max_step": request.selection.max_step,
-                "min_step": request.selection.min_step,
-            },
-            "state": None if request.state is None else str(request.state),
-        }
-        outputs: list[dict[str, Any]] = [
-            {
-                "after": {"path": history[folded + i].path, "step": history[folded + i].step},
-                "path": str(p),
+            _lock(stack, request, mapping_path)
+        facts = _gather(stack, request, ordered, files)
+        for message in facts.warnings:
+            warn(message)
+        if not facts.readers:
+            history = facts.ordered[: facts.folded]
+            record: dict[str, Any] = {
+                "status": "up to date",
+                "checkpoints": [c.path for c in history],
             }
-            for i, p in sorted(snapshot_at.items())
-        ]
+            return Result("up to date", record, mapping_path, None, facts.folded)
+        plan = decide(request, mapping_path, facts)
+        for pattern in plan.replay.unmatched_excludes:
+            warn(f"--exclude {pattern!r} matches no tensor")
         if request.dry_run:
-            for i, path in snapshot_at.items():  # what the writers would refuse, unwritten
-                check_writer(path, plan.output_tensors, template=readers[i], folder=folder_output)
-            record = report.summary(plan, records, output, outputs=outputs, extra=extra)
-            return Result("dry run", record, mapping_path, plan, folded)
+            for i, path in plan.snapshots.items():  # what the writers would refuse, unwritten
+                check_writer(path, plan.replay.output_tensors, facts.readers[i], plan.folder_output)
+            records, _ = _checkpoint_records(plan, facts, hashed=False)
+            record = {**plan.record, "checkpoints": records}  # the same record, unwritten
+            return Result("dry run", record, mapping_path, plan.replay, facts.folded)
+        return _execute(stack, plan, facts, progress)
 
-        writers: dict[int, CheckpointWriter] = {}
-        for i, path in sorted(snapshot_at.items()):
-            remove_stale_temporaries(path)  # under the output's lock, which covers its trajectory
-            writers[i] = stack.enter_context(
-                create_writer(
-                    path,
-                    plan.output_tensors,
-                    report.output_metadata(
-                        plan,
-                        readers[i].metadata,
-                        folded + i + 1,
-                        safetensors=folder_output or path.suffix.lower() == ".safetensors",
-                    ),
-                    template=readers[i],
-                    max_shard_size=request.max_shard_size,
-                    folder=folder_output,
-                )
-            )
-        state_writer = None
-        shadows_name = state.new_shadows_name()
-        if request.state is not None:
-            if not request.state.exists():
-                request.state.mkdir()
-                # A run that fails leaves nothing behind, not even the folder it made.
-                stack.callback(_remove_if_empty, request.state)
-            state_writer = stack.enter_context(
-                SafetensorsWriter(
-                    request.state / shadows_name, state_tensors(plan), {"format": "ema-cli-state"}
-                )
-            )
-        resume = stack.enter_context(open_checkpoint(saved.shadows_path)) if saved else None
 
-        # Opened before the replay, written last: a mapping that cannot be written fails the
-        # run before any output appears. (After the writers: they clean their output's stale
-        # temporaries, and a folder output "ema" shares the ".ema." prefix with the mapping's.)
-        mapping_file = stack.enter_context(StagedFile(mapping_path))
-        with progress(total_bytes(plan, len(writers))) as advance:
-            for done in replay(plan, readers, Outputs(writers, state_writer), resume=resume):
-                advance(done)
+def _lock(stack: contextlib.ExitStack, request: Request, mapping_path: Path) -> None:
+    if request.state is not None:
+        stack.enter_context(lock.exclusive(request.state, "state"))
+        state.remove_leftovers(request.state)
+    stack.enter_context(lock.exclusive(request.output, "output"))
+    remove_stale_temporaries(request.output)
+    remove_stale_temporaries(mapping_path)
 
-        for i in sorted(writers):  # the final output last: trajectory files are never newer
-            writers[i].commit(request.durable)
-        for entry in outputs:
-            path = Path(entry["path"])
-            entry["size"] = checkpoint_stats(path)[0]
-            if request.hash:
-                entry["sha256"] = report.sha256(path)
-        record = report.summary(plan, records, output, outputs=outputs, extra=extra)
-        mapping_file.publish(report.to_json(record).encode(), request.durable)
-        if state_writer is not None and request.state is not None:
-            state_writer.commit(request.durable)
-            state.commit(
-                request.state,
-                settings,
-                list(zip(history, fingerprints[: len(history)], digests, strict=True)),
-                plan,
-                shadows_name,
-                request.durable,
+
+def _execute(
+    stack: contextlib.ExitStack, plan: RunPlan, facts: Facts, progress: Progress
+) -> Result:
+    """Write the plan: every output, then the mapping, then the state."""
+    request, replay_plan, folded = plan.request, plan.replay, plan.folded
+    writers: dict[int, CheckpointWriter] = {}
+    for i, path in sorted(plan.snapshots.items()):
+        remove_stale_temporaries(path)  # under the output's lock, which covers its trajectory
+        defaults = dict(output_format(path, plan.folder_output).metadata_defaults)
+        metadata = report.output_metadata(
+            replay_plan, facts.readers[i].metadata, folded + i + 1, defaults
+        )
+        writers[i] = stack.enter_context(
+            create_writer(
+                path,
+                replay_plan.output_tensors,
+                metadata,
+                template=facts.readers[i],
+                max_shard_size=request.max_shard_size,
+                folder=plan.folder_output,
             )
-        return Result("written", record, mapping_path, plan, folded)
+        )
+    state_writer = None
+    shadows_name = state.new_shadows_name()
+    if request.state is not None:
+        if not request.state.exists():
+            request.state.mkdir()
+            # A run that fails leaves nothing behind, not even the folder it made.
+            stack.callback(_remove_if_empty, request.state)
+        state_writer = stack.enter_context(
+            state.create_shadows_writer(request.state, shadows_name, replay_plan)
+        )
+    resume = stack.enter_context(state.open_shadows(facts.saved)) if facts.saved else None
+
+    # Opened before the replay, written last: a mapping that cannot be written fails the
+    # run before any output appears. (After the writers: they clean their output's stale
+    # temporaries, and a folder output "ema" shares the ".ema." prefix with the mapping's.)
+    mapping_file = stack.enter_context(StagedFile(plan.mapping_path))
+    with progress(total_bytes(replay_plan, len(writers))) as advance:
+        for done in replay(
+            replay_plan, facts.readers, Outputs(writers, state_writer), resume=resume
+        ):
+            advance(done)
+
+    for i in sorted(writers):  # the final output last: trajectory files are never newer
+        writers[i].commit(request.durable)
+    records, digests = _checkpoint_records(plan, facts, request.hash)
+    outputs = [dict(entry) for entry in plan.outputs]
+    for entry in outputs:
+        path = Path(entry["path"])
+        entry["size"] = checkpoint_stats(path)[0]
+        if request.hash:
+            entry["sha256"] = report.sha256(path)
+    record = {**plan.record, "checkpoints": records, "outputs": outputs}
+    mapping_file.publish(report.to_json(record).encode(), request.durable)
+    if state_writer is not None and request.state is not None:
+        state_writer.commit(request.durable)
+        history = list(plan.history)
+        state.commit(
+            request.state,
+            request.settings,
+            list(zip(history, facts.fingerprints[: len(history)], digests, strict=True)),
+            replay_plan,
+            shadows_name,
+            request.durable,
+        )
+    return Result("written", record, plan.mapping_path, replay_plan, folded)

@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ema_cli import engine, kernels
-from ema_cli.checkpoint import TensorInfo
+from ema_cli.state import tensor_names as state_tensor_names
 from ema_cli.formats.base import CheckpointReader, CheckpointWriter, iter_blocks
 from ema_cli.plan import ReplayPlan, TensorJob
 
@@ -32,26 +32,6 @@ _PAGE = 4096
 DEFAULT_BLOCK_BYTES = 1 << 20
 
 
-def state_tensor_names(name: str) -> tuple[str, str]:
-    """Names of a tensor's engine state in a state checkpoint: the shadow (TF's ``biased``
-    under zero debias) in its compute dtype, and the zero-debias ``local_step``."""
-    return f"shadow/{name}", f"local_step/{name}"
-
-
-def state_tensors(plan: ReplayPlan) -> list[TensorInfo]:
-    """What a state checkpoint holds for ``plan``: every averaged tensor's shadow in its
-    compute dtype, plus its ``local_step`` scalar under zero debias."""
-    settings = plan.settings
-    infos = []
-    for job in plan.averaged:
-        dtype = engine.compute_dtype(job.info.dtype, settings.precision)
-        shadow, step = state_tensor_names(job.name)
-        infos.append(TensorInfo(shadow, dtype, job.info.shape))
-        if settings.zero_debias:
-            infos.append(TensorInfo(step, dtype, ()))
-    return infos
-
-
 @dataclass(frozen=True)
 class Outputs:
     """Where a replay's results go.
@@ -59,7 +39,7 @@ class Outputs:
     ``snapshots`` maps a checkpoint's index in the replay to the writer that receives the
     average as it stood right after that checkpoint (the last index is the final output);
     copied tensors come from that same checkpoint. ``state`` receives the engine state after
-    the last checkpoint (see ``state_tensors``).
+    the last checkpoint (see ``state.tensors``).
     """
 
     snapshots: Mapping[int, CheckpointWriter]

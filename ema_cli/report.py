@@ -110,15 +110,15 @@ def summary(
 
 
 def output_metadata(
-    plan: ReplayPlan, template: Mapping[str, str], count: int, *, safetensors: bool = True
+    plan: ReplayPlan, template: Mapping[str, str], count: int, defaults: Mapping[str, str]
 ) -> dict[str, str]:
-    """The template's metadata plus the EMA settings (``format`` defaults to ``pt`` in
-    safetensors outputs, which several loaders insist on; HDF5 outputs store metadata as root
-    attributes, where it would only mislead). ``count`` is how many checkpoints it covers."""
+    """The template's metadata, the output format's ``defaults`` where the template has none
+    (safetensors: ``format: pt``, which several loaders insist on), and the EMA settings.
+    ``count`` is how many checkpoints it covers."""
     s = plan.settings
     meta = dict(template)
-    if safetensors:
-        meta.setdefault("format", "pt")
+    for key, value in defaults.items():
+        meta.setdefault(key, value)
     meta.update(
         {
             "ema.checkpoints": str(count),

@@ -18,18 +18,25 @@ import contextlib
 import json
 import os
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ema_cli import __version__, report
+from ema_cli import __version__, engine, report
+from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import CheckpointError, EmaCliError
-from ema_cli.formats import checkpoint_stats
+from ema_cli.formats import CheckpointReader, CheckpointWriter, checkpoint_stats, registry
+from ema_cli.formats import create_writer as _create_writer
+from ema_cli.formats import open_checkpoint as _open_checkpoint
 from ema_cli.formats.base import write_file_atomically
 from ema_cli.plan import Checkpoint, ReplayPlan, Settings
 
 STATE_FILE = "state.json"
 STATE_FORMAT = "ema-cli-state/1"
+#: The checkpoint format the shadows are kept in, and its file's name before the suffix.
+SHADOWS_FORMAT = "safetensors"
+_SHADOWS_STEM = "shadows-"
 
 #: Settings that change the numbers: a state made with other values cannot be continued.
 _BINDING = ("decay", "num_updates", "zero_debias", "precision", "order", "include", "exclude")
@@ -147,8 +154,71 @@ def load(folder: Path) -> SavedState | None:
     return state
 
 
+def _shadows_suffix() -> str:
+    return next(f for f in registry.formats() if f.name == SHADOWS_FORMAT).suffixes[0]
+
+
 def new_shadows_name() -> str:
-    return f"shadows-{secrets.token_hex(8)}.safetensors"
+    return f"{_SHADOWS_STEM}{secrets.token_hex(8)}{_shadows_suffix()}"
+
+
+def tensor_names(name: str) -> tuple[str, str]:
+    """Names of a tensor's engine state in the shadows file: the shadow (TF's ``biased`` under
+    zero debias) in its compute dtype, and the zero-debias ``local_step``."""
+    return f"shadow/{name}", f"local_step/{name}"
+
+
+def tensors(plan: ReplayPlan) -> list[TensorInfo]:
+    """What the shadows file holds for ``plan``: every averaged tensor's shadow in its compute
+    dtype, plus its ``local_step`` scalar under zero debias."""
+    settings = plan.settings
+    infos = []
+    for job in plan.averaged:
+        dtype = engine.compute_dtype(job.info.dtype, settings.precision)
+        shadow, step = tensor_names(job.name)
+        infos.append(TensorInfo(shadow, dtype, job.info.shape))
+        if settings.zero_debias:
+            infos.append(TensorInfo(step, dtype, ()))
+    return infos
+
+
+def create_shadows_writer(folder: Path, name: str, plan: ReplayPlan) -> CheckpointWriter:
+    """Start writing the shadows file ``name`` of ``plan`` in ``folder`` (published by the
+    writer's commit, made current by ``commit``)."""
+    return _create_writer(folder / name, tensors(plan), {"format": "ema-cli-state"})
+
+
+def open_shadows(saved: SavedState) -> CheckpointReader:
+    return _open_checkpoint(saved.shadows_path)
+
+
+def resume_point(
+    saved: SavedState, ordered: Sequence[Checkpoint], fingerprints: Sequence[Fingerprint]
+) -> int:
+    """How many of ``ordered`` the saved state has folded in; raises ``StateError`` when the
+    inputs no longer continue it (a folded-in checkpoint changed or vanished, or a new one sorts
+    before them)."""
+    by_real = {f.realpath: i for i, f in enumerate(fingerprints)}
+    for position, folded in enumerate(saved.checkpoints):
+        index = by_real.get(folded["realpath"])
+        if index is None:
+            raise StateError(
+                saved.folder,
+                f"checkpoint {folded['path']} was folded in but is no longer among the inputs",
+            )
+        now = fingerprints[index]
+        if (now.size, now.mtime_ns) != (folded["size"], folded["mtime_ns"]):
+            raise StateError(
+                saved.folder, f"checkpoint {folded['path']} changed since it was folded in"
+            )
+        if index != position:
+            newer = ordered[position].path
+            raise StateError(
+                saved.folder,
+                f"new checkpoint {newer} comes before {saved.checkpoints[-1]['path']}, the last "
+                "one folded in",
+            )
+    return len(saved.checkpoints)
 
 
 def commit(
@@ -199,7 +269,8 @@ def remove_leftovers(folder: Path, keep: str | None = None) -> None:
     earlier states. Only call it while holding the state's lock."""
     leftovers = list(folder.glob(".*.tmp")) if folder.is_dir() else []
     if keep is not None:
-        leftovers += [p for p in folder.glob("shadows-*.safetensors") if p.name != keep]
+        pattern = f"{_SHADOWS_STEM}*{_shadows_suffix()}"
+        leftovers += [p for p in folder.glob(pattern) if p.name != keep]
     for entry in leftovers:
         with contextlib.suppress(OSError):
             entry.unlink()

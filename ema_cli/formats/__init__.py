@@ -28,6 +28,7 @@ __all__ = [
     "format_of",
     "is_folder_output",
     "open_checkpoint",
+    "output_format",
     "strip_suffix",
 ]
 
@@ -122,7 +123,9 @@ def checkpoint_stats(path: Path) -> tuple[int, int]:
     return sum(s.st_size for s in stats), mtime
 
 
-def _output_format(path: Path, folder: bool) -> Format:
+def output_format(path: Path, folder: bool) -> Format:
+    """The format ``-o path`` writes (a folder format for folder outputs); ``OptionError`` when
+    no registered format writes it."""
     if folder:
         return registry.folder_output_format()
     fmt = registry.by_suffix(path.name)
@@ -134,7 +137,7 @@ def _output_format(path: Path, folder: bool) -> Format:
 
 def check_output_path(path: Path) -> None:
     """Refuse an output whose format we cannot write, before any work is done."""
-    _output_format(path, is_folder_output(path))
+    output_format(path, is_folder_output(path))
 
 
 def check_writer(
@@ -149,7 +152,7 @@ def check_writer(
     ``--dry-run`` runs it too. ``folder``: as in ``create_writer``."""
     if folder is None:
         folder = is_folder_output(path)
-    fmt = _output_format(path, folder)
+    fmt = output_format(path, folder)
     writer: type[CheckpointWriter] = fmt.writer_class()
     if template is not None and template.non_tensors and not writer.carries_non_tensors(template):
         # A conversion keeps every tensor; refuse it when the input holds data that is not one.

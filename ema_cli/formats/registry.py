@@ -45,6 +45,9 @@ class Format:
     markers: tuple[str, ...] = ()
     single_files: tuple[str, ...] = ()
     files: str | None = None
+    #: Metadata an output of this format gets unless the last input names it otherwise
+    #: (safetensors loaders insist on ``format``).
+    metadata_defaults: tuple[tuple[str, str], ...] = ()
 
     def reader_class(self) -> Any:
         return _load(self.reader)
@@ -75,6 +78,7 @@ _FORMATS: list[Format] = [
         "safetensors:SafetensorsReader",
         "safetensors:SafetensorsWriter",
         "a safetensors file",
+        metadata_defaults=(("format", "pt"),),
     ),
     Format(
         "safetensors folder",
@@ -86,6 +90,7 @@ _FORMATS: list[Format] = [
         "model.safetensors.index.json; an output named without a suffix is written as one",
         markers=("model.safetensors.index.json",),
         single_files=("model.safetensors",),
+        metadata_defaults=(("format", "pt"),),
     ),
     Format(
         "keras weights",
