@@ -22,6 +22,7 @@ import click
 from ema_cli import __version__
 from ema_cli.defaults import DEFAULT_EMA_NAME, DEFAULT_SETTLE_SECONDS
 from ema_cli.errors import EmaCliError, OptionError
+from ema_cli.formats import registry
 
 # Only what --help and --version need is imported here; numpy, the engine and the formats load
 # inside the commands that use them, so the command line answers at once.
@@ -215,9 +216,35 @@ def _print_json(record: Any) -> None:
     click.echo(report.to_json(record), nl=False)
 
 
+def _listing(suffixes: Sequence[str]) -> str:
+    return ", ".join(suffixes[:-1]) + f" or {suffixes[-1]}" if len(suffixes) > 1 else suffixes[0]
+
+
+_FOLDERS = "; ".join(f.help for f in registry.formats() if f.layout == "folder")
+_AVERAGE_HELP = f"""Replay CHECKPOINT... (oldest first) through the EMA and write the averaged checkpoint.
+
+    A CHECKPOINT is a {_listing(registry.readable())} file, a folder holding one, or {_FOLDERS}.
+    '-' reads more paths from standard input, one per line. Float tensors are averaged; all
+    others (and excluded ones, and Keras optimizer state unless --average-optimizer) are copied
+    from the last checkpoint, so the output loads wherever the inputs load.
+
+    \b
+    Examples:
+      ema-cli average run/ckpt-*.safetensors -o ema.safetensors --decay 0.999
+      ema-cli average run/ckpt-*.safetensors -o ema.safetensors --decay 0.9999 --num-updates step
+      ls run/*.safetensors | ema-cli average - -o ema.safetensors --decay 0.99 --json
+      ema-cli average run/checkpoint-* -o run-ema --decay 0.999 --max-shard-size 2GB
+      ema-cli average run/ckpt-*.safetensors -o ema.safetensors --decay 0.999 --state .ema-state
+
+    Exit status: 0 done (or up to date), 2 bad input or options (one line on stderr, nothing
+    written), 75 another run holds the lock (retry later), 1 a bug.
+    """
+
+
 @cli.command(
     context_settings={"max_content_width": 100},
     short_help="Average checkpoints with TensorFlow's EMA arithmetic.",
+    help=_AVERAGE_HELP,
 )
 @click.argument("checkpoints", nargs=-1, required=True, metavar="CHECKPOINT...")
 @click.option(
@@ -225,7 +252,7 @@ def _print_json(record: Any) -> None:
     "--output",
     required=True,
     type=click.Path(path_type=Path),
-    help="The averaged checkpoint to write: a .safetensors, .weights.h5, .h5, .hdf5, .keras or .npz file (the suffix picks the format), or a name without a suffix for a Hugging Face model folder (shards, index, and the last checkpoint's config and tokenizer files). Written to a temporary name and renamed into place when complete.",
+    help=f"The averaged checkpoint to write: a {_listing(registry.writable())} file (the suffix picks the format), or a name without a suffix for a Hugging Face model folder (shards, index, and the last checkpoint's config and tokenizer files). Written to a temporary name and renamed into place when complete.",
 )
 @click.option(
     "--decay",
@@ -385,121 +412,24 @@ def _print_json(record: Any) -> None:
     is_flag=True,
     help="No progress bar, summary or warnings on stderr (errors are still shown).",
 )
-def average(
-    checkpoints: tuple[str, ...],
-    output: Path,
-    decay: float,
-    num_updates: NumUpdates,
-    zero_debias: bool,
-    ema_name: str,
-    names: str,
-    mapping: Path | None,
-    order: str,
-    include: tuple[str, ...],
-    exclude: tuple[str, ...],
-    precision: str,
-    strict: bool,
-    average_optimizer: bool,
-    last: int | None,
-    min_step: int | None,
-    max_step: int | None,
-    every: int | None,
-    max_shard_size: int | None,
-    state: Path | None,
-    restart: bool,
-    settle: float,
-    fsync: bool | None,
-    hash_: bool,
-    dry_run: bool,
-    as_json: bool,
-    quiet: bool,
-) -> None:
-    """Replay CHECKPOINT... (oldest first) through the EMA and write the averaged checkpoint.
-
-    A CHECKPOINT is a .safetensors, .weights.h5, .h5, .hdf5, .keras or .npz file, a folder
-    holding one, or a sharded Hugging Face model folder (model.safetensors.index.json and its
-    shards); '-' reads more paths from standard input, one per line. Float tensors are averaged;
-    all others (and excluded ones, and Keras optimizer state unless --average-optimizer) are
-    copied from the last checkpoint, so the output loads wherever the inputs load.
-
-    \b
-    Examples:
-      ema-cli average run/ckpt-*.safetensors -o ema.safetensors --decay 0.999
-      ema-cli average run/ckpt-*.safetensors -o ema.safetensors --decay 0.9999 --num-updates step
-      ls run/*.safetensors | ema-cli average - -o ema.safetensors --decay 0.99 --json
-      ema-cli average run/checkpoint-* -o run-ema --decay 0.999 --max-shard-size 2GB
-      ema-cli average run/ckpt-*.safetensors -o ema.safetensors --decay 0.999 --state .ema-state
-
-    Exit status: 0 done (or up to date), 2 bad input or options (one line on stderr, nothing
-    written), 75 another run holds the lock (retry later), 1 a bug.
-    """
+def average(checkpoints: tuple[str, ...], as_json: bool, quiet: bool, **options: Any) -> None:
+    """``ema-cli average`` (help: ``_AVERAGE_HELP``): the request, the run, its report."""
     from ema_cli import job, report
-    from ema_cli.plan import Selection, Settings
 
-    settings = Settings(
-        decay=decay,
-        num_updates=num_updates,
-        zero_debias=zero_debias,
-        ema_name=ema_name,
-        names=names,  # type: ignore[arg-type]
-        order=order,  # type: ignore[arg-type]
-        include=include,
-        exclude=exclude,
-        precision=precision,  # type: ignore[arg-type]
-        strict=strict,
-        average_optimizer=average_optimizer,
-    )
-    request = job.Request(
-        checkpoints=_expand_stdin(checkpoints),
-        output=output,
-        settings=settings,
-        mapping=mapping,
-        selection=Selection(last=last, min_step=min_step, max_step=max_step),
-        max_shard_size=max_shard_size,
-        every=every,
-        state=state,
-        restart=restart,
-        settle=settle,
-        hash=hash_,
-        dry_run=dry_run,
-        fsync=fsync,
-    )
+    request = job.Request.from_options(_expand_stdin(checkpoints), options)
     show_progress = not quiet and sys.stderr.isatty()
     result = job.run(
         request,
         progress=lambda total: report.progress_bar(show_progress, total),
         warn=_warn(quiet),
     )
-    record = {**result.record, "status": result.status, "mapping_file": str(result.mapping_path)}
-    if result.status == "dry run":
-        if as_json:
-            _print_json(record)
-        else:
-            report.print_plan(record, result.folded)
-        return
     if as_json:
-        _print_json(record)
-    if quiet:
-        return
-    if result.status == "up to date":
-        click.echo(
-            f"up to date: all {result.folded} checkpoints are folded in; nothing written", err=True
-        )
-        return
-    plan = result.plan
-    assert plan is not None
-    checkpoints_done = record["checkpoints"]
-    first, final = checkpoints_done[0]["path"], checkpoints_done[-1]["path"]
-    span = first if len(checkpoints_done) == 1 else f"{first} ... {final}"
-    folded = f", {result.folded} of them from the saved state" if result.folded else ""
-    click.echo(
-        f"averaged {len(plan.averaged)} tensors over {len(checkpoints_done)} checkpoints "
-        f"({span}{folded}); copied {len(plan.passthrough)} from the last",
-        err=True,
-    )
-    for entry in record["outputs"]:
-        click.echo(f"wrote {entry['path']} ({report.human_size(entry['size'])})", err=True)
-    click.echo(f"wrote mapping {result.mapping_path}", err=True)
+        _print_json(result.as_json())
+    elif result.status == "dry run":
+        report.print_plan(result.as_json(), result.folded)
+    if not quiet and result.status != "dry run":
+        for line in result.lines():
+            click.echo(line, err=True)
 
 
 @cli.command(

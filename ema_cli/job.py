@@ -78,14 +78,54 @@ class Request:
     def durable(self) -> bool:
         return self.fsync if self.fsync is not None else self.state is not None
 
+    @classmethod
+    def from_options(cls, checkpoints: Sequence[str], options: Mapping[str, Any]) -> Request:
+        """The request of ``ema-cli average``'s parsed options (click's parameter names)."""
+        o = dict(options)
+        settings = Settings(
+            **{k: o.pop(k) for k in ("decay", "num_updates", "zero_debias", "ema_name", "names")},
+            **{k: o.pop(k) for k in ("order", "include", "exclude", "precision", "strict")},
+            average_optimizer=o.pop("average_optimizer"),
+        )
+        selection = Selection(**{k: o.pop(k) for k in ("last", "min_step", "max_step")})
+        request = cls(checkpoints, settings=settings, selection=selection, hash=o.pop("hash_"), **o)
+        return request
+
 
 @dataclass
 class Result:
+    """What a run did, for people (``lines``) and machines (``as_json``)."""
+
     status: Status
     record: dict[str, Any]
     mapping_path: Path
     plan: ReplayPlan | None = None
     folded: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        """The mapping file's content plus ``status`` and ``mapping_file`` (``--json``)."""
+        return {**self.record, "status": self.status, "mapping_file": str(self.mapping_path)}
+
+    def lines(self) -> list[str]:
+        """The summary on standard error: what was averaged, from what, and what was written."""
+        if self.status == "up to date":
+            return [f"up to date: all {self.folded} checkpoints are folded in; nothing written"]
+        assert self.plan is not None
+        done = self.record["checkpoints"]
+        first, final = done[0]["path"], done[-1]["path"]
+        span = first if len(done) == 1 else f"{first} ... {final}"
+        folded = f", {self.folded} of them from the saved state" if self.folded else ""
+        lines = [
+            f"averaged {len(self.plan.averaged)} tensors over {len(done)} checkpoints "
+            f"({span}{folded}); copied {len(self.plan.passthrough)} from the last"
+        ]
+        if self.status == "written":
+            lines += [
+                f"wrote {e['path']} ({report.human_size(e['size'])})"
+                for e in self.record["outputs"]
+            ]
+            lines.append(f"wrote mapping {self.mapping_path}")
+        return lines
 
 
 def default_mapping_path(output: Path) -> Path:

@@ -6,13 +6,30 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import CheckpointError, OptionError
 from ema_cli.formats import registry
-from ema_cli.formats.base import CheckpointReader, CheckpointWriter
 from ema_cli.formats.registry import Format, strip_suffix
+
+# numpy and the reader/writer base classes load on first use, so that the registry (``--help``,
+# step numbers) can be read without them.
+if TYPE_CHECKING:
+    from ema_cli.checkpoint import TensorInfo
+    from ema_cli.formats.base import CheckpointReader, CheckpointWriter
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("CheckpointReader", "CheckpointWriter"):
+        from ema_cli.formats import base
+
+        return getattr(base, name)
+    if name == "TensorInfo":
+        from ema_cli.checkpoint import TensorInfo
+
+        return TensorInfo
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CheckpointReader",
