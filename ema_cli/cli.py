@@ -220,10 +220,18 @@ def _listing(suffixes: Sequence[str]) -> str:
     return ", ".join(suffixes[:-1]) + f" or {suffixes[-1]}" if len(suffixes) > 1 else suffixes[0]
 
 
-_FOLDERS = "; ".join(f.help for f in registry.formats() if f.layout == "folder")
-_AVERAGE_HELP = f"""Replay CHECKPOINT... (oldest first) through the EMA and write the averaged checkpoint.
+class _RegistryHelp(click.Command):
+    """A command whose help names the formats registered when the help is shown."""
 
-    A CHECKPOINT is a {_listing(registry.readable())} file, a folder holding one, or {_FOLDERS}.
+    def format_help_text(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        folders = "; ".join(f.help for f in registry.formats() if f.layout == "folder")
+        self.help = _AVERAGE_HELP.format(readable=_listing(registry.readable()), folders=folders)
+        super().format_help_text(ctx, formatter)
+
+
+_AVERAGE_HELP = """Replay CHECKPOINT... (oldest first) through the EMA and write the averaged checkpoint.
+
+    A CHECKPOINT is a {readable} file, a folder holding one, or {folders}.
     '-' reads more paths from standard input, one per line. Float tensors are averaged; all
     others (and excluded ones, and Keras optimizer state unless --average-optimizer) are copied
     from the last checkpoint, so the output loads wherever the inputs load.
@@ -244,7 +252,7 @@ _AVERAGE_HELP = f"""Replay CHECKPOINT... (oldest first) through the EMA and writ
 @cli.command(
     context_settings={"max_content_width": 100},
     short_help="Average checkpoints with TensorFlow's EMA arithmetic.",
-    help=_AVERAGE_HELP,
+    cls=_RegistryHelp,
 )
 @click.argument("checkpoints", nargs=-1, required=True, metavar="CHECKPOINT...")
 @click.option(
@@ -252,7 +260,7 @@ _AVERAGE_HELP = f"""Replay CHECKPOINT... (oldest first) through the EMA and writ
     "--output",
     required=True,
     type=click.Path(path_type=Path),
-    help=f"The averaged checkpoint to write: a {_listing(registry.writable())} file (the suffix picks the format), or a name without a suffix for a Hugging Face model folder (shards, index, and the last checkpoint's config and tokenizer files). Written to a temporary name and renamed into place when complete.",
+    help="The averaged checkpoint to write, in the format its suffix names (the formats above; 'ema-cli formats' lists which are written), or a name without a suffix for a Hugging Face model folder (shards, index, and the last checkpoint's config and tokenizer files). Written to a temporary name and renamed into place when complete.",
 )
 @click.option(
     "--decay",
@@ -465,6 +473,37 @@ def inspect(checkpoints: tuple[str, ...], as_json: bool) -> None:
         _print_json(records)
     else:
         report.print_inspection(records)
+
+
+@cli.command(
+    "formats",
+    context_settings={"max_content_width": 100},
+    short_help="List the checkpoint formats ema-cli reads and writes.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+def formats_command(as_json: bool) -> None:
+    """List the checkpoint formats: their suffixes, whether ema-cli reads and writes them, and
+    what they hold. A name without a suffix is a model folder."""
+    rows = [
+        {
+            "name": f.name,
+            "suffixes": list(f.suffixes),
+            "layout": f.layout,
+            "reads": True,
+            "writes": f.writer is not None,
+            "description": f.help,
+        }
+        for f in registry.formats()
+    ]
+    if as_json:
+        import json
+
+        click.echo(json.dumps(rows, indent=2, sort_keys=True))
+        return
+    for row in rows:
+        names = ", ".join(row["suffixes"]) or "(a folder)"
+        mode = "read, write" if row["writes"] else "read only"
+        click.echo(f"{row['name']}: {names} [{mode}]\n    {row['description']}")
 
 
 def main() -> NoReturn:

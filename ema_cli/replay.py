@@ -19,9 +19,9 @@ import numpy as np
 import numpy.typing as npt
 
 from ema_cli import engine, kernels
-from ema_cli.state import tensor_names as state_tensor_names
 from ema_cli.formats.base import CheckpointReader, CheckpointWriter, iter_blocks
 from ema_cli.plan import ReplayPlan, TensorJob
+from ema_cli.state import tensor_names as state_tensor_names
 
 Array = npt.NDArray[np.generic]
 

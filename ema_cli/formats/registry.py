@@ -31,7 +31,7 @@ class Format:
     instead hold one of its ``single_files``, as an unsharded model folder does), or ``prefix`` (a name whose
     suffixed siblings make one checkpoint, as TensorFlow's ``ckpt-7.index`` and
     ``ckpt-7.data-*``). ``reader`` and ``writer`` are ``"module:Class"`` names inside
-    ``ema_cli.formats``, imported when first used; ``writer`` is None for a read-only format.
+    ``ema_cli.formats`` (or full dotted module names), imported when first used; ``writer`` is None for a read-only format.
     ``files`` (``"module:function"``, taking the checkpoint's path) lists the files that make
     one checkpoint, when that is more than the path itself (or, for a folder, its files).
     """
@@ -66,8 +66,11 @@ class Format:
 
 
 def _load(name: str) -> Any:
+    """``"module:attribute"``: a module of ``ema_cli.formats``, or any module by its full
+    dotted name (a format kept elsewhere, as the tests' toy format)."""
     module, _, attribute = name.partition(":")
-    return getattr(importlib.import_module(f"ema_cli.formats.{module}"), attribute)
+    full = module if "." in module else f"ema_cli.formats.{module}"
+    return getattr(importlib.import_module(full), attribute)
 
 
 _FORMATS: list[Format] = [
@@ -204,5 +207,6 @@ def markdown_table() -> str:
     for fmt in _FORMATS:
         names = ", ".join(f"`{s}`" for s in fmt.suffixes) or "a folder"
         writes = "yes" if fmt.writer is not None else "no"
-        rows.append(f"| {names} | yes | {writes} | {fmt.help} |")
+        text = fmt.help.replace("<", "\\<").replace(">", "\\>")  # not HTML tags in Markdown
+        rows.append(f"| {names} | yes | {writes} | {text} |")
     return "\n".join(rows)
