@@ -28,7 +28,7 @@ import os
 import sys
 import threading
 
-from ema_cli import engine
+from ema_cli import fpmode
 
 
 def _pull_replay(replay_module, original):  # type: ignore[no-untyped-def]
@@ -61,7 +61,7 @@ def _pull_replay(replay_module, original):  # type: ignore[no-untyped-def]
         done, errors = [0], []
 
         def work() -> None:
-            engine.enter_tf_arithmetic_for_this_thread()  # as ema-cli's own worker threads do
+            fpmode.enter_tf_arithmetic_for_this_thread()  # as ema-cli's own worker threads do
             try:
                 while not errors:
                     with lock:

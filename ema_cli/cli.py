@@ -172,9 +172,7 @@ class NumUpdatesType(click.ParamType):  # type: ignore[type-arg]
             n = int(str(value))
         except ValueError:
             self.fail(f"{value!r} is not a whole number, 'step' or 'index'", param, ctx)
-        if n < 0:
-            self.fail(f"{n} is negative", param, ctx)
-        return n
+        return n  # a negative count is refused with the other settings (plan.Settings)
 
 
 def _expand_stdin(arguments: Sequence[str]) -> list[str]:
@@ -484,7 +482,7 @@ def inspect(checkpoints: tuple[str, ...], as_json: bool) -> None:
 def formats_command(as_json: bool) -> None:
     """List the checkpoint formats: their suffixes, whether ema-cli reads and writes them, and
     what they hold. A name without a suffix is a model folder."""
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "name": f.name,
             "suffixes": list(f.suffixes),

@@ -8,8 +8,8 @@ Pure arithmetic: no files, no printing. Everything here reproduces
 * one update is TF's ``assign_sub``: ``s = s - (s - x) * c``, each operation rounded in the dtype;
 * TensorFlow's CPU kernels run with subnormals flushed to zero (x86 FTZ+DAZ, Arm FZ), so a
   subnormal input or result is zero, and with no floating-point warnings (``inf - inf`` is a
-  silent NaN): run ``apply`` and ``average`` inside ``tf_arithmetic()``, which sets both for
-  the calling thread;
+  silent NaN): run ``apply`` and ``average`` inside ``fpmode.tf_arithmetic()``, which sets both
+  for the calling thread (this module only computes; the thread's mode lives in ``fpmode``);
 * zero debias keeps a biased accumulator ``b`` (updated like ``s``) and a ``local_step`` counter of
   the same dtype; the shadow is ``b / (1 - (1 - c) ** local_step)`` with the *latest* ``c``.
 
@@ -18,12 +18,7 @@ State is updated in place so a replay can stream blocks of a tensor through it w
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import functools
-import platform
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, cast
 
@@ -199,98 +194,3 @@ def contribution_weights(coefficients: list[float], *, zero_debias: bool) -> lis
     if n:
         weights[0] += keep
     return weights
-
-
-# --- TensorFlow's floating-point mode -----------------------------------------------------------
-# TF sets "flush denormals to zero" on every thread that runs kernels (tensorflow/core/platform/
-# denormal.h): x86 MXCSR FTZ (bit 15) and DAZ (bit 6), Arm FPCR FZ (bit 24). Numbers below
-# float32's (or float64's) smallest normal therefore act as zero, in inputs and in results.
-# numpy has no such switch, but its kernels obey the thread's control register, so we set the
-# register through the C library's fegetenv/fesetenv for the duration of a replay.
-
-_FENV_BYTES = 64  # larger than fenv_t on every platform below
-# (machine, os) -> (byte offset of the control register in fenv_t, its width, the bits to set)
-_FLUSH_BITS = {
-    ("x86_64", "linux"): (28, 4, 0x8040),  # glibc: x87 state (28 bytes), then __mxcsr
-    ("amd64", "linux"): (28, 4, 0x8040),
-    ("aarch64", "linux"): (0, 4, 1 << 24),  # glibc: __fpcr, __fpsr
-    ("x86_64", "darwin"): (4, 4, 0x8040),  # __control, __status, __mxcsr
-    ("arm64", "darwin"): (8, 8, 1 << 24),  # __fpsr, __fpcr (64-bit each)
-}
-
-
-@functools.cache
-def _libm() -> ctypes.CDLL | None:
-    """The C library's fegetenv/fesetenv, loaded on first use: ``ctypes.util.find_library``
-    runs ``ldconfig``, a fifth of ``--help``'s time, so the usual names are tried first."""
-    for name in ("libm.so.6", "libm.dylib"):
-        with contextlib.suppress(OSError):
-            return ctypes.CDLL(name)
-    from ctypes import util
-
-    found = util.find_library("m") or util.find_library("c")
-    try:
-        return ctypes.CDLL(found) if found else None
-    except OSError:
-        return None
-
-
-_FLUSH = _FLUSH_BITS.get((platform.machine().lower(), sys.platform))
-
-
-def _flush_register() -> tuple[ctypes.Array[ctypes.c_uint8], ctypes.Array[ctypes.c_uint8]] | None:
-    """This thread's floating-point environment, and a copy with flushing switched on."""
-    libm = _libm()
-    if libm is None or _FLUSH is None:
-        return None
-    offset, width, bits = _FLUSH
-    saved = (ctypes.c_uint8 * _FENV_BYTES)()
-    if libm.fegetenv(saved) != 0:
-        return None
-    raw = bytearray(bytes(saved))
-    register = int.from_bytes(raw[offset : offset + width], "little") | bits
-    raw[offset : offset + width] = register.to_bytes(width, "little")
-    return saved, (ctypes.c_uint8 * _FENV_BYTES).from_buffer(raw)
-
-
-def _flushes_now() -> bool:
-    tiny = np.full(1, np.finfo(np.float32).smallest_subnormal, dtype=np.float32)
-    return bool(np.multiply(tiny, np.float32(1.0))[0] == 0.0)
-
-
-_FLUSH_WORKS: bool | None = None  # checked once, the first time the mode is set
-
-
-@contextlib.contextmanager
-def tf_arithmetic() -> Iterator[bool]:
-    """Run the enclosed arithmetic (in this thread) as TensorFlow's CPU kernels do.
-
-    Subnormals are flushed to zero, in inputs and results, and floating-point warnings are
-    silenced (``inf - inf`` and ``0 / 0`` give NaN in TF without a word). Yields True when the
-    flushing is in effect; False on platforms where the mode cannot be set, where results
-    differ from TF only for values below 1.2e-38 (float32, bfloat16) or 2.2e-308 (float64).
-    float16 is unaffected either way: its values are all normal in float32.
-    """
-    global _FLUSH_WORKS
-    with np.errstate(all="ignore"):
-        environments = _flush_register()
-        if environments is None:
-            yield False
-            return
-        saved, flushed = environments
-        try:
-            _libm().fesetenv(flushed)  # type: ignore[union-attr]
-            if _FLUSH_WORKS is None:
-                _FLUSH_WORKS = _flushes_now()
-            yield _FLUSH_WORKS
-        finally:
-            _libm().fesetenv(saved)  # type: ignore[union-attr]
-
-
-def enter_tf_arithmetic_for_this_thread() -> None:
-    """``tf_arithmetic()`` for the rest of this thread's life: for worker threads that do
-    nothing else, so the mode is not set and reset around every block."""
-    np.seterr(all="ignore")
-    environments = _flush_register()
-    if environments is not None:
-        _libm().fesetenv(environments[1])  # type: ignore[union-attr]

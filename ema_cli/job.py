@@ -357,14 +357,17 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
     _check_options(request)
     mapping_path = request.mapping or default_mapping_path(request.output)
     # Existence first: "no such file" says more than "no step number" about a mistyped path.
-    resolved = {given: find_checkpoint(Path(given)) for given in request.checkpoints}
+    resolved: dict[str, Path] = {}
+    first_given: dict[str, str] = {}
+    for given in request.checkpoints:  # one file under two spellings (./, .., a symlink) too
+        if given.rstrip("/") in {g.rstrip("/") for g in resolved}:
+            raise CheckpointError(given, "given twice")
+        file = resolved[given] = find_checkpoint(Path(given))
+        earlier = first_given.setdefault(os.path.realpath(file), given)
+        if earlier != given:
+            raise CheckpointError(given, f"given twice (also as {earlier})")
     ordered = order_checkpoints(request.checkpoints, request.settings, request.selection)
     files = [resolved[c.path] for c in ordered]
-    first_given: dict[str, str] = {}
-    for c, file in zip(ordered, files, strict=True):  # the same file under two spellings
-        earlier = first_given.setdefault(os.path.realpath(file), c.path)
-        if earlier != c.path:
-            raise CheckpointError(c.path, f"given twice (also as {earlier})")
     _check_targets(request, mapping_path, ordered, resolved)
 
     with contextlib.ExitStack() as stack:

@@ -99,7 +99,7 @@ def updater(shadow: np.dtype[np.generic], source: np.dtype[np.generic]) -> Updat
 
     The returned ``update(s, x, c)`` is TF's ``s = s - (s - x) * c`` in place, for C-contiguous
     blocks of one size, ``x`` raw from the checkpoint; pass it to ``engine.apply`` inside
-    ``engine.tf_arithmetic()`` like the numpy update it replaces.
+    ``fpmode.tf_arithmetic()`` like the numpy update it replaces.
     """
     if not _enabled or _kernels is None:
         return None

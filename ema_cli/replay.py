@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from ema_cli import engine, kernels
+from ema_cli import engine, fpmode, kernels
 from ema_cli.formats.base import CheckpointReader, CheckpointWriter, iter_blocks
 from ema_cli.plan import ReplayPlan, TensorJob
 from ema_cli.state import tensor_names as state_tensor_names
@@ -120,7 +120,7 @@ class _Replayer:
 
     def run(self, block: _Block) -> int:
         """Replay one block through all checkpoints and write it to every output; returns the
-        bytes read. The calling thread must be in ``engine.tf_arithmetic()``."""
+        bytes read. The calling thread must be in ``fpmode.tf_arithmetic()``."""
         if block.job.averaged:
             return self._average(block)
         return self._copy(block)
@@ -226,14 +226,14 @@ def replay(
     )
     if workers <= 1:
         for block in blocks:
-            with engine.tf_arithmetic():  # not across the yield: the caller's code runs there
+            with fpmode.tf_arithmetic():  # not across the yield: the caller's code runs there
                 read = replayer.run(block)
             yield read
         return
     with ThreadPoolExecutor(
         max_workers=workers,
         thread_name_prefix="ema-replay",
-        initializer=engine.enter_tf_arithmetic_for_this_thread,  # the threads do nothing else
+        initializer=fpmode.enter_tf_arithmetic_for_this_thread,  # the threads do nothing else
     ) as pool:
         pending: set[Future[int]] = set()
         try:

@@ -30,14 +30,14 @@ RUNS = [
 
 
 def golden_bytes() -> bytes:
-    from ema_cli import engine
+    from ema_cli import engine, fpmode
     from tests.golden import golden_cases
 
     chunks = []
     for case in golden_cases.load_cases():
         for tensor in case.tensors:
             work = engine.compute_dtype(tensor.dtype, case.precision)  # type: ignore[arg-type]
-            with engine.tf_arithmetic():
+            with fpmode.tf_arithmetic():
                 state = None
                 for k, x in enumerate(tensor.inputs):
                     n = case.num_updates_for(k)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from ema_cli import engine
+from ema_cli import engine, fpmode
 
 F32 = np.dtype(np.float32)
 
@@ -25,7 +25,7 @@ def run(
     """Replay ``values`` through the engine the way the CLI does, returning the stored result."""
     dtype = values[0].dtype
     work = engine.compute_dtype(dtype, precision)
-    with engine.tf_arithmetic():
+    with fpmode.tf_arithmetic():
         state = engine.init_state(values[0].astype(work), zero_debias=zero_debias, dtype=work)
         for i, x in enumerate(values):
             n = None if num_updates is None else num_updates[i]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ema_cli import engine
+from ema_cli import engine, fpmode
 from tests.golden import golden_cases as golden
 
 CASES = golden.load_cases()
@@ -34,7 +34,7 @@ def test_engine_matches_tensorflow(case) -> None:
     for tensor in case.tensors:
         # TF's floating-point mode (subnormals flushed), as the CLI's replay sets it. No errstate:
         # inf - inf must not warn (pytest turns warnings into errors).
-        with engine.tf_arithmetic() as flushing:
+        with fpmode.tf_arithmetic() as flushing:
             if case.subnormals and not flushing:
                 pytest.skip("this platform cannot flush subnormals to zero as TF does")
             actual = replay(case, tensor)

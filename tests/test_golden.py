@@ -20,13 +20,13 @@ import pytest
 import safetensors.numpy
 from click.testing import CliRunner
 
-from ema_cli import engine
+from ema_cli import fpmode
 from ema_cli.cli import cli
 from tests.golden import golden_cases as golden
 
 CASES = golden.load_cases()
 
-with engine.tf_arithmetic() as _flushing:
+with fpmode.tf_arithmetic() as _flushing:
     #: Whether this platform can flush subnormals to zero as TF does (needed by some cases).
     FLUSHES_SUBNORMALS = _flushing
 

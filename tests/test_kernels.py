@@ -21,7 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ema_cli import engine, kernels
+from ema_cli import engine, fpmode, kernels
 from tests.conftest import load, run_cli, write_checkpoint
 
 kernel = kernels._kernels
@@ -76,7 +76,7 @@ def numpy_cast(src: np.ndarray, dtype: type) -> np.ndarray:
 def test_every_float16_widens_as_numpy_does(path: str, flushing: bool) -> None:
     out = np.empty(ALL_HALVES.size, np.float32)
     if flushing:  # float16 subnormals are normal float32s: TF's DAZ must not touch them
-        with engine.tf_arithmetic():
+        with fpmode.tf_arithmetic():
             kernels.convert(ALL_HALVES, out)
     else:
         kernels.convert(ALL_HALVES, out)
@@ -101,7 +101,7 @@ def test_float32_rounds_to_float16_as_numpy_does(path: str, flushing: bool) -> N
     src = deciding_floats()
     out = np.empty(src.size, np.float16)
     if flushing:
-        with engine.tf_arithmetic():
+        with fpmode.tf_arithmetic():
             kernels.convert(src, out)
     else:
         kernels.convert(src, out)
@@ -185,7 +185,7 @@ def test_fused_update_of_every_half_input_matches_numpy(path: str, source: str) 
     """Every 16-bit input pattern (NaNs, subnormals, infinities included) against shadows from
     subnormal to infinite, in TF's flush-to-zero mode."""
     x = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.dtype(source))
-    with engine.tf_arithmetic():
+    with fpmode.tf_arithmetic():
         for shadow in SHADOWS:
             s = np.full(x.size, shadow, np.float32)
             for c in COEFFICIENTS:
@@ -209,7 +209,7 @@ def test_fused_update_of_float32_matches_numpy(
 ) -> None:
     s = np.array([p[0] for p in pairs], np.uint32).view(np.float32)
     x = np.array([p[1] for p in pairs], np.uint32).view(np.float32)
-    with engine.tf_arithmetic() if flushing else np.errstate(all="ignore"), kernels_on(simd):
+    with fpmode.tf_arithmetic() if flushing else np.errstate(all="ignore"), kernels_on(simd):
         np.testing.assert_array_equal(
             bits(kernel_update(s, x, np.float32(c))), bits(numpy_update(s, x, np.float32(c)))
         )
@@ -229,7 +229,7 @@ def test_native_update_of_every_half_input_matches_numpy(path: str, dtype: type)
     pattern against shadows of every kind, each coefficient as TF casts it, in TF's mode."""
     x = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(dtype)
     shadows = np.concatenate([numpy_cast(SHADOWS, dtype), x[[1, 0x8001, 0x0400, 0x7C01, 0x7FC1]]])
-    with engine.tf_arithmetic():
+    with fpmode.tf_arithmetic():
         for shadow in shadows:
             s = np.full(x.size, shadow, dtype)
             for decay in (0.0, 0.9, 0.999, 0.5, 1.0, 0.99999):
