@@ -8,22 +8,26 @@ blocks at any element offset in any order, and only makes the output appear on `
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
 
+# The atomic-file tools live in ``ema_cli.atomic``; re-exported for existing imports.
+from ema_cli.atomic import StagedFile as StagedFile
+from ema_cli.atomic import fsync_folder as fsync_folder
+from ema_cli.atomic import fsync_path as fsync_path
+from ema_cli.atomic import glob_escape as glob_escape
+from ema_cli.atomic import publish as publish
+from ema_cli.atomic import remove_stale_temporaries as remove_stale_temporaries
+from ema_cli.atomic import temporary_sibling as temporary_sibling
+from ema_cli.atomic import write_file_atomically as write_file_atomically
 from ema_cli.checkpoint import TensorInfo
-from ema_cli.errors import OutputError
 
 #: The plain numeric dtypes every format here stores natively (bfloat16 and float8 come from
 #: ml_dtypes and each format marks them its own way).
@@ -243,119 +247,6 @@ class CheckpointWriter(ABC):
         tb: TracebackType | None,
     ) -> None:
         self.abort()  # a no-op after commit(); a forgotten commit must not publish half a file
-
-
-def temporary_sibling(path: Path) -> tuple[BinaryIO, Path]:
-    """A new hidden file in ``path``'s folder, so the final ``os.replace`` is a same-disk rename."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise OutputError(path, e) from None
-    return os.fdopen(fd, "w+b"), Path(tmp)
-
-
-def remove_stale_temporaries(path: Path) -> list[Path]:
-    """Delete what killed runs left while writing ``path``: hidden ``.<name>.*.tmp`` files and
-    ``.<name>.tmp-*`` folders beside it. Only call this while holding ``path``'s lock, when no
-    live run can be writing them. Returns what was removed."""
-    removed: list[Path] = []
-    if not path.parent.is_dir():
-        return removed
-    for entry in path.parent.glob(f".{glob_escape(path.name)}.*"):
-        name = entry.name[len(path.name) + 2 :]
-        try:
-            if entry.is_dir() and not entry.is_symlink() and name.startswith("tmp-"):
-                shutil.rmtree(entry)
-            elif name.endswith(".tmp") and (entry.is_file() or entry.is_symlink()):
-                entry.unlink()
-            else:
-                continue
-        except OSError:
-            continue
-        removed.append(entry)
-    return removed
-
-
-def glob_escape(name: str) -> str:
-    """``name`` with glob metacharacters made literal."""
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
-
-
-def publish(tmp: Path, path: Path, durable: bool = True) -> None:
-    """Atomically move a finished temporary file into place (flushed to disk first if
-    ``durable``). Without the flush the rename still never exposes a partial file to other
-    processes; only a power loss right after it could."""
-    try:
-        if durable:
-            fsync_path(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp made it 0600; give it a normal file's mode
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OutputError(path, e) from None
-    if durable:
-        fsync_folder(path.parent)
-
-
-class StagedFile:
-    """A small file (a mapping, an index) whose temporary sibling is created now and published
-    later: a run opens it before the work it describes, so a place it cannot write fails before
-    anything else is written. Use as a context manager; leaving without ``publish`` removes the
-    temporary file."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._file, self._tmp = temporary_sibling(path)
-        self._done = False
-
-    def publish(self, data: bytes, durable: bool = True) -> None:
-        """Write ``data`` and rename the file into place (flushed first if ``durable``)."""
-        try:
-            with self._file:
-                self._file.write(data)
-        except OSError as e:
-            raise OutputError(self.path, e) from None
-        publish(self._tmp, self.path, durable)
-        self._done = True
-
-    def __enter__(self) -> StagedFile:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if not self._done:
-            self._file.close()
-            with contextlib.suppress(FileNotFoundError):
-                self._tmp.unlink()
-
-
-def write_file_atomically(path: Path, data: bytes, durable: bool = True) -> None:
-    """Write a small file through a temporary file and a rename."""
-    with StagedFile(path) as staged:
-        staged.publish(data, durable)
-
-
-def _read_umask() -> int:
-    # os.umask can only be read by setting it: done once, at import, before any threads start.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's data to disk; a failure here means lost data, so it is not ignored."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_folder(folder: Path) -> None:
-    """Make a folder's entries (renames, new files) durable, where the system allows it."""
-    with contextlib.suppress(OSError):
-        fsync_path(folder)
 
 
 def iter_blocks(size: int, block: int) -> Iterator[tuple[int, int]]:

@@ -43,14 +43,13 @@ import numpy as np
 import numpy.typing as npt
 from h5py import h5a, h5d, h5f, h5g, h5o, h5p, h5s, h5t
 
+from ema_cli.atomic import publish, temporary_sibling
 from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import CheckpointError, OptionError, OutputError, TruncatedCheckpointError
 from ema_cli.formats.base import (
     NUMERIC_DTYPES,
     CheckpointReader,
     CheckpointWriter,
-    publish,
-    temporary_sibling,
 )
 
 #: The attribute Keras 3 puts on datasets whose numpy dtype HDF5 cannot name.

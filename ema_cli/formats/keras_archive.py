@@ -23,14 +23,13 @@ from typing import IO, Any
 import numpy as np
 import numpy.typing as npt
 
+from ema_cli.atomic import publish, temporary_sibling
 from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import CheckpointError, OptionError, OutputError
 from ema_cli.formats.base import (
     CheckpointReader,
     CheckpointWriter,
-    publish,
     read_exact,
-    temporary_sibling,
 )
 from ema_cli.formats.hdf5 import HDF5Reader, HDF5Writer
 from ema_cli.formats.npz import (

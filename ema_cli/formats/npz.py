@@ -37,15 +37,14 @@ import numpy as np
 import numpy.typing as npt
 
 from ema_cli import dtypes
+from ema_cli.atomic import publish, temporary_sibling
 from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import CheckpointError, OptionError, OutputError, TruncatedCheckpointError
 from ema_cli.formats.base import (
     NUMERIC_DTYPES,
     CheckpointReader,
     CheckpointWriter,
-    publish,
     read_exact,
-    temporary_sibling,
     write_exact,
 )
 

@@ -22,14 +22,13 @@ import numpy as np
 import numpy.typing as npt
 
 from ema_cli import dtypes
+from ema_cli.atomic import publish, temporary_sibling
 from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import CheckpointError, OptionError, OutputError, TruncatedCheckpointError
 from ema_cli.formats.base import (
     CheckpointReader,
     CheckpointWriter,
-    publish,
     read_exact,
-    temporary_sibling,
     write_exact,
 )
 

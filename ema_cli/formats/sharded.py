@@ -35,14 +35,13 @@ from typing import Generic, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from ema_cli.atomic import fsync_folder, fsync_path
 from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import CheckpointError, OptionError, OutputError
 from ema_cli.formats import registry
 from ema_cli.formats.base import (
     CheckpointReader,
     CheckpointWriter,
-    fsync_folder,
-    fsync_path,
     write_exact,
 )
 from ema_cli.formats.safetensors import SafetensorsReader, build_header, check_dtypes
