@@ -136,7 +136,7 @@ def torch_dtype_name(dtype: np.dtype[Any]) -> str | None:
     dtype = np.dtype(dtype)
     for name, spec in _DTYPE_SPECS.items():
         if spec.startswith("ml:"):
-            if dtype.name == spec[3:] and dtype.kind == "V":
+            if dtype.name == spec[3:]:  # numpy's own dtypes never have these names
                 return name
         elif np.dtype(spec) == dtype:
             return name
@@ -1038,12 +1038,25 @@ def _is_optimizer_dict(value: Any) -> bool:
     )
 
 
+class _Attributes:
+    """The key ``children`` gives an OrderedDict's attributes (``state_dict._metadata``)."""
+
+    __slots__ = ()
+
+
+ATTRIBUTES = _Attributes()
+
+#: A value that expands to more items than this (shared references counted each time they
+#: appear) is refused: a pickle bomb for anything that prints or copies it naively.
+MAX_EXPANDED = 10_000_000
+
+
 def children(value: Any) -> Iterator[tuple[Any, Any]]:
     """(key, child) pairs of a container, in the order the writer saves them."""
     if isinstance(value, dict):
         yield from value.items()
         if type(value) is OrderedDict and value.__dict__:
-            yield "__dict__", value.__dict__
+            yield ATTRIBUTES, value.__dict__
     elif isinstance(value, (list, tuple)) and not isinstance(value, TorchSize):
         yield from enumerate(value)
     elif isinstance(value, (set, frozenset)):
@@ -1081,65 +1094,71 @@ def name_tensors(path: str, root: Any) -> NamedTensors:
         found.tensors[ROOT_TENSOR_NAME] = root
         return found
     seen_tensors: dict[int, str] = {}
-    visited: set[int] = set()
+    done: dict[int, tuple[bool, int]] = {}  # container id -> (holds a tensor, expanded size)
     active: set[int] = set()
 
-    def walk(value: Any, parts: list[str], depth: int) -> bool:
-        """Returns whether ``value`` holds a tensor."""
+    def walk(value: Any, parts: list[str], depth: int) -> tuple[bool, int]:
+        """Whether ``value`` holds a tensor, and how many items it expands to."""
         name = "/".join(parts)
         if _is_tensor(value):
             first = seen_tensors.get(id(value))
             if first is not None:
                 found.aliases[name] = first
-                return True
+                return True, 1
             if name in found.tensors:
                 raise CheckpointError(path, f"two values give the tensor name {name!r}")
             seen_tensors[id(value)] = name
             found.tensors[name] = value
-            return True
+            return True, 1
         if not isinstance(value, (dict, list, tuple, set, frozenset)) or isinstance(
             value, TorchSize
         ):
-            return False
+            return False, 1
         if id(value) in active:
             raise CheckpointError(path, f"self-referencing value at {name!r}: not supported")
-        if id(value) in visited:
-            return False
+        if id(value) in done:
+            return done[id(value)]
         if depth >= MAX_DEPTH:
             raise CheckpointError(path, f"values nested deeper than {MAX_DEPTH} levels")
-        visited.add(id(value))
         active.add(id(value))
         if _is_optimizer_dict(value) or (depth == 1 and parts[0] in OPTIMIZER_KEYS):
             prefix = name + "/" if parts else ""
-            if prefix not in found.optimizer_prefixes:
+            if not any(prefix.startswith(p) for p in found.optimizer_prefixes):
                 found.optimizer_prefixes.append(prefix)
         results: list[tuple[str, Any, bool]] = []
+        size = 1
         for key, child in children(value):
             if isinstance(value, (set, frozenset)):
                 if _is_tensor(child):
                     raise CheckpointError(path, f"a tensor inside a set at {name!r}")
-                walk(child, [*parts, "?"], depth + 1)
-                continue
-            if key == "__dict__":  # an OrderedDict's attributes: never tensors
-                if _walk_plain(child, depth + 1):
-                    raise CheckpointError(path, f"a tensor in attributes of {name!r}")
-                continue
-            if isinstance(key, (TensorRecord, ParameterRecord, tuple)) and _has_tensor(key):
-                raise CheckpointError(path, f"a tensor as a dict key in {name!r}")
-            child_parts = [*parts, escape_key(key)]
-            results.append(("/".join(child_parts), child, walk(child, child_parts, depth + 1)))
+                size += walk(child, [*parts, "?"], depth + 1)[1]
+            elif key is ATTRIBUTES:
+                holds, n = walk(child, [*parts, "?"], depth + 1)
+                if holds:
+                    raise CheckpointError(path, f"a tensor in the attributes of {name!r}")
+                size += n
+            else:
+                if _has_tensor(key):
+                    raise CheckpointError(path, f"a tensor as a dict key in {name!r}")
+                child_parts = [*parts, escape_key(key)]
+                holds, n = walk(child, child_parts, depth + 1)
+                results.append(("/".join(child_parts), child, holds))
+                size += n
+            if size > MAX_EXPANDED:
+                raise CheckpointError(
+                    path,
+                    f"value {name!r} expands to more than {MAX_EXPANDED} items (a pickle bomb)",
+                )
         active.discard(id(value))
         holds = any(r[2] for r in results)
         if holds:
             for child_name, child, child_holds in results:
                 if not child_holds:
                     found.non_tensors.append(f"value '{child_name}' ({_describe(child)})")
-        return holds
+        done[id(value)] = (holds, size)
+        return holds, size
 
-    def _walk_plain(value: Any, depth: int) -> bool:
-        return walk(value, ["__dict__"], depth) if isinstance(value, dict) else False
-
-    if not walk(root, [], 0):
+    if not walk(root, [], 0)[0]:
         found.non_tensors.append(f"the pickled value ({_describe(root)}, no tensors)")
     return found
 
@@ -1153,7 +1172,7 @@ def _has_tensor(value: Any) -> bool:
 def _check_structure(path: str, root: dict[Any, Any]) -> None:
     """A flat state_dict's attributes (``_metadata``) are checked for depth and cycles too."""
     if type(root) is OrderedDict and root.__dict__:
-        sub = name_tensors(path, {"__dict__": root.__dict__})
+        sub = name_tensors(path, [root.__dict__])
         if sub.tensors:
             raise CheckpointError(path, "a tensor in the state_dict's attributes")
 

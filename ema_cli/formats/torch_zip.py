@@ -394,6 +394,11 @@ def flat_structure(tensors: Sequence[TensorInfo]) -> TorchStructure:
     return TorchStructure(root, dict(root.items()))
 
 
+def _field(value: int) -> int:
+    """A 32-bit zip field: the value, or 0xFFFFFFFF when ZIP64 records hold it."""
+    return 0xFFFFFFFF if value >= ZIP64_LIMIT else value
+
+
 @dataclass
 class _Member:
     name: bytes
@@ -535,7 +540,7 @@ class TorchZipFileWriter:
         return member.size >= ZIP64_LIMIT or member.header >= ZIP64_LIMIT
 
     def _local_header(self, member: _Member, extra: bytes) -> bytes:
-        size = min(member.size, ZIP64_LIMIT)
+        size = _field(member.size)
         needed = 45 if member.size >= ZIP64_LIMIT else 20
         return (
             struct.pack(
@@ -567,7 +572,7 @@ class TorchZipFileWriter:
             extra = (
                 struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields) if fields else b""
             )
-            size = min(member.size, ZIP64_LIMIT)
+            size = _field(member.size)
             version = 45 if fields else 20
             out += struct.pack(
                 "<4sHHHHHHIIIHHHHHII",
@@ -587,7 +592,7 @@ class TorchZipFileWriter:
                 0,
                 0,
                 0,
-                min(member.header, ZIP64_LIMIT),
+                _field(member.header),
             )
             out += member.name + extra
         count = len(self.members)
@@ -605,8 +610,8 @@ class TorchZipFileWriter:
             0,
             min(count, 0xFFFF),
             min(count, 0xFFFF),
-            min(size, ZIP64_LIMIT),
-            min(offset, ZIP64_LIMIT),
+            _field(size),
+            _field(offset),
             0,
         )
         return bytes(out)
