@@ -387,6 +387,8 @@ class _Machine:
         except (
             ValueError,
             TypeError,
+            AttributeError,
+            UnicodeError,
             KeyError,
             IndexError,
             OverflowError,
