@@ -10,15 +10,20 @@ run. The replay reports progress by yielding byte counts; it never prints.
 
 from __future__ import annotations
 
+import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from ema_cli import engine, fpmode, kernels
+from ema_cli.checkpoint import TensorInfo
+from ema_cli.errors import CheckpointError
 from ema_cli.formats.base import CheckpointReader, CheckpointWriter, iter_blocks
 from ema_cli.plan import ReplayPlan, TensorJob
 from ema_cli.state import tensor_names as state_tensor_names
@@ -47,10 +52,72 @@ class Outputs:
 
 
 @dataclass(frozen=True)
-class _Block:
+class Source:
+    """A checkpoint as a small, picklable description. Each worker opens its own reader from
+    it, so the work items below carry no open files and a process pool or another machine
+    could run them the same way; only the writers are shared (positioned writes)."""
+
+    path: str
+
+    @classmethod
+    def of(cls, reader: CheckpointReader | Source) -> Source:
+        return reader if isinstance(reader, Source) else cls(os.fspath(reader.path))
+
+    def open(self) -> CheckpointReader:
+        from ema_cli.formats import open_checkpoint  # formats import this module's callers
+
+        return open_checkpoint(Path(self.path))
+
+
+@dataclass(frozen=True)
+class Block:
+    """One independent piece of work: elements ``[start, stop)`` of one tensor, replayed
+    through every checkpoint and written to every output."""
+
     job: TensorJob
     start: int
     stop: int
+
+
+class Executor(Protocol):
+    """Runs independent work items; yields each one's result as it completes."""
+
+    def run(self, task: Callable[[Block], int], work: Iterable[Block]) -> Iterator[int]: ...
+
+
+@dataclass(frozen=True)
+class ThreadExecutor:
+    """Today's executor: ``workers`` threads in TF's floating-point mode, at most two items in
+    flight per worker (memory stays at a few blocks), or the caller's thread for one worker."""
+
+    workers: int = 2
+
+    def run(self, task: Callable[[Block], int], work: Iterable[Block]) -> Iterator[int]:
+        if self.workers <= 1:
+            for item in work:
+                with fpmode.tf_arithmetic():  # not across the yield: the caller's code runs there
+                    result = task(item)
+                yield result
+            return
+        with ThreadPoolExecutor(
+            max_workers=self.workers,
+            thread_name_prefix="ema-replay",
+            initializer=fpmode.enter_tf_arithmetic_for_this_thread,  # they do nothing else
+        ) as pool:
+            pending: set[Future[int]] = set()
+            try:
+                for item in work:
+                    pending.add(pool.submit(task, item))
+                    if len(pending) >= 2 * self.workers:
+                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for future in done:
+                            yield future.result()
+                for future in pending:
+                    yield future.result()
+                pending = set()
+            finally:
+                for future in pending:
+                    future.cancel()
 
 
 @dataclass(frozen=True)
@@ -67,11 +134,47 @@ class _Arithmetic:
 @dataclass
 class _Replayer:
     plan: ReplayPlan
-    readers: Sequence[CheckpointReader]
+    sources: Sequence[Source]
+    #: What the plan was built from, per source (None: the plan's own tensor infos).
+    headers: Sequence[Mapping[str, TensorInfo]] | None
     outputs: Outputs
-    resume: CheckpointReader | None
+    resume: Source | None
     _arithmetic: dict[np.dtype[np.generic], _Arithmetic] = field(default_factory=dict)
     _local: threading.local = field(default_factory=threading.local)
+    _opened: list[CheckpointReader] = field(default_factory=list)
+    _opened_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    _planned: dict[str, TensorInfo] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._planned = {job.name: job.info for job in self.plan.tensors}
+
+    def reader(self, index: int, name: str) -> CheckpointReader:
+        """This worker's reader of source ``index`` (opened on first use), checked to hold
+        tensor ``name`` as the plan saw it: a checkpoint replaced since is refused, not mixed."""
+        readers: dict[int, CheckpointReader] = self._local.__dict__.setdefault("readers", {})
+        reader = readers.get(index)
+        if reader is None:
+            source = self.resume if index < 0 else self.sources[index]
+            assert source is not None
+            reader = readers[index] = source.open()
+            with self._opened_lock:
+                self._opened.append(reader)
+        expected = (
+            self.headers[index].get(name) if self.headers is not None else self._planned[name]
+        )
+        if index >= 0 and reader.tensors.get(name) != expected:
+            raise CheckpointError(
+                reader.path, "changed while it was being read; run again", tensor=name
+            )
+        return reader
+
+    def close(self) -> None:
+        """Close every reader the workers opened."""
+        with self._opened_lock:
+            opened, self._opened = self._opened, []
+        for reader in opened:
+            reader.close()
 
     def arithmetic(self, dtype: np.dtype[np.generic]) -> _Arithmetic:
         """How tensors of ``dtype`` are averaged; worked out once per dtype (two threads may
@@ -118,23 +221,23 @@ class _Replayer:
             shift = (-address) % _PAGE  # keep numpy's alignment over the page trick
         return backing[shift : shift + nbytes].view(dtype)
 
-    def run(self, block: _Block) -> int:
+    def run(self, block: Block) -> int:
         """Replay one block through all checkpoints and write it to every output; returns the
         bytes read. The calling thread must be in ``fpmode.tf_arithmetic()``."""
         if block.job.averaged:
             return self._average(block)
         return self._copy(block)
 
-    def _copy(self, block: _Block) -> int:
+    def _copy(self, block: Block) -> int:
         job, start, stop = block.job, block.start, block.stop
         for index, writer in self.outputs.snapshots.items():
-            reader = self.readers[index]
+            reader = self.reader(index, job.name)
             raw = self.read_buffer(reader, job, start, stop - start)
             reader.read(job.name, start, stop, out=raw)
             writer.write(job.output_name, start, raw)
         return job.info.dtype.itemsize * (stop - start) * len(self.outputs.snapshots)
 
-    def _average(self, block: _Block) -> int:
+    def _average(self, block: Block) -> int:
         job, start, stop = block.job, block.start, block.stop
         info, size = job.info, stop - start
         settings = self.plan.settings
@@ -144,7 +247,8 @@ class _Replayer:
         scratch = None if update is not None else self.buffer("scratch", work_dtype, size)
         state = self._initial_state(job, start, stop, work_dtype)
         snapshots = self.outputs.snapshots
-        for i, (reader, c) in enumerate(zip(self.readers, arithmetic.coefficients, strict=True)):
+        for i, c in enumerate(arithmetic.coefficients):
+            reader = self.reader(i, job.name)
             raw = reader.read(job.name, start, stop, out=self.read_buffer(reader, job, start, size))
             x = raw
             # The C update reads float16/bfloat16 blocks as they are; numpy's needs them widened,
@@ -173,7 +277,7 @@ class _Replayer:
             self.outputs.state.write(shadow_name, start, state.value)
             if state.local_step is not None and start == 0:
                 self.outputs.state.write(step_name, 0, state.local_step.reshape(1))
-        return info.dtype.itemsize * size * len(self.readers)
+        return info.dtype.itemsize * size * len(self.sources)
 
     def _initial_state(
         self, job: TensorJob, start: int, stop: int, dtype: np.dtype[np.generic]
@@ -182,12 +286,13 @@ class _Replayer:
         if self.resume is None:
             return None
         shadow_name, step_name = state_tensor_names(job.name)
-        value = self.resume.read(
+        resume = self.reader(-1, shadow_name)
+        value = resume.read(
             shadow_name, start, stop, out=self.buffer("shadow", dtype, stop - start)
         )
         local_step = None
         if self.plan.settings.zero_debias:
-            local_step = self.resume.read(step_name).reshape(())
+            local_step = resume.read(step_name).reshape(())
         return engine.ShadowState(value=value, local_step=local_step)
 
 
@@ -200,52 +305,40 @@ def total_bytes(plan: ReplayPlan, snapshots: int = 1) -> int:
 
 def replay(
     plan: ReplayPlan,
-    readers: Sequence[CheckpointReader],
+    readers: Sequence[CheckpointReader | Source],
     outputs: Outputs | CheckpointWriter,
     *,
-    resume: CheckpointReader | None = None,
+    resume: CheckpointReader | Source | None = None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     workers: int = 2,
+    executor: Executor | None = None,
 ) -> Iterator[int]:
     """Run the plan, writing every output tensor; yields input bytes done after each block.
 
-    ``readers`` are in replay order (``plan.checkpoints``). A bare writer receives the final
-    average. ``resume`` (a state checkpoint written by an earlier replay with the same
-    settings) makes the replay continue from that state instead of starting at the first
-    checkpoint. The caller commits the writers once the iterator is exhausted.
+    ``readers`` are the checkpoints in replay order (``plan.checkpoints``), as the readers the
+    plan was built from or as ``Source`` descriptions; either way each worker reads through its
+    own reader, checked against the plan's headers. A bare writer receives the final average.
+    ``resume`` (a state checkpoint written by an earlier replay with the same settings) makes
+    the replay continue from that state instead of starting at the first checkpoint. The work
+    is a list of independent ``Block`` items run by ``executor`` (default: ``ThreadExecutor``
+    of ``workers`` threads). The caller commits the writers once the iterator is exhausted.
     """
     if isinstance(outputs, CheckpointWriter):
         outputs = Outputs({len(readers) - 1: outputs})
-    replayer = _Replayer(plan, readers, outputs, resume)
-    blocks = (
-        _Block(job, start, stop)
+    sources = [Source.of(r) for r in readers]
+    opened = all(isinstance(r, CheckpointReader) for r in readers)
+    headers = [r.tensors for r in readers if isinstance(r, CheckpointReader)] if opened else None
+    replayer = _Replayer(
+        plan, sources, headers, outputs, None if resume is None else Source.of(resume)
+    )
+    work = [
+        Block(job, start, stop)
         for job in plan.tensors
         for start, stop in iter_blocks(
             job.info.size, max(1, block_bytes // job.info.dtype.itemsize)
         )
-    )
-    if workers <= 1:
-        for block in blocks:
-            with fpmode.tf_arithmetic():  # not across the yield: the caller's code runs there
-                read = replayer.run(block)
-            yield read
-        return
-    with ThreadPoolExecutor(
-        max_workers=workers,
-        thread_name_prefix="ema-replay",
-        initializer=fpmode.enter_tf_arithmetic_for_this_thread,  # the threads do nothing else
-    ) as pool:
-        pending: set[Future[int]] = set()
-        try:
-            for block in blocks:
-                pending.add(pool.submit(replayer.run, block))
-                if len(pending) >= 2 * workers:  # bounded: memory stays at a few blocks
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        yield future.result()
-            for future in pending:
-                yield future.result()
-            pending = set()
-        finally:
-            for future in pending:
-                future.cancel()
+    ]
+    try:
+        yield from (executor or ThreadExecutor(workers)).run(replayer.run, work)
+    finally:
+        replayer.close()
