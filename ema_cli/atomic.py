@@ -9,9 +9,12 @@ removed by the next run, under the destination's lock.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -27,19 +30,30 @@ def temporary_sibling(path: Path) -> tuple[BinaryIO, Path]:
     return os.fdopen(fd, "w+b"), Path(tmp)
 
 
+#: What ``temporary_sibling`` and a folder writer's temporary folder add to a destination's name
+#: (``.<name>.<8 of mkstemp's characters>.tmp``, ``.<name>.tmp-<8 hex digits>``), exactly: a
+#: looser pattern would take another output's temporaries (``.ema.safetensors.x1y2z3w4.tmp``
+#: is not a temporary of ``ema``).
+_TEMPORARY_FILE = re.compile(r"[a-z0-9_]{8}\.tmp")
+_TEMPORARY_FOLDER = re.compile(r"tmp-[0-9a-f]{8}")
+
+
 def remove_stale_temporaries(path: Path) -> list[Path]:
-    """Delete what killed runs left while writing ``path``: hidden ``.<name>.*.tmp`` files and
-    ``.<name>.tmp-*`` folders beside it. Only call this while holding ``path``'s lock, when no
-    live run can be writing them. Returns what was removed."""
+    """Repair and tidy what killed runs left while writing ``path``: first finish a publication
+    its journal says was under way (``recover_publication``), then delete the hidden
+    ``.<name>.XXXXXXXX.tmp`` files and ``.<name>.tmp-XXXXXXXX`` folders beside it. Only call
+    this while holding ``path``'s lock, when no live run can be writing them. Returns what was
+    removed."""
     removed: list[Path] = []
     if not path.parent.is_dir():
         return removed
+    recover_publication(path)
     for entry in path.parent.glob(f".{glob_escape(path.name)}.*"):
         name = entry.name[len(path.name) + 2 :]
         try:
-            if entry.is_dir() and not entry.is_symlink() and name.startswith("tmp-"):
+            if _TEMPORARY_FOLDER.fullmatch(name) and entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
-            elif name.endswith(".tmp") and (entry.is_file() or entry.is_symlink()):
+            elif _TEMPORARY_FILE.fullmatch(name) and (entry.is_file() or entry.is_symlink()):
                 entry.unlink()
             else:
                 continue
@@ -67,6 +81,108 @@ def publish(tmp: Path, path: Path, durable: bool = True) -> None:
         raise OutputError(path, e) from None
     if durable:
         fsync_folder(path.parent)
+
+
+def journal_path(path: Path) -> Path:
+    """Where ``publish_all`` records a publication of several files for the output ``path``."""
+    return path.with_name(f".{path.name}.publishing")
+
+
+def publish_all(files: Sequence[tuple[Path, Path]], owner: Path, durable: bool = True) -> None:
+    """Move finished temporaries ``(temporary, final)`` into place, in the order given, as the
+    output ``owner``: its data files first, the file that names or indexes them last.
+
+    Takes charge of the temporaries: each is published, or removed when this fails before any
+    rename. One file is one atomic rename (``publish``). Several renames cannot be one atomic
+    step, so a journal (``journal_path(owner)``, listing the renames) is put in place first,
+    when every temporary is complete (and flushed, if ``durable``), and removed after the last
+    rename. A run killed between two renames leaves the journal and the temporaries not yet
+    renamed; the next run's ``remove_stale_temporaries(owner)`` finishes the renames from the
+    journal (``recover_publication``), so the output then is the complete new one. Until then
+    the output mixes the two generations: files already renamed are new, the rest old (see
+    ``CheckpointWriter`` for what that means for a reader and how a format avoids it).
+    All files must be siblings of ``owner``, so the renames stay on one disk.
+    """
+    if len(files) == 1:
+        ((tmp, final),) = files
+        try:
+            publish(tmp, final, durable)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        return
+    folder = owner.parent
+    if any(p.parent != folder for pair in files for p in pair):
+        raise ValueError(f"{owner}: a publication's files must all be beside it")
+    journal = journal_path(owner)
+    temporaries = [tmp for tmp, _ in files]
+    try:
+        recover_publication(owner)  # an earlier run's, never overwritten unfinished
+        for tmp in temporaries:
+            if durable:
+                fsync_path(tmp)
+            os.chmod(tmp, 0o666 & ~_UMASK)
+        record = [[tmp.name, final.name] for tmp, final in files]
+        handle, staged = temporary_sibling(owner)
+        temporaries.append(staged)
+        with handle:
+            handle.write(json.dumps({"renames": record}).encode("utf-8"))
+        publish(staged, journal, durable)
+    except OSError as e:
+        _remove_files(temporaries)
+        raise OutputError(owner, e) from None
+    except BaseException:
+        _remove_files(temporaries)
+        raise
+    # From here the journal owns the temporaries: a failure leaves them for the next run.
+    for tmp, final in files:
+        try:
+            os.replace(tmp, final)
+        except OSError as e:
+            raise OutputError(final, e) from None
+    if durable:
+        fsync_folder(folder)
+    with contextlib.suppress(FileNotFoundError):
+        journal.unlink()
+
+
+def recover_publication(owner: Path) -> list[Path]:
+    """Finish a publication of several files that a killed run left under way (its journal is
+    in place): rename every temporary it lists that is still there, then remove the journal.
+    Returns the files renamed into place. Call it holding ``owner``'s lock."""
+    journal = journal_path(owner)
+    try:
+        text = journal.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise OutputError(journal, e) from None
+    try:
+        renames = [(str(a), str(b)) for a, b in json.loads(text)["renames"]]
+    except (ValueError, KeyError, TypeError):
+        renames = []  # put in place by a rename, so never partial: not one of ours
+    done: list[Path] = []
+    for tmp_name, final_name in renames:
+        if "/" in tmp_name or "/" in final_name or os.sep in tmp_name + final_name:
+            continue
+        tmp, final = owner.parent / tmp_name, owner.parent / final_name
+        if tmp.is_file() and not tmp.is_symlink():
+            try:
+                os.replace(tmp, final)
+            except OSError as e:
+                raise OutputError(final, e) from None
+            done.append(final)
+    fsync_folder(owner.parent)
+    with contextlib.suppress(FileNotFoundError):
+        journal.unlink()
+    return done
+
+
+def _remove_files(paths: Sequence[Path]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 class StagedFile:

@@ -8,12 +8,16 @@ blocks at any element offset in any order, and only makes the output appear on `
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
+import shutil
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -24,10 +28,12 @@ from ema_cli.atomic import fsync_folder as fsync_folder
 from ema_cli.atomic import fsync_path as fsync_path
 from ema_cli.atomic import glob_escape as glob_escape
 from ema_cli.atomic import publish as publish
+from ema_cli.atomic import publish_all
 from ema_cli.atomic import remove_stale_temporaries as remove_stale_temporaries
 from ema_cli.atomic import temporary_sibling as temporary_sibling
 from ema_cli.atomic import write_file_atomically as write_file_atomically
 from ema_cli.checkpoint import TensorInfo
+from ema_cli.errors import OutputError
 
 #: The plain numeric dtypes every format here stores natively (bfloat16 and float8 come from
 #: ml_dtypes and each format marks them its own way).
@@ -155,8 +161,47 @@ class CheckpointReader(ABC):
 class CheckpointWriter(ABC):
     """A checkpoint being written. Nothing appears at ``path`` until ``commit()``.
 
-    Used as a context manager, leaving the block without ``commit()`` (or with an exception)
-    discards everything written.
+    The lifecycle is written once, here; a format implements only what is its own:
+
+    - ``begin()``: lay the output out in temporary files (``stage_file()``, ``stage_folder()``;
+      the base class removes them whatever happens) and write what is known up front. Called
+      by the constructor: if it fails, everything staged is removed and the error re-raised
+      (``OSError`` as ``OutputError``). A format with more constructor arguments stores them
+      before calling ``super().__init__``.
+    - ``write(name, start, values)``: a positioned write of one block, from any thread, in any
+      order; count it with ``_wrote`` (``_block_bytes`` checks the block and gives its bytes).
+    - ``finish()``: complete the temporaries (zip them, write an index, close files) and return
+      ``(temporary, final)`` pairs in publication order: data files first, the file that names
+      or indexes them (a bundle's ``.index``, a manifest) last.
+    - ``_discard()`` (optional): release what the format holds (open files, an inner writer)
+      before its temporaries are removed; called once, after commit or on abort.
+    - ``check()`` (classmethod, optional): refuse what the format cannot store. It is run once,
+      by ``formats.check_writer`` (which ``create_writer`` and ``--dry-run`` go through, and
+      which also refuses lossy conversions): a writer constructed directly trusts its caller.
+    - ``orphans(path)`` (classmethod, optional): files an earlier output at ``path`` used and
+      the current one no longer does, removed by ``clean_up(path)``.
+    - ``_publish(files, durable)`` (optional): how the finished files are moved into place;
+      by default ``atomic.publish_all``. The folder writer swaps a whole folder instead.
+
+    ``commit(durable)`` checks every byte was written, calls ``finish()``, publishes the
+    files in order and marks the writer done; any failure aborts. ``abort()`` is idempotent
+    and removes every temporary; leaving the ``with`` block without ``commit()`` aborts.
+
+    **Outputs of several files.** One file is one atomic rename. Several are renamed one by
+    one, data first and index last, after a journal listing the renames is in place
+    (``atomic.publish_all``). A kill between two renames leaves the journal, the temporaries
+    not yet renamed, and at ``path`` a mix: the new data files beside the *old* index. If the
+    data files keep their names from one output to the next (a TensorFlow bundle's
+    ``X.data-00000-of-00001`` beside ``X.index``), the old checkpoint is then inconsistent: its
+    index describes bytes that were replaced (a bundle's checksums then fail as
+    ``CheckpointError`` on reading; a format without checksums could read wrong values). The
+    next run's ``clean_up(path)`` (``remove_stale_temporaries``, called under the output's lock
+    before anything is written) finishes the renames from the journal, so the output is the
+    complete new one, then removes ``orphans``. A format that can name its data files freely
+    avoids the window altogether: it publishes them under new names (a generation number or
+    their digest), which never replace a file the old index names, and lists the previous
+    generation's files in ``orphans``: a kill then leaves the old checkpoint intact beside
+    unreferenced new files, which the next run either publishes (journal) or removes.
     """
 
     #: Whether the constructor takes ``max_shard_size`` (formats that split into shards).
@@ -179,6 +224,93 @@ class CheckpointWriter(ABC):
         self._expected = sum(t.nbytes for t in self.tensors)
         self._written = 0
         self._count_lock = threading.Lock()
+        self._done = False
+        self._staged: list[Path] = []
+        try:
+            self.begin()
+        except OSError as e:
+            self.abort()
+            raise OutputError(path, e) from None
+        except BaseException:
+            self.abort()
+            raise
+
+    # ------------------------------------------------------------ what a format implements
+
+    def begin(self) -> None:  # noqa: B027 - a format that overrides __init__ keeps this no-op
+        """Create the temporary files (``stage_file``) and write what is known up front."""
+
+    @abstractmethod
+    def write(self, name: str, start: int, values: npt.NDArray[np.generic]) -> None:
+        """Store ``values`` (1-D, the tensor's dtype) at flat element offset ``start`` of ``name``.
+
+        Safe to call from several threads at once for different ranges.
+        """
+
+    def finish(self) -> list[tuple[Path, Path]]:
+        """Complete the temporaries; ``(temporary, final)`` pairs in publication order."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither finish nor commit")
+
+    def _discard(self) -> None:  # noqa: B027 - optional hook
+        """Release open files and inner writers (after commit, or on abort)."""
+
+    def _publish(self, files: Sequence[tuple[Path, Path]], durable: bool) -> None:
+        """Move the finished files into place, in order (``atomic.publish_all``)."""
+        handed = {tmp for tmp, _ in files}
+        self._staged = [p for p in self._staged if p not in handed]  # publish_all's now
+        publish_all(files, self.path, durable)
+
+    @classmethod
+    def carries_non_tensors(cls, template: CheckpointReader) -> bool:
+        """Whether this format copies ``template.non_tensors`` into its output."""
+        return False
+
+    @classmethod  # noqa: B027 - a format without limits keeps this no-op
+    def check(
+        cls, path: Path, tensors: Sequence[TensorInfo], template: CheckpointReader | None
+    ) -> None:
+        """Raise ``OptionError`` if this format cannot store ``tensors`` (a dtype it has no name
+        for, names it cannot hold) or needs another kind of ``template``. Called before any
+        work, by ``formats.check_writer`` (so by ``--dry-run`` too); writing nothing."""
+
+    @classmethod
+    def orphans(cls, path: Path) -> list[Path]:
+        """Files beside ``path`` an earlier output used and the one there now does not (a
+        previous generation's data files); none by default."""
+        return []
+
+    @classmethod
+    def clean_up(cls, path: Path) -> list[Path]:
+        """Repair and tidy what killed runs left at ``path``: finish an interrupted
+        publication, remove stale temporaries and ``orphans``. Call it holding ``path``'s
+        lock, before writing. Returns what was removed."""
+        removed = remove_stale_temporaries(path)
+        for orphan in cls.orphans(path):
+            with contextlib.suppress(FileNotFoundError):
+                orphan.unlink()
+            removed.append(orphan)
+        return removed
+
+    # ------------------------------------------------------------ helpers for formats
+
+    def stage_file(self) -> tuple[BinaryIO, Path]:
+        """A new temporary file beside ``path`` (``.<name>.XXXXXXXX.tmp``, which the next run's
+        clean-up recognises), removed on abort unless published."""
+        handle, tmp = temporary_sibling(self.path)
+        self._staged.append(tmp)
+        return handle, tmp
+
+    def stage_folder(self) -> Path:
+        """A new hidden temporary folder beside ``path`` (``.<name>.tmp-XXXXXXXX``), removed
+        with its contents on abort unless published."""
+        while True:
+            candidate = self.path.with_name(f".{self.path.name}.tmp-{secrets.token_hex(4)}")
+            try:
+                os.mkdir(candidate, 0o777)  # the umask applies: the output gets usual modes
+            except FileExistsError:
+                continue
+            self._staged.append(candidate)
+            return candidate
 
     def _check_block(self, name: str, start: int, values: npt.NDArray[np.generic]) -> TensorInfo:
         """``write``'s prologue: ``values`` fit tensor ``name`` (dtype, range) at ``start``."""
@@ -205,37 +337,48 @@ class CheckpointWriter(ABC):
                 f"internal error: wrote {self._written} of {self._expected} bytes of {self.path}"
             )
 
-    @classmethod
-    def carries_non_tensors(cls, template: CheckpointReader) -> bool:
-        """Whether this format copies ``template.non_tensors`` into its output."""
-        return False
+    # ------------------------------------------------------------ the lifecycle
 
-    @classmethod  # noqa: B027 - a format without limits keeps this no-op
-    def check(
-        cls, path: Path, tensors: Sequence[TensorInfo], template: CheckpointReader | None
-    ) -> None:
-        """Raise ``OptionError`` if this format cannot store ``tensors`` (a dtype it has no name
-        for, names it cannot hold) or needs another kind of ``template``. Called before any
-        work, including by ``--dry-run``; writing nothing."""
-
-    @abstractmethod
-    def write(self, name: str, start: int, values: npt.NDArray[np.generic]) -> None:
-        """Store ``values`` (1-D, the tensor's dtype) at flat element offset ``start`` of ``name``.
-
-        Safe to call from several threads at once for different ranges.
-        """
-
-    @abstractmethod
     def commit(self, durable: bool = True) -> None:
-        """Make the complete output appear at ``path`` atomically.
+        """Make the complete output appear at ``path``: ``finish()``, then publish its files in
+        order. Any failure aborts (an interrupted multi-file publication is finished by the
+        next run's ``clean_up``, see the class docstring).
 
         ``durable`` flushes it to disk first (fsync), so it survives a power loss and not just
         a killed process; that costs a full write to the disk before the rename.
         """
+        if self._done:
+            raise RuntimeError(f"{self.path}: commit() after commit() or abort()")
+        try:
+            self._check_complete()
+            self._publish(self.finish(), durable)
+        except OSError as e:
+            self.abort()
+            raise OutputError(self.path, e) from None
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+        self._release()
 
-    @abstractmethod
     def abort(self) -> None:
-        """Discard everything written; an existing file at ``path`` is untouched."""
+        """Discard everything written; an existing output at ``path`` is untouched. Idempotent."""
+        if self._done:
+            return
+        self._done = True
+        self._release()
+
+    def _release(self) -> None:
+        try:
+            self._discard()
+        finally:
+            staged, self._staged = self._staged, []
+            for tmp in staged:
+                if tmp.is_dir() and not tmp.is_symlink():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        tmp.unlink()
 
     def __enter__(self) -> CheckpointWriter:
         return self

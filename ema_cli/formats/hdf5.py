@@ -43,7 +43,6 @@ import numpy as np
 import numpy.typing as npt
 from h5py import h5a, h5d, h5f, h5g, h5o, h5p, h5s, h5t
 
-from ema_cli.atomic import publish, temporary_sibling
 from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import CheckpointError, OptionError, OutputError, TruncatedCheckpointError
 from ema_cli.formats.base import (
@@ -507,36 +506,20 @@ class HDF5Writer(CheckpointWriter):
     tensors are then filled by ``write()``.
     """
 
-    def __init__(
-        self,
-        path: Path,
-        tensors: Sequence[TensorInfo],
-        metadata: Mapping[str, str],
-        template: CheckpointReader | None = None,
-    ) -> None:
-        super().__init__(path, tensors, metadata, template)
-        self.check(path, self.tensors, template)
-        self._source = _hdf5_source(template)
+    def begin(self) -> None:
+        self._source = _hdf5_source(self.template)
         self._lock = threading.Lock()
         self._memory_types: dict[str, h5t.TypeID] = {}
-        self._done = False
-        handle, self._tmp = temporary_sibling(path)
+        handle, self._tmp = self.stage_file()
         handle.close()  # HDF5 opens the file itself
-        try:
-            self._file = self._create_file()
-            self._datasets = _OpenDatasets(self._file)
-            if self._source is not None:
-                self._copy_group(self._source.file, self._file, "", {})
-            for info in self.tensors:
-                if info.name not in self._memory_types:
-                    self._create_fresh_tensor(info)
-            self._write_metadata()
-        except OSError as e:
-            self.abort()
-            raise OutputError(path, e) from None
-        except BaseException:
-            self.abort()
-            raise
+        self._file = self._create_file()
+        self._datasets = _OpenDatasets(self._file)
+        if self._source is not None:
+            self._copy_group(self._source.file, self._file, "", {})
+        for info in self.tensors:
+            if info.name not in self._memory_types:
+                self._create_fresh_tensor(info)
+        self._write_metadata()
 
     @classmethod
     def check(
@@ -707,8 +690,9 @@ class HDF5Writer(CheckpointWriter):
                 raise OutputError(self.path, e) from None
         self._wrote(data.nbytes)
 
-    def finish(self) -> Path:
-        """Close the complete file and return its temporary path (``commit`` publishes it)."""
+    def complete(self) -> Path:
+        """Close the complete file and return its temporary path (``finish`` publishes it; a
+        ``.keras`` writer zips it)."""
         self._check_complete()
         try:
             self._datasets.clear()
@@ -721,17 +705,11 @@ class HDF5Writer(CheckpointWriter):
             raise OutputError(self.path, e) from None
         return self._tmp
 
-    def commit(self, durable: bool = True) -> None:
-        publish(self.finish(), self.path, durable)
-        self._done = True
+    def finish(self) -> list[tuple[Path, Path]]:
+        return [(self.complete(), self.path)]
 
-    def abort(self) -> None:
-        if self._done:
-            return
-        self._done = True
+    def _discard(self) -> None:
         file = getattr(self, "_file", None)
         if file is not None:
             with contextlib.suppress(Exception):
                 file.close()
-        with contextlib.suppress(FileNotFoundError):
-            self._tmp.unlink()

@@ -10,7 +10,6 @@ replaced by the averaged weights (same zip date, compression and permissions).
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import shutil
@@ -23,9 +22,8 @@ from typing import IO, Any
 import numpy as np
 import numpy.typing as npt
 
-from ema_cli.atomic import publish, temporary_sibling
 from ema_cli.checkpoint import TensorInfo
-from ema_cli.errors import CheckpointError, OptionError, OutputError
+from ema_cli.errors import CheckpointError, OptionError
 from ema_cli.formats.base import (
     CheckpointReader,
     CheckpointWriter,
@@ -172,19 +170,10 @@ class KerasArchiveReader(CheckpointReader):
 class KerasArchiveWriter(CheckpointWriter):
     """The template archive with its ``model.weights.h5`` rebuilt by an ``HDF5Writer``."""
 
-    def __init__(
-        self,
-        path: Path,
-        tensors: Sequence[TensorInfo],
-        metadata: Mapping[str, str],
-        template: CheckpointReader | None = None,
-    ) -> None:
-        super().__init__(path, tensors, metadata, template)
-        self.check(path, self.tensors, template)
-        assert isinstance(template, KerasArchiveReader)
-        self._template = template
-        self._weights = HDF5Writer(path, tensors, metadata, template)
-        self._done = False
+    def begin(self) -> None:
+        assert isinstance(self.template, KerasArchiveReader)  # check() refused other templates
+        self._template = self.template
+        self._weights = HDF5Writer(self.path, self.tensors, self.metadata, self.template)
 
     @classmethod
     def check(
@@ -205,36 +194,24 @@ class KerasArchiveWriter(CheckpointWriter):
 
     def write(self, name: str, start: int, values: npt.NDArray[np.generic]) -> None:
         self._weights.write(name, start, values)
+        self._wrote(values.nbytes)
 
-    def commit(self, durable: bool = True) -> None:
-        weights = self._weights.finish()
-        handle, tmp = temporary_sibling(self.path)
-        try:
-            with handle, zipfile.ZipFile(handle, "w", allowZip64=True) as out:
-                out.comment = self._template.archive.comment
-                for info in self._template.members:
-                    if info.filename != WEIGHTS_MEMBER:
-                        copy_member(self._template.archive, info, out)
-                        continue
-                    new = copy_zip_info(info)
-                    new.file_size = weights.stat().st_size
-                    with open(weights, "rb") as data:
-                        stream_member(out, new, data)
-            publish(tmp, self.path, durable)
-        except OSError as e:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise OutputError(self.path, e) from None
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise
-        finally:
-            self._weights.abort()  # removes the temporary weights file
-        self._done = True
+    def finish(self) -> list[tuple[Path, Path]]:
+        weights = self._weights.complete()
+        handle, tmp = self.stage_file()
+        with handle, zipfile.ZipFile(handle, "w", allowZip64=True) as out:
+            out.comment = self._template.archive.comment
+            for info in self._template.members:
+                if info.filename != WEIGHTS_MEMBER:
+                    copy_member(self._template.archive, info, out)
+                    continue
+                new = copy_zip_info(info)
+                new.file_size = weights.stat().st_size
+                with open(weights, "rb") as data:
+                    stream_member(out, new, data)
+        return [(tmp, self.path)]
 
-    def abort(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        self._weights.abort()
+    def _discard(self) -> None:
+        weights = getattr(self, "_weights", None)
+        if weights is not None:
+            weights.abort()  # removes the temporary weights file

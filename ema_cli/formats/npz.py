@@ -20,7 +20,6 @@ land at their offsets in a staging file beside the output; ``commit()`` streams 
 
 from __future__ import annotations
 
-import contextlib
 import io
 import lzma
 import os
@@ -37,7 +36,6 @@ import numpy as np
 import numpy.typing as npt
 
 from ema_cli import dtypes
-from ema_cli.atomic import publish, temporary_sibling
 from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import CheckpointError, OptionError, OutputError, TruncatedCheckpointError
 from ema_cli.formats.base import (
@@ -396,30 +394,18 @@ def _check_dtype(path: Path, info: TensorInfo) -> None:
 
 
 class NpzWriter(CheckpointWriter):
-    def __init__(
-        self,
-        path: Path,
-        tensors: Sequence[TensorInfo],
-        metadata: Mapping[str, str],
-        template: CheckpointReader | None = None,
-    ) -> None:
-        super().__init__(path, tensors, metadata, template)
-        self.check(path, self.tensors, template)
-        self._source = template if isinstance(template, NpzReader) else None
+    """Blocks land in a staging file at each tensor's offset; ``finish`` zips it."""
+
+    def begin(self) -> None:
+        self._source = self.template if isinstance(self.template, NpzReader) else None
         self._layout = self._plan_members()
         self._offsets: dict[str, int] = {}
         position = 0
         for info in self.tensors:
             self._offsets[info.name] = position
             position += info.nbytes
-        self._done = False
-        self._staging, self._staging_path = temporary_sibling(path)
-        self._staging_closed = False
-        try:
-            self._staging.truncate(self._expected)
-        except OSError as e:
-            self.abort()
-            raise OutputError(path, e) from None
+        self._staging, _ = self.stage_file()
+        self._staging.truncate(self._expected)
 
     @classmethod
     def check(
@@ -465,46 +451,26 @@ class NpzWriter(CheckpointWriter):
             raise OutputError(self.path, e) from None
         self._wrote(len(data))
 
-    def commit(self, durable: bool = True) -> None:
-        self._check_complete()
-        handle, tmp = temporary_sibling(self.path)
-        try:
-            with handle, zipfile.ZipFile(handle, "w", allowZip64=True) as out:
-                for info, name in self._layout:
-                    if name is None:
-                        assert self._source is not None
-                        copy_member(self._source.archive, info, out)
-                        continue
-                    tensor = self.infos[name]
-                    header = npy_header(tensor)
-                    info.file_size = len(header) + tensor.nbytes
-                    self._staging.seek(self._offsets[name])
-                    data = _Slice(self._staging, tensor.nbytes)
-                    stream_member(out, info, io.BytesIO(header), data)
-            publish(tmp, self.path, durable)
-        except OSError as e:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise OutputError(self.path, e) from None
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise
-        self._discard_staging()
-        self._done = True
+    def finish(self) -> list[tuple[Path, Path]]:
+        handle, tmp = self.stage_file()
+        with handle, zipfile.ZipFile(handle, "w", allowZip64=True) as out:
+            for info, name in self._layout:
+                if name is None:
+                    assert self._source is not None
+                    copy_member(self._source.archive, info, out)
+                    continue
+                tensor = self.infos[name]
+                header = npy_header(tensor)
+                info.file_size = len(header) + tensor.nbytes
+                self._staging.seek(self._offsets[name])
+                data = _Slice(self._staging, tensor.nbytes)
+                stream_member(out, info, io.BytesIO(header), data)
+        return [(tmp, self.path)]
 
-    def _discard_staging(self) -> None:
-        if not self._staging_closed:
-            self._staging_closed = True
-            self._staging.close()
-            with contextlib.suppress(FileNotFoundError):
-                self._staging_path.unlink()
-
-    def abort(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        self._discard_staging()
+    def _discard(self) -> None:
+        staging = getattr(self, "_staging", None)
+        if staging is not None:
+            staging.close()
 
 
 class _Slice:

@@ -10,7 +10,6 @@ memory stays at its block buffers however large the file.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import struct
@@ -22,7 +21,6 @@ import numpy as np
 import numpy.typing as npt
 
 from ema_cli import dtypes
-from ema_cli.atomic import publish, temporary_sibling
 from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import CheckpointError, OptionError, OutputError, TruncatedCheckpointError
 from ema_cli.formats.base import (
@@ -285,28 +283,12 @@ def build_header(
 class SafetensorsWriter(CheckpointWriter):
     """Writes into a hidden temporary file beside ``path`` at precomputed offsets."""
 
-    def __init__(
-        self,
-        path: Path,
-        tensors: Sequence[TensorInfo],
-        metadata: Mapping[str, str],
-        template: CheckpointReader | None = None,
-    ) -> None:
-        super().__init__(path, tensors, metadata, template)
-        self.check(path, self.tensors, template)
+    def begin(self) -> None:
         header, self._offsets = build_header(self.tensors, self.metadata)
-        self._file, self._tmp = temporary_sibling(path)
-        self._done = False
-        try:
-            self._file.write(header)
-            self._file.flush()
-            self._file.truncate(len(header) + self._expected)
-        except OSError as e:
-            self.abort()
-            raise OutputError(path, e) from None
-        except BaseException:
-            self.abort()
-            raise
+        self._file, self._tmp = self.stage_file()
+        self._file.write(header)
+        self._file.flush()
+        self._file.truncate(len(header) + self._expected)
 
     @classmethod
     def check(
@@ -323,16 +305,11 @@ class SafetensorsWriter(CheckpointWriter):
             raise OutputError(self.path, e) from None
         self._wrote(len(data))
 
-    def commit(self, durable: bool = True) -> None:
-        self._check_complete()
+    def finish(self) -> list[tuple[Path, Path]]:
         self._file.close()
-        publish(self._tmp, self.path, durable)
-        self._done = True
+        return [(self._tmp, self.path)]
 
-    def abort(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        self._file.close()
-        with contextlib.suppress(FileNotFoundError):
-            self._tmp.unlink()
+    def _discard(self) -> None:
+        file = getattr(self, "_file", None)
+        if file is not None:
+            file.close()

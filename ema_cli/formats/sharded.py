@@ -464,44 +464,34 @@ class ShardedWriter(CheckpointWriter):
         template: CheckpointReader | None = None,
         max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     ) -> None:
+        self._max_shard_size = max_shard_size
         super().__init__(path, tensors, metadata, template)
-        self.check(path, self.tensors, template)
+
+    def begin(self) -> None:
         names = [t.name for t in self.tensors]
         if len(set(names)) != len(names):
             raise ValueError("duplicate tensor names")
-        check_output_folder(path, template)
-        self._shards = split_into_shards(self.tensors, max_shard_size)
+        check_output_folder(self.path, self.template)
+        self._shards = split_into_shards(self.tensors, self._max_shard_size)
         self._files = shard_file_names(len(self._shards))
-        self._done = False
-        self._tmp = _unique_sibling(path, "tmp")
-        try:
-            os.mkdir(self._tmp, 0o777)  # the umask applies: the published folder gets usual modes
-        except OSError as e:
-            raise OutputError(path, e) from None
+        self._tmp = self.stage_folder()
         self._handles = _OpenHandles[int, int](self._open_shard, os.close, DEFAULT_OPEN_SHARDS)
-        try:
-            self._where: dict[str, tuple[int, int]] = {}
-            for number, shard in enumerate(self._shards):
-                header, offsets = build_header(shard, self.metadata)
-                for info in shard:
-                    self._where[info.name] = (number, offsets[info.name])
-                size = len(header) + sum(t.nbytes for t in shard)
-                _create_file(self._tmp / self._files[number], header, size)
-            # Copied now, not at commit, so an unreadable config fails before the long replay.
-            source = template_folder(template)
-            for side in side_files(source) if source is not None else []:
-                try:
-                    shutil.copyfile(side, self._tmp / side.name)
-                except OSError as e:
-                    if e.filename == os.fspath(side):  # reading the template failed
-                        raise CheckpointError(side, f"cannot read: {e.strerror}") from None
-                    raise
-        except OSError as e:
-            self.abort()
-            raise OutputError(path, e) from None
-        except BaseException:
-            self.abort()
-            raise
+        self._where: dict[str, tuple[int, int]] = {}
+        for number, shard in enumerate(self._shards):
+            header, offsets = build_header(shard, self.metadata)
+            for info in shard:
+                self._where[info.name] = (number, offsets[info.name])
+            size = len(header) + sum(t.nbytes for t in shard)
+            _create_file(self._tmp / self._files[number], header, size)
+        # Copied now, not at commit, so an unreadable config fails before the long replay.
+        source = template_folder(self.template)
+        for side in side_files(source) if source is not None else []:
+            try:
+                shutil.copyfile(side, self._tmp / side.name)
+            except OSError as e:
+                if e.filename == os.fspath(side):  # reading the template failed
+                    raise CheckpointError(side, f"cannot read: {e.strerror}") from None
+                raise
 
     @classmethod
     def check(
@@ -524,19 +514,10 @@ class ShardedWriter(CheckpointWriter):
             raise OutputError(self.path, e) from None
         self._wrote(len(data))
 
-    def commit(self, durable: bool = True) -> None:
-        if self._done:
-            raise RuntimeError(f"{self.path}: commit() after commit() or abort()")
-        self._check_complete()
+    def finish(self) -> list[tuple[Path, Path]]:
+        """The index (when there are several shards) in the temporary folder, which is then
+        published whole."""
         self._handles.close_all()
-        try:
-            self._finish(durable)
-        except OSError as e:
-            raise OutputError(self.path, e) from None
-        self._done = True
-
-    def _finish(self, durable: bool) -> None:
-        """Index, flush to disk if ``durable``, and move into place (``commit()``'s I/O)."""
         if len(self._files) > 1:
             index = {
                 "metadata": {"total_size": self._expected},
@@ -548,19 +529,22 @@ class ShardedWriter(CheckpointWriter):
             }
             text = json.dumps(index, indent=2, sort_keys=True) + "\n"  # as transformers writes it
             _create_file(self._tmp / INDEX_NAME, text.encode("utf-8"), None)
-        if durable:
-            for entry in self._tmp.iterdir():
-                fsync_path(entry)
-            fsync_folder(self._tmp)
-        check_output_folder(self.path, self.template)  # anything may have appeared meanwhile
-        _swap_into_place(self._tmp, self.path)
+        return [(self._tmp, self.path)]
 
-    def abort(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        self._handles.close_all()
-        shutil.rmtree(self._tmp, ignore_errors=True)
+    def _publish(self, files: Sequence[tuple[Path, Path]], durable: bool) -> None:
+        """Flush the folder to disk if ``durable`` and swap it into place whole."""
+        ((tmp, path),) = files
+        if durable:
+            for entry in tmp.iterdir():
+                fsync_path(entry)
+            fsync_folder(tmp)
+        check_output_folder(path, self.template)  # anything may have appeared meanwhile
+        _swap_into_place(tmp, path)
+
+    def _discard(self) -> None:
+        handles = getattr(self, "_handles", None)
+        if handles is not None:
+            handles.close_all()
 
 
 def _unique_sibling(path: Path, tag: str) -> Path:
