@@ -4,7 +4,7 @@ Layout of ``DIR``:
 
 * ``state.json`` -- the commit point: settings, the checkpoints folded in (path, step, size,
   modification time, the decay used), and the name of the shadows file;
-* ``shadows-<token>.safetensors`` -- every averaged tensor's shadow in its compute dtype
+* ``shadows-<token>`` plus the suffix of ``registry.STATE_FORMAT`` -- every averaged tensor's shadow in its compute dtype
   (``shadow/<name>``) and, under zero debias, its ``local_step`` (``local_step/<name>``).
 
 A run writes a new shadows file under a fresh name, then replaces ``state.json`` atomically, then
@@ -34,8 +34,7 @@ from ema_cli.plan import Checkpoint, ReplayPlan, Settings
 
 STATE_FILE = "state.json"
 STATE_FORMAT = "ema-cli-state/1"
-#: The checkpoint format the shadows are kept in, and its file's name before the suffix.
-SHADOWS_FORMAT = "safetensors"
+#: The shadows file's name before its format's suffix (the format: ``registry.STATE_FORMAT``).
 _SHADOWS_STEM = "shadows-"
 
 #: Settings that change the numbers: a state made with other values cannot be continued.
@@ -155,7 +154,7 @@ def load(folder: Path) -> SavedState | None:
 
 
 def _shadows_suffix() -> str:
-    return next(f for f in registry.formats() if f.name == SHADOWS_FORMAT).suffixes[0]
+    return registry.by_name(registry.STATE_FORMAT).suffixes[0]
 
 
 def new_shadows_name() -> str:

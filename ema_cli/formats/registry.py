@@ -135,6 +135,15 @@ _FORMATS: list[Format] = [
 _STEP_ONLY_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 
 
+#: The format ``--state`` keeps its shadows in (any format with a writer would do; this one
+#: stores every compute dtype and is fast to read back).
+STATE_FORMAT = "safetensors"
+
+
+def by_name(name: str) -> Format:
+    return next(f for f in _FORMATS if f.name == name)
+
+
 def formats() -> tuple[Format, ...]:
     return tuple(_FORMATS)
 
