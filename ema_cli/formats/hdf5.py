@@ -169,6 +169,12 @@ def _tensor_dtype(dataset: h5py.Dataset) -> np.dtype[Any] | None:
     return native if native in NUMERIC_DTYPES else None
 
 
+def _stored_opaque(dtype: np.dtype[Any]) -> bool:
+    """Whether a tensor of ``dtype`` is written as opaque bytes: ml_dtypes' types, which HDF5
+    has no type for (by name: ml_dtypes gives ``float8_e5m2`` the kind ``f``, not ``V``)."""
+    return dtype.kind == "V" or dtype.name in _OPAQUE_DTYPES
+
+
 def _memory_type(file_type: h5t.TypeID, dtype: np.dtype[Any]) -> h5t.TypeID:
     """How a tensor's elements sit in our buffers: opaque data as its own bytes (no conversion
     exists between opaque types), numbers in native order (HDF5 converts)."""
@@ -528,7 +534,7 @@ class HDF5Writer(CheckpointWriter):
         check_names(path, [t.name for t in tensors])
         for info in tensors:
             dtype = np.dtype(info.dtype)
-            if dtype.kind != "V" and dtype not in NUMERIC_DTYPES:  # ml_dtypes types are opaque
+            if not _stored_opaque(dtype) and dtype not in NUMERIC_DTYPES:
                 raise OptionError(f"{path}: tensor '{info.name}': HDF5 cannot store dtype {dtype}")
 
     @classmethod
@@ -632,7 +638,7 @@ class HDF5Writer(CheckpointWriter):
         if group is None or name is None:
             group, name = self._parent_group(info.name)
         dtype = np.dtype(info.dtype)
-        opaque = dtype.kind == "V"
+        opaque = _stored_opaque(dtype)
         # check() refused every other kind of dtype
         file_type = h5t.create(h5t.OPAQUE, dtype.itemsize) if opaque else h5t.py_create(dtype)
         space = h5s.create_simple(info.shape) if info.shape else h5s.create(h5s.SCALAR)
