@@ -12,6 +12,7 @@ import pytest
 import safetensors.numpy
 from click.testing import CliRunner, Result
 
+from ema_cli.checkpoint import TensorInfo
 from ema_cli.cli import cli
 
 
@@ -32,9 +33,46 @@ def load(path: Path) -> dict[str, np.ndarray]:
     return safetensors.numpy.load_file(str(path))
 
 
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an .npz, with the archive closed again."""
+    with np.load(path) as archive:
+        return dict(archive)
+
+
+def infos(arrays: Mapping[str, np.ndarray]) -> list[TensorInfo]:
+    """The ``TensorInfo`` of each array, in native byte order (as readers report them)."""
+    return [TensorInfo(n, v.dtype.newbyteorder("="), v.shape) for n, v in arrays.items()]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (by relative path) with its bytes; folders as ``<dir>``."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"<dir>"
+        for p in sorted(folder.rglob("*"))
+    }
+
+
 def run_cli(args: Sequence[str | os.PathLike[str]], stdin: str | None = None) -> Result:
     """Invoke ``ema-cli`` in-process; stdout and stderr are kept apart."""
     return CliRunner().invoke(cli, [os.fspath(a) for a in args], input=stdin)
+
+
+def run_average(*args: object, stdin: str | None = None) -> Result:
+    """``ema-cli average ARGS...`` in-process (arguments converted with ``str``)."""
+    return run_cli(["average", *map(str, args)], stdin=stdin)
+
+
+def average_status(*args: object) -> tuple[int, str, str]:
+    """``run_average``'s exit code, standard output and standard error."""
+    result = run_average(*args)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def average_ok(*args: object, stdin: str | None = None) -> Result:
+    """``run_average``, which must succeed (exit 0)."""
+    result = run_average(*args, stdin=stdin)
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result
 
 
 def assert_fails(result: Result, *fragments: str) -> None:

@@ -15,10 +15,7 @@ import pytest
 
 from ema_cli import __version__
 from tests.conftest import assert_fails, load, run_cli, write_checkpoint
-
-
-def average(*args: object, stdin: str | None = None):  # type: ignore[no-untyped-def]
-    return run_cli(["average", *map(str, args)], stdin=stdin)
+from tests.conftest import run_average as average
 
 
 def listing(folder: Path) -> set[str]:

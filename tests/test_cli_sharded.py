@@ -7,15 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import Result
 
 from ema_cli.formats.sharded import INDEX_NAME, SINGLE_NAME
-from tests.conftest import assert_fails, load, run_cli
-from tests.test_sharded import load_folder, make_folder, shard_name, snapshot
-
-
-def average(*args: object) -> Result:
-    return run_cli(["average", *map(str, args)])
+from tests.conftest import assert_fails, load, snapshot
+from tests.conftest import run_average as average
+from tests.test_sharded import load_folder, make_folder, shard_name
 
 
 @pytest.fixture

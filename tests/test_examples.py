@@ -10,8 +10,9 @@ from types import ModuleType
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from safetensors.numpy import load_file
+
+from tests.conftest import average_ok
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CHECKPOINTS = EXAMPLES / "checkpoints"
@@ -68,13 +69,6 @@ def tf_ema(paths: list[Path], decay: float) -> dict[str, np.ndarray]:
     return shadow
 
 
-def average(args: list[str], input: str | None = None) -> None:
-    from ema_cli.cli import cli
-
-    result = CliRunner().invoke(cli, ["average", *args], input=input)
-    assert result.exit_code == 0, (result.output, result.exception)
-
-
 # --- the checkpoints ---------------------------------------------------------------------------
 
 
@@ -121,7 +115,7 @@ def test_evaluate_cli_prints_a_table(
 def test_documented_average_command(evaluate: ModuleType, tmp_path: Path) -> None:
     """`ema-cli average examples/checkpoints/*.safetensors -o averaged.safetensors --decay 0.9`"""
     out = tmp_path / "averaged.safetensors"
-    average([*map(str, shipped()), "-o", str(out), "--decay", "0.9"])
+    average_ok(*map(str, shipped()), "-o", str(out), "--decay", "0.9")
 
     inputs = load_file(str(by_step()[-1]))
     averaged = load_file(str(out))
@@ -154,9 +148,9 @@ def test_documented_average_command(evaluate: ModuleType, tmp_path: Path) -> Non
 def test_piped_paths_give_the_same_average(tmp_path: Path) -> None:
     """`ls examples/checkpoints/*.safetensors | ema-cli average - -o ... --decay 0.9`"""
     plain, piped = tmp_path / "plain.safetensors", tmp_path / "piped.safetensors"
-    average([*map(str, shipped()), "-o", str(plain), "--decay", "0.9", "-q"])
+    average_ok(*map(str, shipped()), "-o", str(plain), "--decay", "0.9", "-q")
     listing = "".join(f"{p}\n" for p in shipped())
-    average(["-", "-o", str(piped), "--decay", "0.9", "-q"], input=listing)
+    average_ok("-", "-o", str(piped), "--decay", "0.9", "-q", stdin=listing)
     a, b = load_file(str(plain)), load_file(str(piped))
     assert set(a) == set(b)
     for name in a:
@@ -167,10 +161,10 @@ def test_num_updates_step_variants(evaluate: ModuleType, tmp_path: Path) -> None
     """README: with --decay 0.9 the step ramp (>= 251/260) never binds, so nothing changes;
     with --decay 0.99 it does, and the result sits between the last checkpoint and decay 0.9."""
     plain, step09, step099 = (tmp_path / f"{n}.safetensors" for n in ("plain", "s09", "s099"))
-    average([*map(str, shipped()), "-o", str(plain), "--decay", "0.9", "-q"])
+    average_ok(*map(str, shipped()), "-o", str(plain), "--decay", "0.9", "-q")
     common = ["--num-updates", "step", "-q"]
-    average([*map(str, shipped()), "-o", str(step09), "--decay", "0.9", *common])
-    average([*map(str, shipped()), "-o", str(step099), "--decay", "0.99", *common])
+    average_ok(*map(str, shipped()), "-o", str(step09), "--decay", "0.9", *common)
+    average_ok(*map(str, shipped()), "-o", str(step099), "--decay", "0.99", *common)
 
     a, b = load_file(str(plain)), load_file(str(step09))
     for name in a:
@@ -187,6 +181,6 @@ def test_num_updates_step_variants(evaluate: ModuleType, tmp_path: Path) -> None
 def test_order_given_follows_the_command_line(tmp_path: Path) -> None:
     """README: with --order given the shell's text order ends the replay on ckpt-750."""
     out = tmp_path / "given.safetensors"
-    average([*map(str, shipped()), "-o", str(out), "--decay", "0.9", "--order", "given", "-q"])
+    average_ok(*map(str, shipped()), "-o", str(out), "--decay", "0.9", "--order", "given", "-q")
     assert shipped()[-1].name == "ckpt-750.safetensors"
     assert int(load_file(str(out))["global_step"]) == 750

@@ -14,10 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import OptionError, TruncatedCheckpointError
 from ema_cli.formats.hdf5 import HDF5Reader, HDF5Writer, _flat_boxes, check_names
-from tests.conftest import assert_fails, run_cli
+from tests.conftest import assert_fails, infos, run_cli
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -235,10 +234,6 @@ def changed(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         else:
             out[name] = value
     return out
-
-
-def infos(tensors: dict[str, np.ndarray]) -> list[TensorInfo]:
-    return [TensorInfo(n, v.dtype, v.shape) for n, v in tensors.items()]
 
 
 def test_writer_rebuilds_the_template_exactly(

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from ema_cli import job, lock
-from tests.conftest import load, run_cli, write_checkpoint
+from tests.conftest import average_status as average
+from tests.conftest import load, write_checkpoint
 
 STEPS = (100, 200, 300, 400, 500)
 
@@ -36,11 +37,6 @@ def make(folder: Path, steps: tuple[int, ...] = STEPS, size: int = 300) -> list[
             )
         )
     return paths
-
-
-def average(*args: object) -> tuple[int, str, str]:
-    result = run_cli(["average", *map(str, args)])
-    return result.exit_code, result.stdout, result.stderr
 
 
 OPTION_SETS = [

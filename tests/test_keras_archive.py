@@ -17,17 +17,11 @@ import pytest
 
 from ema_cli.formats import open_checkpoint
 from ema_cli.formats.keras_archive import WEIGHTS_MEMBER, KerasArchiveReader
-from tests.conftest import assert_fails, load, run_cli, write_checkpoint
+from tests.conftest import assert_fails, average_ok, load, load_npz, run_cli, write_checkpoint
 from tests.test_hdf5 import assert_same_structure
 
 FIXTURES = Path(__file__).parent / "fixtures" / "keras"
 BF16 = np.dtype(ml_dtypes.bfloat16)
-
-
-def load_npz(path: Path) -> dict[str, np.ndarray]:
-    """Every array of an .npz, with the archive closed again."""
-    with np.load(path) as archive:
-        return dict(archive)
 
 
 SUFFIX = {
@@ -53,21 +47,10 @@ def expected(run: str, fmt: str) -> dict[str, np.ndarray]:
 
 
 def average(run: str, fmt: str, out: Path, *options: str) -> Path:
-    result = run_cli(
-        [
-            "average",
-            *run_files(run, fmt),
-            "-o",
-            out,
-            "--decay",
-            "0.9",
-            "--num-updates",
-            "step",
-            "-q",
-            *options,
-        ]
+    """Average a fixture run (``--decay 0.9 --num-updates step``) into ``out``."""
+    average_ok(
+        *run_files(run, fmt), "-o", out, "--decay", "0.9", "--num-updates", "step", "-q", *options
     )
-    assert result.exit_code == 0, result.output
     return out
 
 

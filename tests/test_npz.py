@@ -16,15 +16,9 @@ from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import CheckpointError, OptionError, TruncatedCheckpointError
 from ema_cli.formats import create_writer, npz
 from ema_cli.formats.npz import NpzReader, NpzWriter
-from tests.conftest import assert_fails, load, run_cli, write_checkpoint
+from tests.conftest import assert_fails, infos, load, load_npz, run_cli, write_checkpoint
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
-
-
-def load_npz(path: Path) -> dict[str, np.ndarray]:
-    """Every array of an .npz, with the archive closed again."""
-    with np.load(path) as archive:
-        return dict(archive)
 
 
 def sample(seed: int = 0) -> dict[str, np.ndarray]:
@@ -107,10 +101,6 @@ def test_members_that_are_not_tensors(tmp_path: Path) -> None:
             "array 'raw' (dtype |V3, not a tensor)",
             "zip member 'README.txt' (not a .npy array)",
         ]
-
-
-def infos(arrays: dict[str, np.ndarray]) -> list[TensorInfo]:
-    return [TensorInfo(n, v.dtype.newbyteorder("="), v.shape) for n, v in arrays.items()]
 
 
 def write(path: Path, arrays: dict[str, np.ndarray], template: NpzReader | None = None) -> None:

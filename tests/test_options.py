@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import average_status as average
 from tests.conftest import load, run_cli, write_checkpoint
 
 STEPS = (100, 200, 300, 400, 500)
@@ -28,11 +29,6 @@ def run_dir(tmp_path: Path) -> list[Path]:
         )
         for s in STEPS
     ]
-
-
-def average(*args: object) -> tuple[int, str, str]:
-    result = run_cli(["average", *map(str, args)])
-    return result.exit_code, result.stdout, result.stderr
 
 
 def steps_of(mapping: Path) -> list[int]:

@@ -40,6 +40,7 @@ from ema_cli.formats.sharded import (
 )
 from ema_cli.plan import Settings, build_plan, order_checkpoints
 from ema_cli.replay import replay
+from tests.conftest import infos, snapshot
 
 META = {"format": "pt"}
 
@@ -71,10 +72,6 @@ def make_folder(
     for name, text in (side or {}).items():
         (folder / name).write_text(text)
     return folder
-
-
-def infos(arrays: Mapping[str, np.ndarray]) -> list[TensorInfo]:
-    return [TensorInfo(k, v.dtype, v.shape) for k, v in arrays.items()]
 
 
 def write_all(writer: ShardedWriter, arrays: Mapping[str, np.ndarray], block: int = 3) -> None:
@@ -114,13 +111,6 @@ def load_folder(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
             assert weight_map[name] == shard
             loaded[name] = value
     return loaded, weight_map
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"<dir>"
-        for p in sorted(folder.rglob("*"))
-    }
 
 
 def assert_same(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> None:
