@@ -26,7 +26,14 @@ import numpy as np
 import pytest
 
 from ema_cli.errors import CheckpointError, OptionError
-from ema_cli.formats import CheckpointReader, Format, check_writer, create_writer, registry
+from ema_cli.formats import (
+    CheckpointReader,
+    Format,
+    check_writer,
+    create_writer,
+    open_checkpoint,
+    registry,
+)
 from ema_cli.formats.base import iter_blocks
 from tests.conftest import infos, snapshot
 
@@ -119,9 +126,7 @@ def template_for(
     if maker is None:
         return None
     folder.mkdir(exist_ok=True)
-    reader: CheckpointReader = registry.by_suffix(maker(folder).name).reader_class()(  # type: ignore[union-attr]
-        folder / "template.keras"
-    )
+    reader = open_checkpoint(maker(folder))
     opened.append(reader)
     return reader
 
@@ -174,13 +179,7 @@ def write(
 
 def read_all(path: Path) -> dict[str, np.ndarray]:
     """Every tensor of the checkpoint at ``path``, by its format's reader, in its shape."""
-    fmt = (
-        registry.folder_format(path, opening=True)
-        if path.is_dir()
-        else registry.by_suffix(path.name)
-    )
-    assert fmt is not None
-    with fmt.reader_class()(path) as reader:
+    with open_checkpoint(path) as reader:
         return {n: reader.read(n).reshape(t.shape) for n, t in reader.tensors.items()}
 
 
@@ -233,7 +232,7 @@ def test_an_abort_leaves_nothing_and_an_existing_output_intact(
             write(fmt, path, sample(1), template)
         before = snapshot(folder)
         jobs = blocks(arrays)
-        expected = pytest.raises(ZeroDivisionError) if how == "exception" else _nothing()
+        expected = pytest.raises(ZeroDivisionError) if how == "exception" else contextlib.nullcontext()
         with expected, create_writer(path, infos(arrays), {}, template) as writer:
             for job in jobs[: len(jobs) // 2]:
                 writer.write(*job)
@@ -243,27 +242,6 @@ def test_an_abort_leaves_nothing_and_an_existing_output_intact(
             elif how == "exception":
                 _ = 1 / 0
         assert snapshot(folder) == before, (existing, sorted(snapshot(folder)))
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def float8_stored(fmt: Format, path: Path, template: CheckpointReader | None) -> set[str]:
-    if fmt.name in FLOAT8_STORED:
-        return FLOAT8_STORED[fmt.name]
-    accepted = set()
-    for name, dtype in FLOAT8.items():
-        try:
-            check_writer(path, infos({"scale": np.zeros(2, dtype)}), template)
-        except OptionError:
-            continue
-        accepted.add(name)
-    return accepted
 
 
 @writers
@@ -343,7 +321,7 @@ def test_a_conversion_carries_or_refuses_what_the_template_holds(
     templates = conversion_templates(tmp_path / "in")
     path = output_path(fmt, tmp_path)
     for kind, source in templates.items():
-        with registry.by_suffix(source.name).reader_class()(source) as reader:  # type: ignore[union-attr]
+        with open_checkpoint(source) as reader:
             tensors = infos({"x": np.zeros((2, 3), np.float32)})
             if fmt.name not in CARRIES:
                 with contextlib.suppress(OptionError):
