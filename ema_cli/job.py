@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ema_cli import lock, report, state
+from ema_cli.atomic import StagedFile, remove_stale_temporaries
 from ema_cli.defaults import DEFAULT_SETTLE_SECONDS
 from ema_cli.errors import CheckpointError, OptionError, TruncatedCheckpointError
 from ema_cli.formats import (
@@ -45,7 +46,6 @@ from ema_cli.formats import (
     output_format,
     strip_suffix,
 )
-from ema_cli.formats.base import StagedFile, remove_stale_temporaries
 from ema_cli.plan import Checkpoint, ReplayPlan, Selection, Settings, build_plan, order_checkpoints
 from ema_cli.replay import Outputs, replay, total_bytes
 from ema_cli.targets import Target, check_targets
@@ -287,7 +287,7 @@ def decide(request: Request, mapping_path: Path, facts: Facts) -> RunPlan:
         fresh,
         [r.tensors for r in facts.readers],
         settings,
-        optimizer_prefixes=facts.readers[-1].optimizer_prefixes,
+        optimizer_state=facts.readers[-1].is_optimizer_state,
     )
     if facts.saved is not None:
         facts.saved.check_plan(plan)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -195,12 +195,14 @@ def order_checkpoints(
     return checkpoints
 
 
-def _selected(name: str, settings: Settings, optimizer_prefixes: tuple[str, ...] = ()) -> bool:
-    if (
-        optimizer_prefixes
-        and not settings.average_optimizer
-        and name.startswith(optimizer_prefixes)
-    ):
+def _no_optimizer_state(name: str) -> bool:
+    return False
+
+
+def _selected(
+    name: str, settings: Settings, optimizer_state: Callable[[str], bool] = _no_optimizer_state
+) -> bool:
+    if not settings.average_optimizer and optimizer_state(name):
         return False  # optimizer state: copied from the last checkpoint
     if settings.include and not any(fnmatch.fnmatchcase(name, g) for g in settings.include):
         return False
@@ -211,16 +213,15 @@ def build_plan(
     checkpoints: Sequence[Checkpoint],
     headers: Sequence[Mapping[str, TensorInfo]],
     settings: Settings,
-    optimizer_prefixes: Sequence[str] = (),
+    optimizer_state: Callable[[str], bool] = _no_optimizer_state,
 ) -> ReplayPlan:
     """Validate the headers against each other and decide each tensor's fate.
 
     The last checkpoint is the template: the output has its tensors, dtypes and shapes. Every
     averaged tensor must be in every checkpoint with the same dtype and shape; copied tensors
-    come from the last checkpoint alone. Tensors under ``optimizer_prefixes`` (the template's
-    optimizer state) are copied unless ``settings.average_optimizer``.
+    come from the last checkpoint alone. Tensors ``optimizer_state`` says are optimizer state
+    (the template reader's ``is_optimizer_state``) are copied unless ``settings.average_optimizer``.
     """
-    prefixes = tuple(optimizer_prefixes)
     last_path = checkpoints[-1].path
     template = headers[-1]
     names = list(template)
@@ -234,7 +235,7 @@ def build_plan(
 
     jobs: list[TensorJob] = []
     for name, info in template.items():
-        selected = _selected(name, settings, prefixes)
+        selected = _selected(name, settings, optimizer_state)
         averaged = selected and engine.is_averageable(info.dtype)
         if settings.strict and selected and not averaged:
             raise CheckpointError(
@@ -281,7 +282,7 @@ def build_plan(
         for name, info in header.items():
             if (
                 name not in template
-                and _selected(name, settings, prefixes)
+                and _selected(name, settings, optimizer_state)
                 and engine.is_averageable(info.dtype)
             ):
                 raise CheckpointError(

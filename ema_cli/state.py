@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from ema_cli import __version__, engine, report
+from ema_cli.atomic import write_file_atomically
 from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import CheckpointError, EmaCliError
 from ema_cli.formats import CheckpointReader, CheckpointWriter, checkpoint_stats, registry
 from ema_cli.formats import create_writer as _create_writer
 from ema_cli.formats import open_checkpoint as _open_checkpoint
-from ema_cli.formats.base import write_file_atomically
 from ema_cli.plan import Checkpoint, ReplayPlan, Settings
 
 STATE_FILE = "state.json"

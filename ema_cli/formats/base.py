@@ -100,11 +100,12 @@ class CheckpointReader(ABC):
         """Free-form string metadata stored with the checkpoint (may be empty)."""
         return {}
 
-    @property
-    def optimizer_prefixes(self) -> tuple[str, ...]:
-        """Name prefixes of optimizer state (Keras ``optimizer/``, ``optimizer_weights/``),
-        copied from the last checkpoint unless asked to average it: not model weights."""
-        return ()
+    def is_optimizer_state(self, name: str) -> bool:
+        """Whether tensor ``name`` is optimizer state (Adam moments, iteration counters): it is
+        copied from the last checkpoint unless asked to average it, as it is not model weights.
+        Each format decides from what it knows: Keras' ``optimizer/`` groups, a torch
+        checkpoint's optimizer dicts, a TensorFlow object graph."""
+        return False
 
     @property
     def non_tensors(self) -> Sequence[str]:

@@ -35,7 +35,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol, runtime_checkable
 
 import h5py
 import ml_dtypes
@@ -355,6 +355,9 @@ class HDF5Reader(CheckpointReader):
         """The root group's string attributes (a legacy model's ``model_config``, ...)."""
         return self._metadata
 
+    def is_optimizer_state(self, name: str) -> bool:
+        return bool(self._optimizer_prefixes) and name.startswith(self._optimizer_prefixes)
+
     @property
     def optimizer_prefixes(self) -> tuple[str, ...]:
         """Keras optimizer state: ``optimizer/`` (Keras 3), ``optimizer_weights/`` (legacy)."""
@@ -412,9 +415,17 @@ class HDF5Reader(CheckpointReader):
             self.file.close()
 
 
+@runtime_checkable
+class HDF5Backed(Protocol):
+    """A reader whose tensors live in an HDF5 file (an HDF5 file itself, a ``.keras``
+    archive's weights): an HDF5 writer rebuilds that file's groups, attributes and order."""
+
+    @property
+    def hdf5_source(self) -> HDF5Reader: ...
+
+
 def _hdf5_source(template: CheckpointReader | None) -> HDF5Reader | None:
-    source = getattr(template, "hdf5_source", None)
-    return source if isinstance(source, HDF5Reader) else None
+    return template.hdf5_source if isinstance(template, HDF5Backed) else None
 
 
 def check_names(path: Path, names: Sequence[str]) -> None:

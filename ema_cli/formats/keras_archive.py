@@ -30,7 +30,7 @@ from ema_cli.formats.base import (
     read_exact,
 )
 from ema_cli.formats.hdf5 import HDF5Reader, HDF5Writer
-from ema_cli.formats.npz import (
+from ema_cli.formats.zipfiles import (
     copy_member,
     copy_zip_info,
     open_zip,
@@ -133,6 +133,9 @@ class KerasArchiveReader(CheckpointReader):
     @property
     def metadata(self) -> Mapping[str, str]:
         return self.weights.metadata
+
+    def is_optimizer_state(self, name: str) -> bool:
+        return self.weights.is_optimizer_state(name)
 
     @property
     def optimizer_prefixes(self) -> tuple[str, ...]:

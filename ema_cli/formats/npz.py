@@ -21,16 +21,12 @@ land at their offsets in a staging file beside the output; ``commit()`` streams 
 from __future__ import annotations
 
 import io
-import lzma
 import os
-import shutil
-import struct
 import threading
 import zipfile
-import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -45,6 +41,14 @@ from ema_cli.formats.base import (
     read_exact,
     write_exact,
 )
+from ema_cli.formats.zipfiles import (
+    ZIP_ERRORS,
+    copy_member,
+    copy_zip_info,
+    open_zip,
+    stored_data_offset,
+    stream_member,
+)
 
 #: Zip timestamps of written members that have no template member: the earliest zip date.
 FIXED_DATE_TIME = (1980, 1, 1, 0, 0, 0)
@@ -53,92 +57,6 @@ FIXED_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 #: How far back a deflated member can be re-read without decompressing it again from the start.
 INFLATE_WINDOW_BYTES = 16 << 20
 _COPY_BYTES = 1 << 20
-_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., file name length, extra length
-
-
-# ---------------------------------------------------------------- zip helpers, shared with .keras
-
-
-def open_zip(path: Path, kind: str, a_kind: str) -> tuple[IO[bytes], zipfile.ZipFile]:
-    """Open a zip-based checkpoint (``kind`` "npz file", ``a_kind`` "an npz file"); every
-    failure is one line naming ``path``."""
-    try:
-        raw = open(path, "rb")  # noqa: SIM115 - closed by the reader
-    except FileNotFoundError:
-        raise CheckpointError(path, "no such file") from None
-    except IsADirectoryError:
-        raise CheckpointError(path, f"is a directory, not {a_kind}") from None
-    except OSError as e:
-        raise CheckpointError(path, f"cannot open: {e.strerror}") from None
-    try:
-        return raw, zipfile.ZipFile(raw)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as e:
-        raw.seek(0)
-        head = raw.read(4)
-        raw.close()
-        if not head:
-            raise TruncatedCheckpointError(path, f"truncated: empty, not {a_kind}") from None
-        if head == b"PK\x03\x04":  # a zip that lost its end, where the directory is
-            raise TruncatedCheckpointError(
-                path, f"truncated {kind} (the zip directory at its end is missing)"
-            ) from None
-        raise CheckpointError(path, f"not {a_kind} (not a zip archive: {e})") from None
-
-
-def stored_data_offset(raw: IO[bytes], info: zipfile.ZipInfo) -> int:
-    """Where a member's bytes start in the archive (after its local header)."""
-    raw.seek(info.header_offset)
-    header = raw.read(_LOCAL_HEADER.size)
-    if len(header) < _LOCAL_HEADER.size:
-        raise EOFError(f"zip member {info.filename!r}: local header is cut off")
-    signature, name_length, extra_length = _LOCAL_HEADER.unpack(header)
-    if signature != b"PK\x03\x04":
-        raise zipfile.BadZipFile(f"zip member {info.filename!r}: bad local header")
-    return int(info.header_offset) + _LOCAL_HEADER.size + int(name_length) + int(extra_length)
-
-
-def copy_zip_info(info: zipfile.ZipInfo) -> zipfile.ZipInfo:
-    """A fresh ``ZipInfo`` with a member's name, date, compression, permissions and comment."""
-    new = zipfile.ZipInfo(info.filename, info.date_time)
-    new.compress_type = info.compress_type
-    new.external_attr = info.external_attr
-    new.create_system = info.create_system
-    new.comment = info.comment
-    return new
-
-
-def copy_member(source: zipfile.ZipFile, info: zipfile.ZipInfo, target: zipfile.ZipFile) -> None:
-    """Copy one member's content unchanged (re-compressed the same way), streaming."""
-    new = copy_zip_info(info)
-    new.file_size = info.file_size
-    with source.open(info) as src, target.open(new, "w") as dst:
-        shutil.copyfileobj(src, dst, _COPY_BYTES)
-
-
-class Readable(Protocol):
-    def read(self, size: int = -1, /) -> bytes: ...
-
-
-def stream_member(target: zipfile.ZipFile, info: zipfile.ZipInfo, *parts: Readable) -> None:
-    """Write member ``info`` from ``parts`` read to their end, in order."""
-    with target.open(info, "w") as dst:
-        for part in parts:
-            shutil.copyfileobj(part, dst, _COPY_BYTES)
-
-
-# ---------------------------------------------------------------- reading
-
-
-#: What reading a damaged zip member can raise (NotImplementedError: a compression method
-#: zipfile does not support, such as Deflate64).
-_ZIP_ERRORS = (
-    zipfile.BadZipFile,
-    EOFError,
-    OSError,
-    zlib.error,
-    lzma.LZMAError,
-    NotImplementedError,
-)
 
 
 class _Member:
@@ -253,7 +171,7 @@ class NpzReader(CheckpointReader):
                 header_size = stream.tell()
         except ValueError as e:
             raise CheckpointError(self.path, f"corrupt .npy header ({e})", tensor=name) from None
-        except _ZIP_ERRORS as e:
+        except ZIP_ERRORS as e:
             raise CheckpointError(self.path, f"corrupt zip member ({e})", tensor=name) from None
         tensor_dtype = None if dtype.hasobject else _tensor_dtype(dtype)
         if tensor_dtype is None:
@@ -321,7 +239,7 @@ class NpzReader(CheckpointReader):
                     if stop == info.size:  # the tensor's last block: free its window
                         member.inflater.close()
                         member.inflater = None
-        except _ZIP_ERRORS as e:
+        except ZIP_ERRORS as e:
             raise CheckpointError(self.path, f"corrupt zip member ({e})", tensor=name) from None
         if got != len(view):
             raise TruncatedCheckpointError(
@@ -339,7 +257,7 @@ class NpzReader(CheckpointReader):
                 try:
                     with self.archive.open(member.info) as f:
                         array = np.lib.format.read_array(f, allow_pickle=False)
-                except (ValueError, *_ZIP_ERRORS) as e:
+                except (ValueError, *ZIP_ERRORS) as e:
                     raise CheckpointError(self.path, f"cannot read ({e})", tensor=name) from None
                 if len(self._cache) >= 2:
                     del self._cache[next(iter(self._cache))]

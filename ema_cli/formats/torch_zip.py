@@ -63,7 +63,6 @@ from ema_cli.formats.base import (
     temporary_sibling,
     write_exact,
 )
-from ema_cli.formats.npz import open_zip, stored_data_offset
 from ema_cli.formats.torch_pickle import (
     MAX_PICKLE_BYTES,
     ParameterRecord,
@@ -79,6 +78,7 @@ from ema_cli.formats.torch_pickle import (
     torch_dtype_name,
     unpickle,
 )
+from ema_cli.formats.zipfiles import ZIP_ERRORS, open_zip, stored_data_offset
 
 #: A strided view whose storage span is at most this is read once and kept while it is read.
 STRIDED_CACHE_BYTES = 32 << 20
@@ -94,7 +94,6 @@ ARCHIVE_NAME = "archive"
 
 #: A pre-1.6 ``torch.save`` file starts with this pickle: PROTO 2, LONG1 of torch's magic.
 _LEGACY_PREFIX = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
-_ZIP_ERRORS = (zipfile.BadZipFile, EOFError, OSError, zlib.error, NotImplementedError)
 _DOS_DATE = (1 << 5) | 1  # 1980-01-01
 _COPY_BYTES = 1 << 20
 
@@ -209,7 +208,7 @@ class TorchZipReader(CheckpointReader):
             raise CheckpointError(self.path, f"zip member {info.filename} is encrypted")
         try:
             return self.archive.read(info)
-        except _ZIP_ERRORS as e:
+        except ZIP_ERRORS as e:
             raise CheckpointError(self.path, f"corrupt zip member {info.filename} ({e})") from None
 
     def _check_storage(self, key: str, nbytes: int) -> None:
