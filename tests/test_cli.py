@@ -581,16 +581,22 @@ def test_output_is_an_input(sequence: list[Path], tmp_path: Path) -> None:
 
 def test_unsupported_formats(sequence: list[Path], tmp_path: Path) -> None:
     assert_fails(
-        average(*sequence, "-o", tmp_path / "out.pt", "--decay", "0.9"),
-        "out.pt",
+        average(*sequence, "-o", tmp_path / "out.onnx", "--decay", "0.9"),
+        "out.onnx",
         "unsupported output format",
     )
-    other = tmp_path / "run" / "ckpt-11.ckpt"
+    other = tmp_path / "run" / "ckpt-11.onnx"
     other.write_bytes(b"x")
     assert_fails(
         average(*sequence, other, "-o", tmp_path / "o.safetensors", "--decay", "0.9"),
-        "ckpt-11.ckpt",
+        "ckpt-11.onnx",
         "unsupported checkpoint format",
+    )
+    broken = tmp_path / "run" / "ckpt-12.ckpt"  # a registered format, but not a torch file
+    broken.write_bytes(b"x")
+    assert_fails(
+        average(*sequence, broken, "-o", tmp_path / "o.safetensors", "--decay", "0.9"),
+        "ckpt-12.ckpt",
     )
 
 

@@ -121,6 +121,15 @@ _FORMATS: list[Format] = [
         "a Keras 3 archive: the model.weights.h5 inside is averaged, every other member copied",
     ),
     Format(
+        "torch",
+        (".pt", ".pth", ".bin", ".ckpt"),
+        "file",
+        "torch_zip:TorchZipReader",
+        "torch_zip:TorchZipWriter",
+        "torch.save() zip checkpoints (state_dicts, Lightning .ckpt, pytorch_model.bin), read "
+        "without torch and without running pickled code; the last one's structure is kept",
+    ),
+    Format(
         "npz",
         (".npz",),
         "file",
@@ -130,9 +139,9 @@ _FORMATS: list[Format] = [
     ),
 ]
 
-#: Suffixes that name checkpoints of formats ema-cli does not read yet. They are stripped
-#: before a step number is parsed (``ckpt-8.pt`` is step 8) and refused as inputs by name.
-_STEP_ONLY_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+#: Suffixes that name checkpoints of formats ema-cli does not read: stripped before a step
+#: number is parsed, and refused as inputs by name.
+_STEP_ONLY_SUFFIXES: tuple[str, ...] = ()
 
 
 #: The format ``--state`` keeps its shadows in (any format with a writer would do; this one
