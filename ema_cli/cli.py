@@ -402,6 +402,11 @@ _AVERAGE_HELP = """Replay CHECKPOINT... (oldest first) through the EMA and write
     help="Record the sha256 of every input and output in the mapping file and --json summary (reads every input once more).",
 )
 @click.option(
+    "--drop-non-tensors",
+    is_flag=True,
+    help="Convert even when the last checkpoint holds data that the output format cannot (a TensorFlow object graph, HDF5 strings, .keras assets): it is left out, with a warning naming it. Without this such a conversion is refused.",
+)
+@click.option(
     "--dry-run",
     is_flag=True,
     help="Check everything and print the plan (order, steps, decay and weight of each checkpoint, tensors averaged and copied) without writing anything.",

@@ -42,6 +42,7 @@ from ema_cli.formats import (
     create_writer,
     find_checkpoint,
     is_folder_output,
+    lost_in_conversion,
     open_checkpoint,
     output_format,
     strip_suffix,
@@ -70,6 +71,8 @@ class Request:
     settle: float = DEFAULT_SETTLE_SECONDS
     hash: bool = False
     dry_run: bool = False
+    #: Convert even when the last checkpoint holds data the output format cannot (left out).
+    drop_non_tensors: bool = False
     #: Flush outputs (and state) to disk before renaming them into place. None: only with
     #: ``state``, where later runs build on what this one wrote.
     fsync: bool | None = None
@@ -384,11 +387,22 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
             }
             return Result("up to date", record, mapping_path, None, facts.folded)
         plan = decide(request, mapping_path, facts)
+        if request.drop_non_tensors:
+            lost = lost_in_conversion(request.output, facts.readers[-1], plan.folder_output)
+            if lost:
+                more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
+                warn(f"leaving out {lost[0]}{more} (--drop-non-tensors)")
         for pattern in plan.replay.unmatched_excludes:
             warn(f"--exclude {pattern!r} matches no tensor")
         if request.dry_run:
             for i, path in plan.snapshots.items():  # what the writers would refuse, unwritten
-                check_writer(path, plan.replay.output_tensors, facts.readers[i], plan.folder_output)
+                check_writer(
+                    path,
+                    plan.replay.output_tensors,
+                    facts.readers[i],
+                    plan.folder_output,
+                    request.drop_non_tensors,
+                )
             records, _ = _checkpoint_records(plan, facts, hashed=False)
             record = {**plan.record, "checkpoints": records}  # the same record, unwritten
             return Result("dry run", record, mapping_path, plan.replay, facts.folded)
@@ -424,6 +438,7 @@ def _execute(
                 template=facts.readers[i],
                 max_shard_size=request.max_shard_size,
                 folder=plan.folder_output,
+                drop_non_tensors=request.drop_non_tensors,
             )
         )
     state_writer = None

@@ -30,6 +30,7 @@ from ema_cli.formats import (
     CheckpointReader,
     Format,
     check_writer,
+    checkpoint_files,
     create_writer,
     open_checkpoint,
     registry,
@@ -41,7 +42,7 @@ WRITABLE = [f for f in registry.formats() if f.writer is not None]
 
 #: Formats whose reader verifies a checksum of the tensor data (none of the writable ones do:
 #: safetensors, HDF5 contiguous datasets and stored zip members are read in place, unverified).
-CHECKSUMMED: set[str] = set()
+CHECKSUMMED: set[str] = {"tensorflow"}  # every tensor's crc32c is checked as it is read
 #: Formats that verify small tensors only: an npz member smaller than zipfile's read-ahead
 #: (4 KiB) is read to its end, so its CRC-32 checked, when the reader parses its ``.npy``
 #: header; a larger member's data is read in place, unverified.
@@ -355,7 +356,17 @@ def test_a_conversion_carries_or_refuses_what_the_template_holds(
 #: How the reader tests get a checkpoint of a read-only format (name -> a function writing
 #: ``arrays`` into the folder and returning the checkpoint's path). A writable format's own
 #: writer makes its files.
-SAMPLE_MAKERS: dict[str, Callable[[Path, dict[str, np.ndarray]], Path]] = {}
+def _tensorflow_sample(folder: Path, arrays: dict[str, np.ndarray]) -> Path:
+    from ema_cli.formats.tensorbundle import write_bundle
+
+    folder.mkdir(parents=True, exist_ok=True)
+    index, _ = write_bundle(folder / "ckpt-1", list(arrays.items()))
+    return index
+
+
+SAMPLE_MAKERS: dict[str, Callable[[Path, dict[str, np.ndarray]], Path]] = {
+    "tensorflow": _tensorflow_sample,
+}
 
 readers = pytest.mark.parametrize(
     "fmt", registry.formats(), ids=[f.name for f in registry.formats()]
@@ -377,10 +388,9 @@ def written(
 
 
 def data_file(path: Path) -> Path:
-    """The file a corruption test damages: the checkpoint, or a folder's largest file."""
-    if path.is_dir():
-        return max((p for p in path.iterdir() if p.is_file()), key=lambda p: p.stat().st_size)
-    return path
+    """The file a corruption test damages: the largest of the checkpoint's files (itself, a
+    folder's shard, a TensorFlow bundle's data file)."""
+    return max(checkpoint_files(path), key=lambda p: p.stat().st_size)
 
 
 def read_or_checkpoint_error(path: Path) -> dict[str, np.ndarray] | None:

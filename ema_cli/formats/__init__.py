@@ -44,6 +44,7 @@ __all__ = [
     "find_checkpoint",
     "format_of",
     "is_folder_output",
+    "lost_in_conversion",
     "open_checkpoint",
     "output_format",
     "strip_suffix",
@@ -100,7 +101,19 @@ def find_checkpoint(path: Path) -> Path:
             f"with {every}",
         )
     if not path.exists():
+        prefixed = registry.prefix_format(path)  # TensorFlow's run/ckpt-1200 for .index & co
+        if prefixed is not None:
+            return prefixed[1]
         raise CheckpointError(path, "no such file or directory")
+    if registry.by_suffix(path.name) is None:
+        main = registry.companion_of(path)
+        if main is not None:
+            pattern = os.path.join(path.parent, re.sub(r"\d+", "*", main.name))
+            raise CheckpointError(
+                path,
+                f"is a data file of the checkpoint {main}; name checkpoints by that file (for "
+                f"all of them: {pattern})",
+            )
     return path
 
 
@@ -157,11 +170,23 @@ def check_output_path(path: Path) -> None:
     output_format(path, is_folder_output(path))
 
 
+def lost_in_conversion(
+    path: Path, template: CheckpointReader | None, folder: bool | None = None
+) -> list[str]:
+    """What ``template`` holds besides tensors that an output at ``path`` cannot carry."""
+    if template is None or not template.non_tensors:
+        return []
+    folder = is_folder_output(path) if folder is None else folder
+    writer: type[CheckpointWriter] = output_format(path, folder).writer_class()
+    return [] if writer.carries_non_tensors(template) else list(template.non_tensors)
+
+
 def check_writer(
     path: Path,
     tensors: Sequence[TensorInfo],
     template: CheckpointReader | None = None,
     folder: bool | None = None,
+    drop_non_tensors: bool = False,
 ) -> type[CheckpointWriter]:
     """Refuse an output that could not be written (``OptionError``), before any work: an
     unknown suffix, a dtype or name the format cannot store, or a conversion that would drop
@@ -171,15 +196,20 @@ def check_writer(
         folder = is_folder_output(path)
     fmt = output_format(path, folder)
     writer: type[CheckpointWriter] = fmt.writer_class()
-    if template is not None and template.non_tensors and not writer.carries_non_tensors(template):
+    lost = lost_in_conversion(path, template, folder)
+    if lost and not drop_non_tensors:
         # A conversion keeps every tensor; refuse it when the input holds data that is not one.
-        lost = template.non_tensors
+        assert template is not None
         more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
         kind = "a model folder" if folder else f"a {registry.suffix_of(path.name)} file"
-        keep = registry.suffix_of(Path(template.path).name) or "same-format"
+        source = format_of(Path(template.path))
+        if source is not None and source.writer is not None:
+            keep = registry.suffix_of(Path(template.path).name) or "same-format"
+            how = f"write a {keep} output to keep it, or pass --drop-non-tensors to leave it out"
+        else:
+            how = "pass --drop-non-tensors to leave it out (ema-cli does not write that format)"
         raise OptionError(
-            f"{path}: {template.path} holds {lost[0]}{more}, which {kind} cannot hold; write "
-            f"a {keep} output to keep it"
+            f"{path}: {template.path} holds {lost[0]}{more}, which {kind} cannot hold; {how}"
         )
     writer.check(path, tensors, template)
     return writer
@@ -192,6 +222,7 @@ def create_writer(
     template: CheckpointReader | None = None,
     max_shard_size: int | None = None,
     folder: bool | None = None,
+    drop_non_tensors: bool = False,
 ) -> CheckpointWriter:
     """Start writing a checkpoint at ``path`` in the format its suffix names (``check_writer``
     first).
@@ -200,7 +231,7 @@ def create_writer(
     output (``folder``, or by default a name without a file suffix) is written by the first
     folder format that writes, sharded at ``max_shard_size`` bytes where it shards.
     """
-    writer = check_writer(path, tensors, template, folder)
+    writer = check_writer(path, tensors, template, folder, drop_non_tensors)
     if max_shard_size is not None and writer.takes_max_shard_size:
         sharding: Any = writer  # a writer class that declares the extra argument
         made: CheckpointWriter = sharding(

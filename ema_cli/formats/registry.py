@@ -45,6 +45,9 @@ class Format:
     markers: tuple[str, ...] = ()
     single_files: tuple[str, ...] = ()
     files: str | None = None
+    #: ``"module:function"``: given a file that is part of such a checkpoint but does not name
+    #: it (a TensorFlow data shard), the file that does (its ``.index``), else None.
+    companion: str | None = None
     #: Metadata an output of this format gets unless the last input names it otherwise
     #: (safetensors loaders insist on ``format``).
     metadata_defaults: tuple[tuple[str, str], ...] = ()
@@ -130,6 +133,17 @@ _FORMATS: list[Format] = [
         "without torch and without running pickled code; the last one's structure is kept",
     ),
     Format(
+        "tensorflow",
+        (".index",),
+        "prefix",
+        "tensorbundle:TensorBundleReader",
+        None,
+        "a TensorFlow checkpoint (tf.train.Checkpoint, CheckpointManager, Saver): give its "
+        "PREFIX.index or its PREFIX; read without TensorFlow, every tensor's crc32c checked",
+        files="tensorbundle:checkpoint_files",
+        companion="tensorbundle:companion_of",
+    ),
+    Format(
         "npz",
         (".npz",),
         "file",
@@ -201,6 +215,27 @@ def folder_format(path: Path, opening: bool = False) -> Format | None:
         names = fmt.markers + (fmt.single_files if opening else ())
         if fmt.layout == "folder" and any((path / m).is_file() for m in names):
             return fmt
+    return None
+
+
+def prefix_format(path: Path) -> tuple[Format, Path] | None:
+    """For a path that names no file: the prefix format whose file ``path`` + suffix exists."""
+    for fmt in _FORMATS:
+        if fmt.layout == "prefix":
+            for suffix in fmt.suffixes:
+                candidate = path.with_name(path.name + suffix)
+                if candidate.is_file():
+                    return fmt, candidate
+    return None
+
+
+def companion_of(path: Path) -> Path | None:
+    """The file that names the checkpoint ``path`` is only a part of (None: none)."""
+    for fmt in _FORMATS:
+        if fmt.companion is not None:
+            found: Path | None = _load(fmt.companion)(path)
+            if found is not None:
+                return found
     return None
 
 

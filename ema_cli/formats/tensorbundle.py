@@ -178,6 +178,26 @@ def bundle_files(
     return index, [data_filename(base, i, num_shards) for i in range(num_shards)]
 
 
+def _identity(fd: int) -> tuple[int, int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino, st.st_mtime_ns
+
+
+def checkpoint_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The files of the bundle ``path`` names: its index and every data shard."""
+    index, shards = bundle_files(path)
+    return [index, *shards]
+
+
+def companion_of(path: str | os.PathLike[str]) -> Path | None:
+    """The index of the bundle whose data shard ``path`` is (None: not a data shard)."""
+    text = os.fspath(path)
+    if not _DATA_FILE.search(text):
+        return None
+    index = Path(f"{bundle_prefix(text)}.index")
+    return index if index.is_file() else None
+
+
 def glob_escape(name: str) -> str:
     """``name`` with glob metacharacters made literal."""
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
@@ -236,14 +256,28 @@ def decode_string_tensor(data: bytes, count: int) -> tuple[list[bytes], int]:
 
 
 class _Progress:
-    """A tensor's running checksum while its blocks are read in order."""
+    """A tensor's checksum as its blocks are read: each block's CRC by its byte offset, so that
+    blocks read in any order, by any thread and through any reader of the same file (each
+    replay worker opens its own) add up to the whole tensor's CRC (``crc32c_combine``)."""
 
-    __slots__ = ("crc", "lock", "next")
+    __slots__ = ("covered", "lock", "pieces")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.next = -1  # the next byte expected; -1: not following an in-order read
-        self.crc = 0
+        self.pieces: dict[int, tuple[int, int]] = {}  # byte offset -> (length, crc)
+        self.covered = 0
+
+
+#: Progress of every tensor being read, shared by the readers of one file: keyed by the data
+#: file's (device, inode, mtime) and the tensor's key. An entry lives until its tensor has been
+#: read whole (then it is checked and dropped).
+_SHARED: dict[tuple[int, int, int, str], _Progress] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _progress_of(identity: tuple[int, int, int], key: str) -> _Progress:
+    with _SHARED_LOCK:
+        return _SHARED.setdefault((*identity, key), _Progress())
 
 
 class TensorBundleReader(CheckpointReader):
@@ -339,7 +373,7 @@ class TensorBundleReader(CheckpointReader):
         order = sorted(tensors, key=self.data_order)
         self._tensors = {k: tensors[k] for k in order}
         self.raw_entries: dict[str, BundleEntry] = raw
-        self._progress = {k: _Progress() for k in self._tensors}
+        self._identities = [_identity(fd) for fd in self._fds]
 
     def _check_header(self) -> None:
         header, index = self.header, self.index_path
@@ -465,23 +499,29 @@ class TensorBundleReader(CheckpointReader):
     def _follow(
         self, name: str, entry: BundleEntry, begin: int, block: npt.NDArray[np.generic]
     ) -> None:
-        """Extend ``name``'s running CRC when ``block`` continues an in-order read; check it
-        against the entry when the read reaches the tensor's end."""
-        progress = self._progress[name]
+        """Add ``block``'s CRC to ``name``'s; when the blocks read (through any reader of this
+        file) cover the whole tensor, check their combined CRC against the entry's."""
+        crc = crc32c(block)
+        key = (*self._identities[entry.shard_id], name)
+        progress = _progress_of(self._identities[entry.shard_id], name)
         with progress.lock:
-            if begin == 0:
-                progress.next, progress.crc = 0, 0
-            if progress.next != begin:
-                progress.next = -1  # out of order: verify() can still check it
+            if begin in progress.pieces:
+                return  # read again (another output reads the same block): counted once
+            progress.pieces[begin] = (block.nbytes, crc)
+            progress.covered += block.nbytes
+            if progress.covered < entry.size:
                 return
-            progress.crc = crc32c(block, progress.crc)
-            progress.next += block.nbytes
-            if progress.next != entry.size:
-                return
-            progress.next = -1
-            crc = progress.crc
-        if crc != unmask(entry.crc32c):
-            raise self._mismatch(name, entry, crc)
+            pieces = sorted(progress.pieces.items())
+            with _SHARED_LOCK:
+                _SHARED.pop(key, None)
+        whole, position = 0, 0
+        for offset, (length, piece) in pieces:
+            if offset != position:
+                return  # overlapping blocks of different sizes: verify() checks such reads
+            whole = crc32c_combine(whole, piece, length)
+            position += length
+        if position == entry.size and whole != unmask(entry.crc32c):
+            raise self._mismatch(name, entry, whole)
 
     def _mismatch(self, name: str, entry: BundleEntry, crc: int) -> CheckpointError:
         return CheckpointError(
@@ -576,11 +616,21 @@ class TensorBundleReader(CheckpointReader):
                     ) from None
         return self._graph
 
+    def is_optimizer_state(self, name: str) -> bool:
+        """Optimizer slots and variables, iteration counters and ``save_counter``, as the
+        object graph (or, in TF1 checkpoints, the names) says: not by key prefix, since a
+        Keras 3 model's own kernels live under ``optimizer/_trainable_variables/...``."""
+        info = self.key_info.get(name)
+        return info is not None and info.role in ("slot", "optimizer", "counter")
+
     @property
     def key_info(self) -> Mapping[str, KeyInfo]:
         """Every tensor's role (``model``, ``slot``, ``optimizer``, ``counter``, ``other``)
         and object paths, from the object graph (or, for TF1 checkpoints, from names)."""
-        return classify(list(self._tensors), self.object_graph)
+        cached: Mapping[str, KeyInfo] | None = self.__dict__.get("_key_info")
+        if cached is None:  # classified once: the plan asks about every tensor
+            cached = self.__dict__["_key_info"] = classify(list(self._tensors), self.object_graph)
+        return cached
 
     def file_offset(self, name: str, start: int) -> int:
         entry = self.entries[name]

@@ -1,0 +1,125 @@
+"""``ema-cli average`` over TensorFlow checkpoints made by TensorFlow itself, against the
+shadows TF's own ``ExponentialMovingAverage`` held (tests/fixtures/tf, made by
+``make_tf_fixtures.py``). No TensorFlow needed: the reader is ema-cli's own.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import safetensors.numpy
+
+from ema_cli.formats import open_checkpoint
+from tests.conftest import assert_fails, run_cli
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tf"
+KERAS = FIXTURES / "keras"
+TF1 = FIXTURES / "tf1"
+
+
+def test_a_checkpoint_manager_run_averages_to_tfs_own_shadows(tmp_path: Path) -> None:
+    """A Keras 3 model (Conv2D, BatchNormalization, Dense) trained with Adam and saved by
+    CheckpointManager: decay 0.9 with num_updates=step gives exactly the shadows TF's EMA held;
+    optimizer state (told apart by the object graph, not by key prefix) is the last one's."""
+    by_index = tmp_path / "a.safetensors"
+    options = ["--decay", "0.9", "--num-updates", "step", "--drop-non-tensors", "-q"]
+    indexes = [KERAS / f"ckpt-{s}.index" for s in (1, 2, 3)]
+    assert run_cli(["average", *indexes, "-o", by_index, *options]).exit_code == 0
+    by_prefix = tmp_path / "b.safetensors"
+    prefixes = [KERAS / f"ckpt-{s}" for s in (1, 2, 3)]
+    assert run_cli(["average", *prefixes, "-o", by_prefix, *options]).exit_code == 0
+    assert by_index.read_bytes() == by_prefix.read_bytes()
+
+    out = safetensors.numpy.load_file(str(by_index))
+    with np.load(KERAS / "keras_ema.npz") as shadows:
+        model = [k[len("step3/") :] for k in shadows if k.startswith("step3/")]
+        assert len(model) == 8
+        assert any(k.startswith("optimizer/_trainable_variables/") for k in model)
+        for key in model:
+            assert out[key].tobytes() == shadows[f"step3/{key}"].tobytes(), key
+    mapping = json.loads((tmp_path / "a.mapping.json").read_text())
+    assert sorted(mapping["mapping"]) == sorted(model)
+    with open_checkpoint(indexes[-1]) as last:
+        for key in last.tensors:
+            if key not in model:  # Adam moments, iterations, learning rate, save_counter
+                assert out[key].reshape(-1).tobytes() == last.read(key).tobytes(), key
+
+
+def test_a_tf1_saver_run_matches_its_own_shadows_in_every_half_dtype(tmp_path: Path) -> None:
+    """The TF1 checkpoints hold TF's shadows (``<var>/ExponentialMovingAverage``, started at
+    the initial values, which ``model.ckpt-0`` holds): replaying the variables in native
+    precision gives them bit for bit in float32, float16 and bfloat16."""
+    out = tmp_path / "tf1.safetensors"
+    prefixes = [TF1 / f"model.ckpt-{s}" for s in range(4)]
+    result = run_cli(
+        [
+            "average",
+            *prefixes,
+            "-o",
+            out,
+            "--decay",
+            "0.9",
+            "--num-updates",
+            "step",
+            "--precision",
+            "native",
+            "--exclude",
+            "*/ExponentialMovingAverage",
+            "--name",
+            "Replay",
+            "-q",
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    got = safetensors.numpy.load_file(str(out))
+    for name, dtype in (("dense/kernel", "float32"), ("half/bias", "float16")):
+        assert got[name].dtype.name == dtype
+        assert got[name].tobytes() == got[f"{name}/ExponentialMovingAverage"].tobytes(), name
+    assert got["bf16/weights"].tobytes() == got["bf16/weights/ExponentialMovingAverage"].tobytes()
+
+
+def test_what_to_type_and_what_is_refused(tmp_path: Path) -> None:
+    everything = sorted(KERAS.glob("ckpt-*"))  # the shell's run/ckpt-* matches the data files
+    out = tmp_path / "o.safetensors"
+    result = run_cli(["average", *everything, "-o", out, "--decay", "0.9"])
+    assert_fails(result, "is a data file of the checkpoint", f"{KERAS}/ckpt-*.index")
+    indexes = [KERAS / f"ckpt-{s}.index" for s in (1, 2, 3)]
+    assert_fails(
+        run_cli(["average", *indexes, "-o", out, "--decay", "0.9"]),
+        "_CHECKPOINTABLE_OBJECT_GRAPH",
+        "--drop-non-tensors",
+    )
+    assert_fails(
+        run_cli(["average", *indexes, "-o", tmp_path / "o.index", "--decay", "0.9"]),
+        "unsupported output format",
+    )
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_flipped_data_byte_is_caught_by_its_checksum(tmp_path: Path) -> None:
+    for s in (1, 2, 3):
+        for f in KERAS.glob(f"ckpt-{s}.*"):
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    kernel = "optimizer/_trainable_variables/0/.ATTRIBUTES/VARIABLE_VALUE"  # a model kernel
+    with open_checkpoint(tmp_path / "ckpt-2.index") as reader:
+        offset = reader.file_offset(kernel, 3)
+    data = tmp_path / "ckpt-2.data-00000-of-00001"
+    raw = bytearray(data.read_bytes())
+    raw[offset] ^= 0x40
+    data.write_bytes(bytes(raw))
+    result = run_cli(
+        [
+            "average",
+            *[tmp_path / f"ckpt-{s}" for s in (1, 2, 3)],
+            "-o",
+            tmp_path / "o.safetensors",
+            "--decay",
+            "0.9",
+            "--drop-non-tensors",
+            "-q",
+        ]
+    )
+    assert_fails(result, "ckpt-2.data-00000-of-00001", kernel, "checksum")
+    assert not (tmp_path / "o.safetensors").exists()
