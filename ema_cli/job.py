@@ -222,6 +222,9 @@ class Facts:
     folded: int
     readers: list[CheckpointReader]  # of the new checkpoints that are ready, in order
     warnings: list[str]
+    #: Positions (in ``ordered``, which then starts with the state's folded checkpoints) of
+    #: folded-in checkpoints deleted since: their records are kept, marked gone.
+    gone: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -257,7 +260,11 @@ def _gather(
             saved = None
     if saved is not None:
         saved.check_settings(request.settings)
-    folded = state.resume_point(saved, ordered, fingerprints) if saved is not None else 0
+    folded, gone = 0, frozenset[int]()
+    if saved is not None:
+        resumed = state.resume(saved, ordered, files, fingerprints, request.settings)
+        ordered, files, fingerprints = resumed.checkpoints, resumed.files, resumed.fingerprints
+        folded, gone = resumed.folded, resumed.gone
     readers: list[CheckpointReader] = []
     now = time.time()
     for i in range(folded, len(ordered)):
@@ -278,7 +285,7 @@ def _gather(
             if request.state is None or not newest:
                 raise
             warnings.append(f"skipping {e}; the next run picks it up once it is complete")
-    return Facts(ordered, files, fingerprints, saved, folded, readers, warnings)
+    return Facts(ordered, files, fingerprints, saved, folded, readers, warnings, gone)
 
 
 def decide(request: Request, mapping_path: Path, facts: Facts) -> RunPlan:
@@ -346,12 +353,15 @@ def _checkpoint_records(
     if hashed:
         for i in range(len(history)):
             known = saved.checkpoints[i].get("sha256") if saved and i < run.folded else None
-            digests[i] = known or report.sha256(facts.files[i])
+            gone = i in facts.gone  # deleted since it was folded in: nothing left to hash
+            digests[i] = known or (None if gone else report.sha256(facts.files[i]))
     weights = report.weights(history, run.request.settings)
     records = [
         report.checkpoint_record(c, w, facts.fingerprints[i].size, digests[i])
         for i, (c, w) in enumerate(zip(history, weights, strict=True))
     ]
+    for i in facts.gone:
+        records[i]["gone"] = True
     return records, digests
 
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ema_cli import __version__, engine, report
 from ema_cli.atomic import write_file_atomically
 from ema_cli.checkpoint import TensorInfo
@@ -191,33 +193,97 @@ def open_shadows(saved: SavedState) -> CheckpointReader:
     return _open_checkpoint(saved.shadows_path)
 
 
-def resume_point(
-    saved: SavedState, ordered: Sequence[Checkpoint], fingerprints: Sequence[Fingerprint]
-) -> int:
-    """How many of ``ordered`` the saved state has folded in; raises ``StateError`` when the
-    inputs no longer continue it (a folded-in checkpoint changed or vanished, or a new one sorts
-    before them)."""
+@dataclass(frozen=True)
+class Resumed:
+    """The replay history a saved state continues: the checkpoints it folded in (from its
+    records, so ones deleted since still count), then the new inputs, each with its file and
+    fingerprint; ``gone`` holds the positions of folded checkpoints no longer on disk."""
+
+    checkpoints: list[Checkpoint]
+    files: list[Path]
+    fingerprints: list[Fingerprint]
+    folded: int
+    gone: frozenset[int]
+
+
+def resume(
+    saved: SavedState,
+    ordered: Sequence[Checkpoint],
+    files: Sequence[Path],
+    fingerprints: Sequence[Fingerprint],
+    settings: Settings,
+) -> Resumed:
+    """What the saved state has folded in, and the inputs that continue it.
+
+    A folded-in checkpoint that no longer exists is fine (``CheckpointManager(max_to_keep=N)``
+    and Trainer's ``save_total_limit`` delete old ones): the state holds what it contributed.
+    One that exists but is not given, or changed, or a new checkpoint that sorts before the
+    last one folded in, raises ``StateError``."""
     by_real = {f.realpath: i for i, f in enumerate(fingerprints)}
+    history: list[Checkpoint] = []
+    history_files: list[Path] = []
+    prints: list[Fingerprint] = []
+    gone: set[int] = set()
+    present: list[int] = []
     for position, folded in enumerate(saved.checkpoints):
         index = by_real.get(folded["realpath"])
         if index is None:
-            raise StateError(
-                saved.folder,
-                f"checkpoint {folded['path']} was folded in but is no longer among the inputs",
+            if os.path.lexists(folded["realpath"]) or os.path.lexists(folded["path"]):
+                raise StateError(
+                    saved.folder,
+                    f"checkpoint {folded['path']} was folded in but is no longer among the inputs",
+                )
+            gone.add(position)
+            history.append(_recorded(folded))
+            history_files.append(Path(folded["path"]))
+            prints.append(
+                Fingerprint(folded["path"], folded["realpath"], folded["size"], folded["mtime_ns"])
             )
+            continue
         now = fingerprints[index]
         if (now.size, now.mtime_ns) != (folded["size"], folded["mtime_ns"]):
             raise StateError(
                 saved.folder, f"checkpoint {folded['path']} changed since it was folded in"
             )
-        if index != position:
-            newer = ordered[position].path
+        present.append(index)
+        history.append(ordered[index])
+        history_files.append(files[index])
+        prints.append(now)
+    if present != list(range(len(present))):
+        newer = next(c.path for i, c in enumerate(ordered) if i not in present)
+        raise StateError(
+            saved.folder,
+            f"new checkpoint {newer} comes before {saved.checkpoints[-1]['path']}, the last "
+            "one folded in",
+        )
+    fresh = list(ordered[len(present) :])
+    last_step = saved.checkpoints[-1].get("step") if saved.checkpoints else None
+    if fresh and settings.order == "step" and last_step is not None:
+        first = fresh[0]
+        if first.step is not None and first.step <= last_step:
             raise StateError(
                 saved.folder,
-                f"new checkpoint {newer} comes before {saved.checkpoints[-1]['path']}, the last "
-                "one folded in",
+                f"new checkpoint {first.path} comes before {saved.checkpoints[-1]['path']}, "
+                "the last one folded in",
             )
-    return len(saved.checkpoints)
+    if settings.num_updates == "index":  # positions count the folded checkpoints, gone or not
+        fresh = [
+            Checkpoint(c.path, c.step, n, engine.effective_decay(settings.decay, n))
+            for n, c in enumerate(fresh, start=len(history))
+        ]
+    return Resumed(
+        [*history, *fresh],
+        [*history_files, *files[len(present) :]],
+        [*prints, *fingerprints[len(present) :]],
+        len(history),
+        frozenset(gone),
+    )
+
+
+def _recorded(record: dict[str, Any]) -> Checkpoint:
+    return Checkpoint(
+        record["path"], record["step"], record["num_updates"], np.float32(record["decay"])
+    )
 
 
 def commit(

@@ -421,3 +421,46 @@ def test_a_failed_first_state_run_leaves_no_state_folder(
     )
     assert code == 2 and "truncated" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize("options", OPTION_SETS, ids=["plain", "debias-index", "step-native"])
+def test_a_rotating_folder_folds_like_one_replay(tmp_path: Path, options: list[str]) -> None:
+    """CheckpointManager(max_to_keep=N) and Trainer's save_total_limit delete old checkpoints:
+    folding 3, deleting the oldest 2, then folding the next 3 gives the bytes of one 6-checkpoint
+    replay, and the mapping keeps the deleted ones' records, marked gone."""
+    steps = (100, 200, 300, 400, 500, 600)
+    paths = make(tmp_path / "run", steps)
+    full, inc = tmp_path / "full.safetensors", tmp_path / "inc.safetensors"
+    assert average(*paths, "-o", full, *options, "-q")[0] == 0
+    state = tmp_path / "state"
+    fold = ["-o", inc, *options, "--state", state, "--settle", "0", "-q"]
+    assert average(*paths[:3], *fold)[0] == 0
+    for old in paths[:2]:
+        old.unlink()
+    code, out, err = average(*paths[2:], *fold, "--json")
+    assert code == 0, err
+    assert inc.read_bytes() == full.read_bytes()
+    record = json.loads(out)
+    assert [c["path"] for c in record["checkpoints"]] == [str(p) for p in paths]
+    assert [bool(c.get("gone")) for c in record["checkpoints"]] == [True, True] + [False] * 4
+    assert average(*paths[2:], *fold)[0] == 0  # and then it is up to date
+
+
+def test_a_rotated_folder_still_refuses_what_would_be_wrong(tmp_path: Path) -> None:
+    paths = make(tmp_path / "run", (100, 200, 300, 400))
+    out, state = tmp_path / "o.safetensors", tmp_path / "state"
+    fold = ["-o", out, "--decay", "0.9", "--state", state, "--settle", "0"]
+    assert average(*paths[:3], *fold)[0] == 0
+    # Still on disk but not given: an error, not a silent drop.
+    code, _, err = average(*paths[1:], *fold)
+    assert code == 2 and "no longer among the inputs" in err, err
+    paths[0].unlink()
+    # A new checkpoint must come after the last one folded in, even when older ones are gone.
+    late = make(tmp_path / "run", (150,))[0]
+    code, _, err = average(late, *paths[1:], *fold)
+    assert code == 2 and f"new checkpoint {late} comes before" in err, err
+    late.unlink()
+    # A folded-in checkpoint that changed is still refused.
+    os.utime(paths[2], ns=(0, os.stat(paths[2]).st_mtime_ns + 5_000_000_000))
+    code, _, err = average(*paths[1:], *fold)
+    assert code == 2 and "changed since it was folded in" in err, err
