@@ -112,8 +112,8 @@ def publish_all(files: Sequence[tuple[Path, Path]], owner: Path, durable: bool =
                 tmp.unlink()
             raise
         return
-    folder = owner.parent
-    if any(p.parent != folder for pair in files for p in pair):
+    folder = Path(os.path.abspath(owner.parent))  # spelled alike: mkstemp may return absolute
+    if any(Path(os.path.abspath(p.parent)) != folder for pair in files for p in pair):
         raise ValueError(f"{owner}: a publication's files must all be beside it")
     journal = journal_path(owner)
     temporaries = [tmp for tmp, _ in files]

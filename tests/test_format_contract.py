@@ -90,8 +90,9 @@ FLOAT8_STORED = {
 
 
 def output_path(fmt: Format, folder: Path) -> Path:
-    """Where a test writes this format: its first suffix, or a bare name (folder, prefix)."""
-    return folder / ("out" + (fmt.suffixes[0] if fmt.layout == "file" else ""))
+    """Where a test writes this format: its first suffix (a prefix format's main file, as
+    ``-o ema.index``), or a bare name for a folder format."""
+    return folder / ("out" + (fmt.suffixes[0] if fmt.layout != "folder" else ""))
 
 
 def keras_template(folder: Path) -> Path:

@@ -91,10 +91,6 @@ def test_what_to_type_and_what_is_refused(tmp_path: Path) -> None:
         "_CHECKPOINTABLE_OBJECT_GRAPH",
         "--drop-non-tensors",
     )
-    assert_fails(
-        run_cli(["average", *indexes, "-o", tmp_path / "o.index", "--decay", "0.9"]),
-        "unsupported output format",
-    )
     assert not list(tmp_path.iterdir())
 
 
@@ -123,3 +119,47 @@ def test_a_flipped_data_byte_is_caught_by_its_checksum(tmp_path: Path) -> None:
     )
     assert_fails(result, "ckpt-2.data-00000-of-00001", kernel, "checksum")
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_a_tensorflow_output_keeps_every_entry_and_tf_restores_it(tmp_path: Path) -> None:
+    """``-o ema.index``: every entry of the last checkpoint (object graph, optimizer state,
+    counters) with the model variables averaged; TensorFlow restores it through the object
+    graph into the model that was trained (checked when TensorFlow is importable)."""
+    out = tmp_path / "ema.index"
+    prefixes = [KERAS / f"ckpt-{s}" for s in (1, 2, 3)]
+    result = run_cli(
+        ["average", *prefixes, "-o", out, "--decay", "0.9", "--num-updates", "step", "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "ema.data-00000-of-00001").is_file()
+    with np.load(KERAS / "keras_ema.npz") as saved:
+        shadows = {k[len("step3/") :]: saved[k] for k in saved if k.startswith("step3/")}
+    with open_checkpoint(out) as got, open_checkpoint(KERAS / "ckpt-3.index") as last:
+        got.verify()  # every crc32c
+        assert sorted(got.entries) == sorted(last.entries)
+        graph = "_CHECKPOINTABLE_OBJECT_GRAPH"
+        assert got.read_raw(graph) == last.read_raw(graph)
+        for key in last.tensors:
+            want = shadows[key] if key in shadows else last.read(key)
+            assert got.read(key).tobytes() == want.tobytes(), key
+
+    try:
+        import keras  # type: ignore[import-not-found]
+        import tensorflow as tf  # type: ignore[import-not-found]
+    except ImportError:
+        return
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 1)),
+            keras.layers.Conv2D(2, 3, name="conv"),
+            keras.layers.BatchNormalization(name="bn"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3, name="dense"),
+        ]
+    )
+    opt = keras.optimizers.Adam(learning_rate=0.01)
+    opt.build(model.trainable_variables)
+    status = tf.train.Checkpoint(model=model, optimizer=opt).restore(str(tmp_path / "ema"))
+    status.assert_existing_objects_matched()
+    restored = sorted(np.asarray(v.numpy()).tobytes() for v in model.variables)
+    assert restored == sorted(v.tobytes() for v in shadows.values())

@@ -137,9 +137,10 @@ _FORMATS: list[Format] = [
         (".index",),
         "prefix",
         "tensorbundle:TensorBundleReader",
-        None,
+        "tensorbundle:TensorBundleWriter",
         "a TensorFlow checkpoint (tf.train.Checkpoint, CheckpointManager, Saver): give its "
-        "PREFIX.index or its PREFIX; read without TensorFlow, every tensor's crc32c checked",
+        "PREFIX.index or its PREFIX; -o PREFIX.index writes both files; no TensorFlow needed, "
+        "every tensor's crc32c checked",
         files="tensorbundle:checkpoint_files",
         companion="tensorbundle:companion_of",
     ),

@@ -46,8 +46,8 @@ import numpy as np
 import numpy.typing as npt
 
 from ema_cli.checkpoint import TensorInfo
-from ema_cli.errors import CheckpointError, TruncatedCheckpointError
-from ema_cli.formats.base import CheckpointReader, read_exact, write_exact
+from ema_cli.errors import CheckpointError, OptionError, TruncatedCheckpointError
+from ema_cli.formats.base import CheckpointReader, CheckpointWriter, read_exact, write_exact
 from ema_cli.formats.tensorbundle_crc import crc32c, crc32c_combine, mask, unmask
 from ema_cli.formats.tensorbundle_graph import KeyInfo, ObjectGraph, classify
 from ema_cli.formats.tensorbundle_proto import (
@@ -275,9 +275,30 @@ _SHARED: dict[tuple[int, int, int, str], _Progress] = {}
 _SHARED_LOCK = threading.Lock()
 
 
+#: Open readers per data file: when the last one closes, the file's progress entries go, so a
+#: later file that reuses the inode (and the same coarse mtime) starts clean.
+_READERS: dict[tuple[int, int, int], int] = {}
+
+
 def _progress_of(identity: tuple[int, int, int], key: str) -> _Progress:
     with _SHARED_LOCK:
         return _SHARED.setdefault((*identity, key), _Progress())
+
+
+def _opened(identity: tuple[int, int, int]) -> None:
+    with _SHARED_LOCK:
+        _READERS[identity] = _READERS.get(identity, 0) + 1
+
+
+def _closed(identity: tuple[int, int, int]) -> None:
+    with _SHARED_LOCK:
+        left = _READERS.get(identity, 1) - 1
+        if left > 0:
+            _READERS[identity] = left
+            return
+        _READERS.pop(identity, None)
+        for key in [k for k in _SHARED if k[:3] == identity]:
+            del _SHARED[key]
 
 
 class TensorBundleReader(CheckpointReader):
@@ -374,6 +395,8 @@ class TensorBundleReader(CheckpointReader):
         self._tensors = {k: tensors[k] for k in order}
         self.raw_entries: dict[str, BundleEntry] = raw
         self._identities = [_identity(fd) for fd in self._fds]
+        for identity in self._identities:
+            _opened(identity)
 
     def _check_header(self) -> None:
         header, index = self.header, self.index_path
@@ -637,6 +660,9 @@ class TensorBundleReader(CheckpointReader):
         return entry.offset + start * self._tensors[name].dtype.itemsize
 
     def close(self) -> None:
+        for identity in getattr(self, "_identities", []):
+            _closed(identity)
+        self._identities = []
         while self._fds:
             os.close(self._fds.pop())
 
@@ -811,3 +837,92 @@ def write_bundle(
         os.close(fd)
     index.write_bytes(build_index(entries))
     return index, data_path
+
+
+class TensorBundleWriter(CheckpointWriter):
+    """Writes ``PREFIX.index`` and ``PREFIX.data-00000-of-00001`` for ``-o PREFIX.index``.
+
+    With a TensorBundle template (the last input) the output holds every entry of it, in
+    TF's own data order, with the output tensors in place: the object graph and other string
+    tensors are copied verbatim, so ``tf.train.Checkpoint.restore`` finds everything it saved.
+    The data file is published first and the index last (``CheckpointWriter``'s journal); a
+    run killed between the two is completed by the next run.
+    """
+
+    @classmethod
+    def check(
+        cls, path: Path, tensors: Sequence[TensorInfo], template: CheckpointReader | None
+    ) -> None:
+        for info in tensors:
+            if not info.name:
+                raise OptionError(f"{path}: a TensorFlow checkpoint cannot hold an empty key")
+            try:
+                dtype_code(info.dtype)
+            except (KeyError, ValueError, TypeError):
+                raise OptionError(
+                    f"{path}: tensor '{info.name}' is {info.dtype}, which TensorFlow checkpoints "
+                    "cannot store; write a .safetensors output instead"
+                ) from None
+        if isinstance(template, TensorBundleReader) and template.object_graph is not None:
+            names = {t.name for t in tensors}
+            missing = [k for k in template.tensors if k not in names]
+            if missing:
+                raise OptionError(
+                    f"{path}: the object graph of {template.path} names '{missing[0]}', which "
+                    "this output would not hold (--names shadow renames averaged tensors, and "
+                    "TF2 restores by the object graph's keys); use --names original"
+                )
+
+    @classmethod
+    def carries_non_tensors(cls, template: CheckpointReader) -> bool:
+        return isinstance(template, TensorBundleReader)
+
+    @classmethod
+    def orphans(cls, path: Path) -> list[Path]:
+        """Data files of an earlier output with another shard count."""
+        base = bundle_prefix(path)
+        keep = data_filename(base, 0, 1).name
+        found = base.parent.glob(f"{glob_escape(base.name)}.data-?????-of-?????")
+        return [p for p in found if p.name != keep]
+
+    def begin(self) -> None:
+        template = self.template if isinstance(self.template, TensorBundleReader) else None
+        specs: list[EntrySpec] = []
+        placed: set[str] = set()
+        if template is not None:
+            for key in sorted(template.entries, key=template.data_order):
+                entry = template.entries[key]
+                if key in template.raw_entries:
+                    data = template.read_raw(key)
+                    specs.append(
+                        EntrySpec.verbatim(key, entry.dtype, entry.shape, data, entry.crc32c)
+                    )
+                    placed.add(key)
+                elif key in self.infos:
+                    info = self.infos[key]
+                    specs.append(EntrySpec.numeric(key, info.dtype, info.shape))
+                    placed.add(key)
+        for info in self.tensors:  # new names (--names shadow), or no bundle template
+            if info.name not in placed:
+                specs.append(EntrySpec.numeric(info.name, info.dtype, info.shape))
+        self._data_file, self._data_tmp = self.stage_file()
+        self._data = BundleDataWriter(self._data_file.fileno(), specs)
+
+    def write(self, name: str, start: int, values: npt.NDArray[np.generic]) -> None:
+        self._check_block(name, start, values)
+        self._data.write(name, start, values)
+        self._wrote(values.nbytes)
+
+    def finish(self) -> list[tuple[Path, Path]]:
+        entries = self._data.finish()
+        self._data_file.close()
+        index_file, index_tmp = self.stage_file()
+        with index_file:
+            index_file.write(build_index(entries))
+        base = bundle_prefix(self.path)
+        return [(self._data_tmp, data_filename(base, 0, 1)), (index_tmp, Path(f"{base}.index"))]
+
+    def _discard(self) -> None:
+        file = getattr(self, "_data_file", None)
+        if file is not None:
+            file.close()
