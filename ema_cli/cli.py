@@ -287,10 +287,10 @@ _AVERAGE_HELP = """Replay CHECKPOINT... (oldest first) through the EMA and write
 )
 @click.option(
     "--names",
-    type=click.Choice(["original", "shadow"]),
+    type=click.Choice(["original", "shadow", "both"]),
     default="original",
     show_default=True,
-    help="Names of the averaged tensors in the output: 'original' makes a drop-in checkpoint, 'shadow' uses TF's shadow names.",
+    help="Names of the averaged tensors in the output: 'original' makes a drop-in checkpoint; 'shadow' stores them under TF's shadow names (what Saver(ema.variables_to_restore()) restores); 'both' keeps the last checkpoint's raw tensors under their names and adds the averages under shadow names, as a TF1 training checkpoint with an EMA holds, so training resumes with its average.",
 )
 @click.option(
     "--mapping",

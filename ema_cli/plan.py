@@ -22,7 +22,7 @@ from ema_cli.formats.registry import strip_suffix
 
 NumUpdates = int | Literal["step", "index"] | None
 Order = Literal["step", "given"]
-NamesMode = Literal["original", "shadow"]
+NamesMode = Literal["original", "shadow", "both"]
 
 _DIGITS = re.compile(r"\d+")
 
@@ -245,6 +245,12 @@ def build_plan(
                 tensor=name,
             )
         shadow = engine.shadow_name(name, settings.ema_name) if averaged else None
+        if shadow is not None and settings.names == "both":
+            # What a TF1 training checkpoint with an EMA holds: the raw tensor (the last
+            # checkpoint's, copied) and its average under the shadow name.
+            jobs.append(TensorJob(name, name, info, None))
+            jobs.append(TensorJob(name, shadow, info, shadow))
+            continue
         output_name = shadow if (shadow is not None and settings.names == "shadow") else name
         jobs.append(TensorJob(name, output_name, info, shadow))
 

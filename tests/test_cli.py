@@ -518,7 +518,7 @@ def test_bad_decay(decay: str, sequence: list[Path], existing_output: Path) -> N
     [
         (["--num-updates", "-3"], "--num-updates"),
         (["--num-updates", "often"], "not a whole number"),
-        (["--names", "both"], "--names"),
+        (["--names", "all"], "--names"),
         (["--precision", "double"], "--precision"),
         (["--order", "mtime"], "--order"),
         (["--include", "nothing*"], "--include 'nothing*' matches no tensor"),
@@ -794,3 +794,22 @@ def test_a_missing_file_is_reported_before_its_missing_step(tmp_path: Path) -> N
         "holds 2 checkpoint files",
         f"all of them with {folder}/*.safetensors",
     )
+
+
+def test_names_both_keeps_raw_tensors_beside_their_shadows(
+    sequence: list[Path], tmp_path: Path
+) -> None:
+    both, original = tmp_path / "both.safetensors", tmp_path / "original.safetensors"
+    assert (
+        run_cli(["average", *sequence, "-o", both, "--decay", "0.9", "--names", "both"]).exit_code
+        == 0
+    )
+    assert run_cli(["average", *sequence, "-o", original, "--decay", "0.9"]).exit_code == 0
+    got, averaged, last = load(both), load(original), load(sequence[1])  # step 10 is the last
+    assert set(got) == set(last) | {
+        f"{n}/ExponentialMovingAverage" for n in ("dense/kernel", "dense/bias", "emb.weight")
+    }
+    for name in ("dense/kernel", "dense/bias", "emb.weight"):
+        assert got[name].tobytes() == last[name].tobytes()
+        assert got[f"{name}/ExponentialMovingAverage"].tobytes() == averaged[name].tobytes()
+    assert got["global_step"].tobytes() == last["global_step"].tobytes()

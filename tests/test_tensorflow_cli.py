@@ -163,3 +163,35 @@ def test_a_tensorflow_output_keeps_every_entry_and_tf_restores_it(tmp_path: Path
     status.assert_existing_objects_matched()
     restored = sorted(np.asarray(v.numpy()).tobytes() for v in model.variables)
     assert restored == sorted(v.tobytes() for v in shadows.values())
+
+
+def test_names_both_holds_the_raw_tensors_and_their_shadows(tmp_path: Path) -> None:
+    """--names both (any format): the last checkpoint's raw tensors under their names, the
+    averages under TF's shadow names; on a TF1 bundle output the shadows equal TF's own."""
+    prefixes = [TF1 / f"model.ckpt-{s}" for s in range(4)]
+    options = ["--decay", "0.9", "--num-updates", "step", "--precision", "native"]
+    options += ["--exclude", "*/ExponentialMovingAverage", "--name", "Replay", "-q"]
+    out = tmp_path / "both.index"
+    result = run_cli(["average", *prefixes, "-o", out, *options, "--names", "both"])
+    assert result.exit_code == 0, result.output
+    original = tmp_path / "original.safetensors"
+    assert run_cli(["average", *prefixes, "-o", original, *options]).exit_code == 0
+    averaged = safetensors.numpy.load_file(str(original))
+    with open_checkpoint(out) as got, open_checkpoint(TF1 / "model.ckpt-3.index") as last:
+        for name in ("dense/kernel", "half/bias", "bf16/weights"):
+            assert got.read(name).tobytes() == last.read(name).tobytes(), name
+            shadow = got.read(f"{name}/Replay").tobytes()
+            assert shadow == averaged[name].tobytes(), name
+            assert shadow == last.read(f"{name}/ExponentialMovingAverage").tobytes(), name
+    mapping = json.loads((tmp_path / "both.mapping.json").read_text())["mapping"]
+    assert mapping["dense/kernel"] == "dense/kernel/Replay"
+
+
+def test_shadow_names_are_refused_for_object_based_outputs(tmp_path: Path) -> None:
+    prefixes = [KERAS / f"ckpt-{s}" for s in (1, 2, 3)]
+    for names in ("shadow", "both"):
+        result = run_cli(
+            ["average", *prefixes, "-o", tmp_path / "o.index", "--decay", "0.9", "--names", names]
+        )
+        assert_fails(result, "object graph", "--names original")
+    assert not list(tmp_path.iterdir())

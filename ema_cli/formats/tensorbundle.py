@@ -866,11 +866,17 @@ class TensorBundleWriter(CheckpointWriter):
         if isinstance(template, TensorBundleReader) and template.object_graph is not None:
             names = {t.name for t in tensors}
             missing = [k for k in template.tensors if k not in names]
-            if missing:
+            extra = [n for n in names if n not in template.tensors]
+            if missing or extra:
+                what = (
+                    f"names '{missing[0]}', which this output would not hold"
+                    if missing
+                    else f"has no place for '{extra[0]}'"
+                )
                 raise OptionError(
-                    f"{path}: the object graph of {template.path} names '{missing[0]}', which "
-                    "this output would not hold (--names shadow renames averaged tensors, and "
-                    "TF2 restores by the object graph's keys); use --names original"
+                    f"{path}: the object graph of {template.path} {what} (TF2 restores by the "
+                    "object graph's keys, and --names shadow/both add keys it does not name); "
+                    "use --names original, or write a .safetensors output"
                 )
 
     @classmethod
