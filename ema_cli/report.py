@@ -168,7 +168,13 @@ def progress_bar(
 def describe_checkpoint(given: str, reader: CheckpointReader, step: int | None) -> dict[str, Any]:
     """``inspect``'s record of one checkpoint."""
     tensors = [
-        {"dtype": t.dtype.name, "name": t.name, "nbytes": t.nbytes, "shape": list(t.shape)}
+        {
+            "dtype": t.dtype.name,
+            "name": t.name,
+            "nbytes": t.nbytes,
+            "shape": list(t.shape),
+            **reader.tensor_notes(t.name),
+        }
         for t in reader.tensors.values()
     ]
     return {
@@ -232,6 +238,10 @@ def print_inspection(records: Sequence[dict[str, Any]]) -> None:
             for t in record["tensors"]
         ]
         columns = [("tensor", "left"), ("dtype", "left"), ("shape", "left"), ("bytes", "right")]
+        if any("object_path" in t for t in record["tensors"]):  # TensorFlow's object graph
+            columns += [("object path", "left"), ("role", "left")]
+            for row, t in zip(rows, record["tensors"], strict=True):
+                row += [t.get("object_path", ""), t.get("role", "")]
         _print_table(None, columns, rows)
 
 

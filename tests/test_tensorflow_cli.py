@@ -195,3 +195,14 @@ def test_shadow_names_are_refused_for_object_based_outputs(tmp_path: Path) -> No
         )
         assert_fails(result, "object graph", "--names original")
     assert not list(tmp_path.iterdir())
+
+
+def test_inspect_shows_each_keys_object_path_and_role() -> None:
+    result = run_cli(["inspect", KERAS / "ckpt-3", "--json"])
+    assert result.exit_code == 0, result.output
+    tensors = {t["name"]: t for t in json.loads(result.stdout)[0]["tensors"]}
+    kernel = tensors["optimizer/_trainable_variables/0/.ATTRIBUTES/VARIABLE_VALUE"]
+    assert kernel["role"] == "model" and kernel["object_path"].startswith("model/")
+    assert tensors["save_counter/.ATTRIBUTES/VARIABLE_VALUE"]["role"] == "counter"
+    table = run_cli(["inspect", KERAS / "ckpt-3"]).stdout
+    assert "object path" in table and "model/_functional/" in table

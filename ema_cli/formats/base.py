@@ -100,6 +100,11 @@ class CheckpointReader(ABC):
         """Free-form string metadata stored with the checkpoint (may be empty)."""
         return {}
 
+    def tensor_notes(self, name: str) -> Mapping[str, str]:
+        """What else the format knows about tensor ``name``, for ``inspect`` (a TensorFlow
+        checkpoint's object path and role); empty by default."""
+        return {}
+
     def is_optimizer_state(self, name: str) -> bool:
         """Whether tensor ``name`` is optimizer state (Adam moments, iteration counters): it is
         copied from the last checkpoint unless asked to average it, as it is not model weights.

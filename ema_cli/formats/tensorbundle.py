@@ -639,6 +639,16 @@ class TensorBundleReader(CheckpointReader):
                     ) from None
         return self._graph
 
+    def tensor_notes(self, name: str) -> Mapping[str, str]:
+        info = self.key_info.get(name)
+        if info is None or not info.paths:
+            return {}
+        # A model variable is best shown where the model holds it, not by the shortest path
+        # (a Keras 3 kernel's goes through optimizer/_trainable_variables/N).
+        through_model = [p for p in info.paths if p.startswith("model/")]
+        path = through_model[0] if info.role == "model" and through_model else info.paths[0]
+        return {"object_path": path, "role": info.role}
+
     def is_optimizer_state(self, name: str) -> bool:
         """Optimizer slots and variables, iteration counters and ``save_counter``, as the
         object graph (or, in TF1 checkpoints, the names) says: not by key prefix, since a
