@@ -104,3 +104,34 @@ def test_torch_loads_what_ema_cli_writes(tmp_path: Path) -> None:
     assert loaded["embed.weight"].untyped_storage().data_ptr() == (
         loaded["head.weight"].untyped_storage().data_ptr()
     )
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+def test_trainer_checkpoint_folders_average_through_their_model_file(
+    tmp_path: Path, weights: str
+) -> None:
+    """A Trainer ``checkpoint-N/`` holds the model beside optimizer.pt, scheduler.pt and
+    rng_state.pth (torch files too): the model file is the checkpoint, and a folder output
+    gets the config but none of the training state."""
+    folders = []
+    for n, source in zip((500, 1000, 1500), PLAIN, strict=True):
+        folder = tmp_path / "run" / f"checkpoint-{n}"
+        folder.mkdir(parents=True)
+        if weights == "model.safetensors":
+            convert = run_cli(["average", source, "-o", folder / weights, "--decay", "0.9", "-q"])
+            assert convert.exit_code == 0, convert.output
+            (folder / "model.mapping.json").unlink()
+        else:
+            (folder / weights).write_bytes(source.read_bytes())
+        for side in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+            (folder / side).write_bytes(PLAIN[0].read_bytes())
+        (folder / "config.json").write_text('{"model_type": "tiny"}')
+        folders.append(folder)
+    out = tmp_path / "run-ema"
+    result = run_cli(
+        ["average", *folders, "-o", out, "--decay", "0.9", "--num-updates", "step", "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    record = json.loads((tmp_path / "run-ema.mapping.json").read_text())
+    assert [c["step"] for c in record["checkpoints"]] == [500, 1000, 1500]

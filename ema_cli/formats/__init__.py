@@ -78,12 +78,17 @@ def find_checkpoint(path: Path) -> Path:
     """The checkpoint a command-line argument names.
 
     A file is taken as is. A folder holding a folder format's marker (a sharded model's index)
-    is one checkpoint and is returned itself; any other folder must hold exactly one checkpoint
-    file of a format we read.
+    is one checkpoint and is returned itself; a folder holding a model file by its Hugging Face
+    name (``model.safetensors``, ``pytorch_model.bin``: a Trainer ``checkpoint-N/`` with its
+    ``optimizer.pt`` and ``rng_state.pth``) is read through that file; any other folder must
+    hold exactly one checkpoint file of a format we read.
     """
     if path.is_dir():
         if registry.folder_format(path) is not None:
             return path
+        model = registry.model_file(path)  # a Trainer checkpoint-N/: weights beside optimizer.pt
+        if model is not None:
+            return model
         found = sorted(
             p for p in path.iterdir() if p.is_file() and registry.by_suffix(p.name) is not None
         )

@@ -48,6 +48,9 @@ class Format:
     #: ``"module:function"``: given a file that is part of such a checkpoint but does not name
     #: it (a TensorFlow data shard), the file that does (its ``.index``), else None.
     companion: str | None = None
+    #: File names that hold a model's weights in this format (Hugging Face's): a folder holding
+    #: one (beside optimizer.pt, rng_state.pth, ...) is read through it.
+    model_files: tuple[str, ...] = ()
     #: Metadata an output of this format gets unless the last input names it otherwise
     #: (safetensors loaders insist on ``format``).
     metadata_defaults: tuple[tuple[str, str], ...] = ()
@@ -84,6 +87,7 @@ _FORMATS: list[Format] = [
         "safetensors:SafetensorsReader",
         "safetensors:SafetensorsWriter",
         "a safetensors file",
+        model_files=("model.safetensors",),
         metadata_defaults=(("format", "pt"),),
     ),
     Format(
@@ -131,6 +135,7 @@ _FORMATS: list[Format] = [
         "torch_zip:TorchZipWriter",
         "torch.save() zip checkpoints (state_dicts, Lightning .ckpt, pytorch_model.bin), read "
         "without torch and without running pickled code; the last one's structure is kept",
+        model_files=("pytorch_model.bin",),
     ),
     Format(
         "tensorflow",
@@ -237,6 +242,20 @@ def companion_of(path: Path) -> Path | None:
             found: Path | None = _load(fmt.companion)(path)
             if found is not None:
                 return found
+    return None
+
+
+def model_file_names() -> tuple[str, ...]:
+    return tuple(name for fmt in _FORMATS for name in fmt.model_files)
+
+
+def model_file(folder: Path) -> Path | None:
+    """The model weights file a folder holds by its Hugging Face name, formats in registry order
+    (so ``model.safetensors`` before ``pytorch_model.bin``, as Hugging Face prefers)."""
+    for fmt in _FORMATS:
+        for name in fmt.model_files:
+            if (folder / name).is_file():
+                return folder / name
     return None
 
 

@@ -372,8 +372,9 @@ def _read_index(index_path: Path) -> dict[str, str]:
 def template_folder(template: CheckpointReader | None) -> Path | None:
     """The model folder whose side files an output folder should carry, if the template has one.
 
-    A sharded template is a folder; a template file named ``model.safetensors`` is Hugging
-    Face's single-shard layout, so its folder is a model folder too. Any other file (say
+    A sharded template is a folder; a template file named as Hugging Face names a model's
+    weights (``model.safetensors``, ``pytorch_model.bin``: ``registry.model_file_names``) sits
+    in a model folder too. Any other file (say
     ``run/ckpt-500.safetensors``) sits in a folder of checkpoints, whose other files are not
     part of the model and are not copied.
     """
@@ -381,7 +382,7 @@ def template_folder(template: CheckpointReader | None) -> Path | None:
         return None
     if template.path.is_dir():
         return template.path
-    if template.path.name == SINGLE_NAME:
+    if template.path.name in registry.model_file_names():
         return template.path.parent
     return None
 
