@@ -19,13 +19,11 @@ import numpy.typing as npt
 
 from ema_cli import dtypes
 from ema_cli.checkpoint import TensorInfo
-from ema_cli.errors import CheckpointError, OutputError
+from ema_cli.errors import CheckpointError
 from ema_cli.formats.base import (
     CheckpointReader,
     CheckpointWriter,
-    publish,
     read_exact,
-    temporary_sibling,
     write_exact,
 )
 from ema_cli.formats.registry import Format
@@ -104,23 +102,13 @@ class ToyReader(CheckpointReader):
 
 
 class ToyWriter(CheckpointWriter):
-    def __init__(
-        self,
-        path: Path,
-        tensors: Sequence[TensorInfo],
-        metadata: Mapping[str, str],
-        template: CheckpointReader | None = None,
-    ) -> None:
-        super().__init__(path, tensors, metadata, template)
+    """What a writer implements: ``begin`` (stage the file, write the header), positioned
+    ``write``s, ``finish`` (the files to publish); the base class checks, publishes, aborts."""
+
+    def begin(self) -> None:
         header, self._offsets = _layout(self.tensors)
-        handle, self._tmp = temporary_sibling(path)
-        self._file = handle
-        self._done = False
-        try:
-            write_exact(handle.fileno(), memoryview(header), 0)
-        except OSError as e:
-            self.abort()
-            raise OutputError(path, e) from None
+        self._file, self._tmp = self.stage_file()
+        write_exact(self._file.fileno(), memoryview(header), 0)
 
     def write(self, name: str, start: int, values: npt.NDArray[np.generic]) -> None:
         data = self._block_bytes(name, start, values)
@@ -128,15 +116,11 @@ class ToyWriter(CheckpointWriter):
         write_exact(self._file.fileno(), data, offset)
         self._wrote(len(data))
 
-    def commit(self, durable: bool = True) -> None:
-        self._check_complete()
+    def finish(self) -> list[tuple[Path, Path]]:
         self._file.close()
-        publish(self._tmp, self.path, durable)
-        self._done = True
+        return [(self._tmp, self.path)]
 
-    def abort(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        self._file.close()
-        self._tmp.unlink(missing_ok=True)
+    def _discard(self) -> None:
+        file = getattr(self, "_file", None)
+        if file is not None:
+            file.close()

@@ -58,9 +58,7 @@ from ema_cli.formats.base import (
     CheckpointReader,
     CheckpointWriter,
     check_range,
-    publish,
     read_exact,
-    temporary_sibling,
     write_exact,
 )
 from ema_cli.formats.torch_pickle import (
@@ -705,33 +703,17 @@ class TorchZipFileWriter:
 
 class TorchZipWriter(CheckpointWriter):
     """The ``CheckpointWriter`` for torch outputs: a ``TorchZipFileWriter`` on a temporary
-    sibling, renamed into place by ``commit()``. With a torch template the output keeps its
+    sibling (``stage_file``), published by the base class's ``commit()``. With a torch template the output keeps its
     structure (``metadata`` is not stored: torch files have no place for it); with another
     template it is a plain state_dict of the given tensors."""
 
-    def __init__(
-        self,
-        path: Path,
-        tensors: Sequence[TensorInfo],
-        metadata: Mapping[str, str],
-        template: CheckpointReader | None = None,
-    ) -> None:
-        super().__init__(path, tensors, metadata, template)
-        self.check(path, self.tensors, template)
-        if isinstance(template, TorchZipReader):
-            structure = template.structure
+    def begin(self) -> None:
+        if isinstance(self.template, TorchZipReader):
+            structure = self.template.structure
         else:
             structure = flat_structure(self.tensors)
-        self._file, self._tmp = temporary_sibling(path)
-        self._done = False
-        try:
-            self._inner = TorchZipFileWriter(self._file.fileno(), structure, error_path=path)
-        except OSError as e:
-            self.abort()
-            raise OutputError(path, e) from None
-        except BaseException:
-            self.abort()
-            raise
+        self._file, self._tmp = self.stage_file()
+        self._inner = TorchZipFileWriter(self._file.fileno(), structure, error_path=self.path)
 
     @classmethod
     def check(
@@ -774,27 +756,15 @@ class TorchZipWriter(CheckpointWriter):
             raise OutputError(self.path, e) from None
         self._wrote(len(data))
 
-    def commit(self, durable: bool = True) -> None:
-        self._check_complete()
-        try:
-            self._inner.finish()
-            self._file.close()
-        except OSError as e:
-            self.abort()
-            raise OutputError(self.path, e) from None
-        except BaseException:
-            self.abort()
-            raise
-        publish(self._tmp, self.path, durable)
-        self._done = True
-
-    def abort(self) -> None:
-        if self._done:
-            return
-        self._done = True
+    def finish(self) -> list[tuple[Path, Path]]:
+        self._inner.finish()
         self._file.close()
-        with contextlib.suppress(FileNotFoundError):
-            self._tmp.unlink()
+        return [(self._tmp, self.path)]
+
+    def _discard(self) -> None:
+        file = getattr(self, "_file", None)
+        if file is not None:
+            file.close()
 
 
 def write_torch_checkpoint(
