@@ -144,14 +144,10 @@ class _Replayer:
     _opened: list[CheckpointReader] = field(default_factory=list)
     _opened_lock: threading.Lock = field(default_factory=threading.Lock)
 
-    _planned: dict[str, TensorInfo] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self._planned = {job.name: job.info for job in self.plan.tensors}
-
-    def reader(self, index: int, name: str) -> CheckpointReader:
-        """This worker's reader of source ``index`` (opened on first use), checked to hold
-        tensor ``name`` as the plan saw it: a checkpoint replaced since is refused, not mixed."""
+    def reader(self, index: int) -> CheckpointReader:
+        """This worker's reader of source ``index`` (-1: the resumed state), opened on first
+        use and checked then to hold the tensors the plan was built from: a checkpoint
+        replaced since is refused, not mixed in."""
         readers: dict[int, CheckpointReader] = self._local.__dict__.setdefault("readers", {})
         reader = readers.get(index)
         if reader is None:
@@ -160,14 +156,23 @@ class _Replayer:
             reader = readers[index] = source.open()
             with self._opened_lock:
                 self._opened.append(reader)
-        expected = (
-            self.headers[index].get(name) if self.headers is not None else self._planned[name]
-        )
-        if index >= 0 and reader.tensors.get(name) != expected:
-            raise CheckpointError(
-                reader.path, "changed while it was being read; run again", tensor=name
-            )
+            if index >= 0:
+                self._check_unchanged(index, reader)
         return reader
+
+    def _check_unchanged(self, index: int, reader: CheckpointReader) -> None:
+        if self.headers is not None:
+            expected: Mapping[str, TensorInfo] = self.headers[index]
+            names: Iterable[str] = expected
+        else:  # only the plan's view: every averaged tensor, and copied ones where copied from
+            expected = {job.name: job.info for job in self.plan.tensors}
+            copies = index in self.outputs.snapshots
+            names = [j.name for j in self.plan.tensors if j.averaged or copies]
+        for name in names:
+            if reader.tensors.get(name) != expected[name]:
+                raise CheckpointError(
+                    reader.path, "changed while it was being read; run again", tensor=name
+                )
 
     def close(self) -> None:
         """Close every reader the workers opened."""
@@ -231,7 +236,7 @@ class _Replayer:
     def _copy(self, block: Block) -> int:
         job, start, stop = block.job, block.start, block.stop
         for index, writer in self.outputs.snapshots.items():
-            reader = self.reader(index, job.name)
+            reader = self.reader(index)
             raw = self.read_buffer(reader, job, start, stop - start)
             reader.read(job.name, start, stop, out=raw)
             writer.write(job.output_name, start, raw)
@@ -248,7 +253,7 @@ class _Replayer:
         state = self._initial_state(job, start, stop, work_dtype)
         snapshots = self.outputs.snapshots
         for i, c in enumerate(arithmetic.coefficients):
-            reader = self.reader(i, job.name)
+            reader = self.reader(i)
             raw = reader.read(job.name, start, stop, out=self.read_buffer(reader, job, start, size))
             x = raw
             # The C update reads float16/bfloat16 blocks as they are; numpy's needs them widened,
@@ -286,7 +291,7 @@ class _Replayer:
         if self.resume is None:
             return None
         shadow_name, step_name = state_tensor_names(job.name)
-        resume = self.reader(-1, shadow_name)
+        resume = self.reader(-1)
         value = resume.read(
             shadow_name, start, stop, out=self.buffer("shadow", dtype, stop - start)
         )
@@ -331,13 +336,13 @@ def replay(
     replayer = _Replayer(
         plan, sources, headers, outputs, None if resume is None else Source.of(resume)
     )
-    work = [
+    work = (  # generated as the executor takes them: a model's blocks are never all listed
         Block(job, start, stop)
         for job in plan.tensors
         for start, stop in iter_blocks(
             job.info.size, max(1, block_bytes // job.info.dtype.itemsize)
         )
-    ]
+    )
     try:
         yield from (executor or ThreadExecutor(workers)).run(replayer.run, work)
     finally:
