@@ -21,6 +21,7 @@ its state simply redoes the same work next time and writes the same bytes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -76,6 +77,12 @@ class Request:
     #: Flush outputs (and state) to disk before renaming them into place. None: only with
     #: ``state``, where later runs build on what this one wrote.
     fsync: bool | None = None
+
+    @functools.cached_property
+    def folder_output(self) -> bool:
+        """Whether ``output`` names a model folder (``formats.is_folder_output``), worked out
+        once per run."""
+        return is_folder_output(self.output)
 
     @property
     def durable(self) -> bool:
@@ -150,7 +157,7 @@ def trajectory_path(output: Path, checkpoint: str, folder: bool) -> Path:
 
 def _check_options(request: Request) -> None:
     check_output_path(request.output)
-    if request.max_shard_size is not None and not is_folder_output(request.output):
+    if request.max_shard_size is not None and not request.folder_output:
         raise OptionError(
             f"--max-shard-size applies to folder outputs, and {request.output} is a file "
             "(name the output without a suffix to write a model folder)"
@@ -177,14 +184,14 @@ def _check_targets(
     """Refuse any output that is, or would destroy, an input: every checkpoint given (selected
     or not) and every file of a checkpoint folder, against the output, its trajectory files,
     the mapping and the state folder (``targets.check_targets``)."""
-    output = request.output
-    folder_output = is_folder_output(output)
+    output, folder_output = request.output, request.folder_output
     written = [Target(output, "output", folder=folder_output), Target(mapping, "mapping file")]
     if request.every is not None:
+        # After any checkpoint but the last: which ones get a file depends on the replay's
+        # positions, which a --state run counts from the checkpoints folded in earlier.
         written += [
             Target(trajectory_path(output, c.path, folder_output), "trajectory file", folder_output)
-            for position, c in enumerate(ordered[:-1])
-            if (position + 1) % request.every == 0
+            for c in ordered[:-1]
         ]
     if request.state is not None:
         written.append(Target(request.state, "state folder", folder=True))
@@ -301,7 +308,7 @@ def decide(request: Request, mapping_path: Path, facts: Facts) -> RunPlan:
     )
     if facts.saved is not None:
         facts.saved.check_plan(plan)
-    folder_output = is_folder_output(output)
+    folder_output = request.folder_output
     snapshots: dict[int, Path] = {len(fresh) - 1: output}
     if request.every is not None:
         for position in range(folded, len(history) - 1):
@@ -372,9 +379,11 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
     # Existence first: "no such file" says more than "no step number" about a mistyped path.
     resolved: dict[str, Path] = {}
     first_given: dict[str, str] = {}
+    spelled: set[str] = set()
     for given in request.checkpoints:  # one file under two spellings (./, .., a symlink) too
-        if given.rstrip("/") in {g.rstrip("/") for g in resolved}:
+        if given.rstrip("/") in spelled:
             raise CheckpointError(given, "given twice")
+        spelled.add(given.rstrip("/"))
         file = resolved[given] = find_checkpoint(Path(given))
         earlier = first_given.setdefault(os.path.realpath(file), given)
         if earlier != given:
