@@ -33,7 +33,7 @@ from ema_cli.atomic import remove_stale_temporaries as remove_stale_temporaries
 from ema_cli.atomic import temporary_sibling as temporary_sibling
 from ema_cli.atomic import write_file_atomically as write_file_atomically
 from ema_cli.checkpoint import TensorInfo
-from ema_cli.errors import OutputError
+from ema_cli.errors import CheckpointError, OutputError
 
 #: The plain numeric dtypes every format here stores natively (bfloat16 and float8 come from
 #: ml_dtypes and each format marks them its own way).
@@ -60,6 +60,19 @@ def check_range(info: TensorInfo, start: int, stop: int) -> None:
     """Refuse a block outside the tensor: a caller's bug, never bad input."""
     if not 0 <= start <= stop <= info.size:
         raise ValueError(f"{info.name}: elements [{start}, {stop}) outside its {info.size}")
+
+
+def open_for_reading(path: Path, kind: str, missing: str = "no such file") -> int:
+    """``os.open(path, O_RDONLY)``, failing with one line naming the file (``kind``: what it
+    should have been, for a directory given in its place)."""
+    try:
+        return os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise CheckpointError(path, missing) from None
+    except IsADirectoryError:
+        raise CheckpointError(path, f"is a directory, not {kind}") from None
+    except OSError as e:
+        raise CheckpointError(path, f"cannot open: {e.strerror}") from None
 
 
 def read_exact(fd: int, view: memoryview, offset: int) -> int:

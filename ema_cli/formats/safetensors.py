@@ -26,6 +26,7 @@ from ema_cli.errors import CheckpointError, OptionError, OutputError, TruncatedC
 from ema_cli.formats.base import (
     CheckpointReader,
     CheckpointWriter,
+    open_for_reading,
     read_exact,
     write_exact,
 )
@@ -87,14 +88,7 @@ class SafetensorsReader(CheckpointReader):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        try:
-            self._fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise CheckpointError(path, "no such file") from None
-        except IsADirectoryError:
-            raise CheckpointError(path, "is a directory, not a safetensors file") from None
-        except OSError as e:
-            raise CheckpointError(path, f"cannot open: {e.strerror}") from None
+        self._fd = open_for_reading(path, "a safetensors file")
         try:
             self._parse_header()
         except BaseException:

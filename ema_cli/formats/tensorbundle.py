@@ -47,7 +47,13 @@ import numpy.typing as npt
 
 from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import CheckpointError, OptionError, TruncatedCheckpointError
-from ema_cli.formats.base import CheckpointReader, CheckpointWriter, read_exact, write_exact
+from ema_cli.formats.base import (
+    CheckpointReader,
+    CheckpointWriter,
+    open_for_reading,
+    read_exact,
+    write_exact,
+)
 from ema_cli.formats.tensorbundle_crc import crc32c, crc32c_combine, mask, unmask
 from ema_cli.formats.tensorbundle_graph import KeyInfo, ObjectGraph, classify
 from ema_cli.formats.tensorbundle_proto import (
@@ -328,14 +334,9 @@ class TensorBundleReader(CheckpointReader):
 
     def _open(self, header_only: bool) -> None:
         index = self.index_path
-        try:
-            fd = os.open(index, os.O_RDONLY)
-        except FileNotFoundError:
-            raise CheckpointError(index, "no such file (a TensorBundle needs its .index)") from None
-        except IsADirectoryError:
-            raise CheckpointError(index, "is a directory, not a TensorBundle index") from None
-        except OSError as e:
-            raise CheckpointError(index, f"cannot open: {e.strerror}") from None
+        fd = open_for_reading(
+            index, "a TensorBundle index", "no such file (a TensorBundle needs its .index)"
+        )
         try:
             size = os.fstat(fd).st_size
             rows = read_table(lambda offset, n: os.pread(fd, n, offset), size)
