@@ -156,6 +156,8 @@ def trajectory_path(output: Path, checkpoint: str, folder: bool) -> Path:
 
 
 def _check_options(request: Request) -> None:
+    if request.output.name in ("", ".", ".."):
+        raise OptionError(f"-o {str(request.output)!r}: name the output file or folder")
     check_output_path(request.output)
     if request.max_shard_size is not None and not request.folder_output:
         raise OptionError(

@@ -225,3 +225,10 @@ def test_inspect_bad_file(tmp_path: Path) -> None:
     result = run_cli(["inspect", str(bad)])
     assert result.exit_code == 2
     assert result.stderr.startswith(f"ema-cli: error: {bad}: ")
+
+
+def test_an_empty_output_name_is_a_usage_error(run_dir: list[Path]) -> None:
+    from tests.conftest import assert_fails
+
+    for name in ("", "."):
+        assert_fails(run_cli(["average", *map(str, run_dir), "-o", name, "--decay", "0.9"]), "-o")

@@ -206,3 +206,23 @@ def test_inspect_shows_each_keys_object_path_and_role() -> None:
     assert tensors["save_counter/.ATTRIBUTES/VARIABLE_VALUE"]["role"] == "counter"
     table = run_cli(["inspect", KERAS / "ckpt-3"]).stdout
     assert "object path" in table and "model/_functional/" in table
+
+
+def test_a_missing_data_file_is_one_line(tmp_path: Path) -> None:
+    for s in (1, 2):
+        for f in KERAS.glob(f"ckpt-{s}.*"):
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "ckpt-2.data-00000-of-00001").unlink()
+    result = run_cli(
+        [
+            "average",
+            tmp_path / "ckpt-1",
+            tmp_path / "ckpt-2",
+            "-o",
+            tmp_path / "o.safetensors",
+            "--decay",
+            "0.9",
+            "--drop-non-tensors",
+        ]
+    )
+    assert_fails(result, "ckpt-2.data-00000-of-00001", "missing", "part of the checkpoint")

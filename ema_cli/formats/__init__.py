@@ -152,7 +152,14 @@ def checkpoint_stats(path: Path) -> tuple[int, int]:
     """A checkpoint's size in bytes and modification time (ns): the total of its files and the
     newest of them."""
     files = checkpoint_files(path)
-    stats = [p.stat() for p in files]
+    stats = []
+    for file in files:
+        try:
+            stats.append(file.stat())
+        except FileNotFoundError:  # a TensorFlow data shard, say, deleted or never copied
+            raise CheckpointError(file, f"missing: it is part of the checkpoint {path}") from None
+        except OSError as e:
+            raise CheckpointError(file, f"cannot read: {e.strerror}") from None
     default = os.stat(path).st_mtime_ns if path.exists() else 0
     mtime = max((s.st_mtime_ns for s in stats), default=default)
     return sum(s.st_size for s in stats), mtime
