@@ -234,6 +234,14 @@ _AVERAGE_HELP = """Replay CHECKPOINT... (oldest first) through the EMA and write
     others (and excluded ones, and Keras optimizer state unless --average-optimizer) are copied
     from the last checkpoint, so the output loads wherever the inputs load.
 
+    Averages: --decay (TF's EMA, the usual choice), --mean, --decay-per-step, --sigma-rel or
+    --gamma (EDM2), --weights. Several in one run read every input once and write one output
+    each, named by inserting the average's label before the suffix: -o ema.safetensors
+    --decay 0.99 --mean writes ema.decay-0.99.safetensors and ema.mean.safetensors (each with
+    its mapping). Labels: decay-D, decay-D-nu-N|step|index, decay-D-zero-debias, mean,
+    decay-per-step-D[-nu-...], sigma-rel-S, gamma-G, weights-<file stem>. --dry-run shows
+    each checkpoint's weight in every average and how many checkpoints hold 50%/90% of it.
+
     \b
     Examples:
       ema-cli average run/ckpt-*.safetensors -o ema.safetensors --decay 0.999
@@ -241,6 +249,9 @@ _AVERAGE_HELP = """Replay CHECKPOINT... (oldest first) through the EMA and write
       ls run/*.safetensors | ema-cli average - -o ema.safetensors --decay 0.99 --json
       ema-cli average run/checkpoint-* -o run-ema --decay 0.999 --max-shard-size 2GB
       ema-cli average run/ckpt-*.safetensors -o ema.safetensors --decay 0.999 --state .ema-state
+      ema-cli average run/ckpt-*.pt -o avg.pt --mean --last 5
+      ema-cli average run/ckpt-*.safetensors -o ema.safetensors --decay-per-step 0.9999 \\
+          --sigma-rel 0.05 --sigma-rel 0.1 --dry-run
 
     Exit status: 0 done (or up to date), 2 bad input or options (one line on stderr, nothing
     written), 75 another run holds the lock (retry later), 1 a bug.
@@ -262,21 +273,60 @@ _AVERAGE_HELP = """Replay CHECKPOINT... (oldest first) through the EMA and write
 )
 @click.option(
     "--decay",
-    required=True,
     type=float,
-    help="TF's decay, 0 <= D <= 1 (typically 0.99-0.9999). Used as a float32, as TF does.",
+    multiple=True,
+    metavar="D",
+    help="TF's ExponentialMovingAverage: one apply per checkpoint with decay D, 0 <= D <= 1 (typically 0.99-0.9999), used as a float32 as TF does. Repeat it (or add other averages below) to compute several averages in one pass.",
+)
+@click.option(
+    "--mean",
+    is_flag=True,
+    help="The plain average of the selected checkpoints (with --last N: of the last N, as fairseq's and timm's averagers do), summed in float64 and rounded once.",
+)
+@click.option(
+    "--decay-per-step",
+    type=float,
+    multiple=True,
+    metavar="D",
+    help="The EMA a training loop would have held applying decay D at every step, from checkpoints saved every so often (each checkpoint stands for the steps since the one before; needs step numbers). Computed in float64, rounded once. Repeatable.",
+)
+@click.option(
+    "--sigma-rel",
+    type=float,
+    multiple=True,
+    metavar="S",
+    help="EDM2's power-function EMA (Karras et al. 2024) of relative width S, 0 < S < 0.289 (typically 0.05-0.2): weight on training time t grows as t^gamma. Needs step numbers. Repeatable.",
+)
+@click.option(
+    "--gamma",
+    type=float,
+    multiple=True,
+    metavar="G",
+    help="The same power-function EMA given by its exponent G >= 0 (0 is the plain mean over training time). Repeatable.",
+)
+@click.option(
+    "--weights",
+    type=click.Path(dir_okay=False),
+    multiple=True,
+    metavar="FILE",
+    help="Any other linear combination: a JSON list of one weight per checkpoint (in replay order) or an object {checkpoint: weight} (path as given, or file name). They must sum to 1 unless --normalize. Repeatable.",
+)
+@click.option(
+    "--normalize",
+    is_flag=True,
+    help="With --weights: divide the weights by their sum instead of refusing weights that do not sum to 1.",
 )
 @click.option(
     "--num-updates",
     type=NumUpdatesType(),
     metavar="N|step|index",
     default=None,
-    help="TF's num_updates: a fixed count N, each checkpoint's 'step' number, or its 0-based 'index' in the replay. The decay used is min(decay, (1+n)/(10+n)).  [default: off]",
+    help="TF's num_updates, for --decay and --decay-per-step: a fixed count N, each checkpoint's 'step' number, or (--decay only) its 0-based 'index' in the replay. The decay used is min(decay, (1+n)/(10+n)).  [default: off]",
 )
 @click.option(
     "--zero-debias",
     is_flag=True,
-    help="Shadows start at zero and are debiased (TF's zero_debias=True for tensors). Default: shadows start at the first checkpoint.",
+    help="--decay's shadows start at zero and are debiased (TF's zero_debias=True for tensors). Default: shadows start at the first checkpoint.",
 )
 @click.option(
     "--name",
@@ -322,7 +372,7 @@ _AVERAGE_HELP = """Replay CHECKPOINT... (oldest first) through the EMA and write
     type=click.Choice(["auto", "native"]),
     default="auto",
     show_default=True,
-    help="'auto' averages float16/bfloat16 in float32 and rounds once when writing; 'native' is TF's arithmetic in each tensor's own dtype.",
+    help="--decay's arithmetic: 'auto' averages float16/bfloat16 in float32 and rounds once when writing; 'native' is TF's arithmetic in each tensor's own dtype. (The other averages are always float64, rounded once.)",
 )
 @click.option(
     "--strict",
@@ -437,7 +487,7 @@ def average(checkpoints: tuple[str, ...], as_json: bool, quiet: bool, **options:
     if as_json:
         _print_json(result.as_json())
     elif result.status == "dry run":
-        report.print_plan(result.as_json(), result.folded)
+        report.print_plan(result.records, result.folded)
     if not quiet and result.status != "dry run":
         for line in result.lines():
             click.echo(line, err=True)

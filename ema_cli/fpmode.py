@@ -16,6 +16,7 @@ import functools
 import platform
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -49,8 +50,11 @@ def _libm() -> ctypes.CDLL | None:
 _FLUSH = _FLUSH_BITS.get((platform.machine().lower(), sys.platform))
 
 
-def _flush_register() -> tuple[ctypes.Array[ctypes.c_uint8], ctypes.Array[ctypes.c_uint8]] | None:
-    """This thread's floating-point environment, and a copy with flushing switched on."""
+def _flush_register(
+    flush: bool = True,
+) -> tuple[ctypes.Array[ctypes.c_uint8], ctypes.Array[ctypes.c_uint8]] | None:
+    """This thread's floating-point environment, and a copy with flushing switched on (or,
+    ``flush=False``, off)."""
     libm = _libm()
     if libm is None or _FLUSH is None:
         return None
@@ -59,7 +63,8 @@ def _flush_register() -> tuple[ctypes.Array[ctypes.c_uint8], ctypes.Array[ctypes
     if libm.fegetenv(saved) != 0:
         return None
     raw = bytearray(bytes(saved))
-    register = int.from_bytes(raw[offset : offset + width], "little") | bits
+    register = int.from_bytes(raw[offset : offset + width], "little")
+    register = register | bits if flush else register & ~bits
     raw[offset : offset + width] = register.to_bytes(width, "little")
     return saved, (ctypes.c_uint8 * _FENV_BYTES).from_buffer(raw)
 
@@ -105,3 +110,31 @@ def enter_tf_arithmetic_for_this_thread() -> None:
     environments = _flush_register()
     if environments is not None:
         _libm().fesetenv(environments[1])  # type: ignore[union-attr]
+
+
+@dataclass(frozen=True)
+class Switch:
+    """Prepared switches between TF's mode and IEEE arithmetic for one thread (each one C
+    call): for replay workers, which run in ``tf_arithmetic`` mode and average the profiles that
+    promise IEEE float64 arithmetic (``profiles``) in between. Make one per thread with
+    ``switch()``; ``to_ieee`` then ``to_tf``, as a pair."""
+
+    _tf: ctypes.Array[ctypes.c_uint8] | None
+    _ieee: ctypes.Array[ctypes.c_uint8] | None
+
+    def to_ieee(self) -> None:
+        if self._ieee is not None:
+            _libm().fesetenv(self._ieee)  # type: ignore[union-attr]
+
+    def to_tf(self) -> None:
+        if self._tf is not None:
+            _libm().fesetenv(self._tf)  # type: ignore[union-attr]
+
+
+def switch() -> Switch:
+    """This thread's ``Switch`` (a no-op where the mode cannot be set)."""
+    flushed = _flush_register(flush=True)
+    cleared = _flush_register(flush=False)
+    if flushed is None or cleared is None:
+        return Switch(None, None)
+    return Switch(flushed[1], cleared[1])

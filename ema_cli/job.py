@@ -21,6 +21,7 @@ its state simply redoes the same work next time and writes the same bytes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import time
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ema_cli import lock, report, state
+from ema_cli import lock, profiles, report, state
 from ema_cli.atomic import StagedFile, remove_stale_temporaries
 from ema_cli.defaults import DEFAULT_SETTLE_SECONDS
 from ema_cli.errors import CheckpointError, OptionError, TruncatedCheckpointError
@@ -49,11 +50,24 @@ from ema_cli.formats import (
     strip_suffix,
 )
 from ema_cli.plan import Checkpoint, ReplayPlan, Selection, Settings, build_plan, order_checkpoints
-from ema_cli.replay import Outputs, replay, total_bytes
+from ema_cli.replay import Average, Outputs, replay_averages, total_bytes
 from ema_cli.targets import Target, check_targets
 
 Status = Literal["written", "up to date", "dry run"]
 Progress = Callable[[int], AbstractContextManager[Callable[[int], None]]]
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """A ``--weights FILE``, parsed: its weights are matched to the checkpoints once they are
+    in replay order (``profiles.weights_from_json``)."""
+
+    source: str
+    data: object
+
+    @property
+    def label(self) -> str:
+        return profiles.label(profiles.Weights((1.0,), source=self.source))
 
 
 @dataclass(frozen=True)
@@ -62,7 +76,9 @@ class Request:
 
     checkpoints: Sequence[str]
     output: Path
-    settings: Settings
+    #: The settings of every average to compute, one per profile (``--weights`` ones are
+    #: resolved by ``run`` once the checkpoints are ordered); a sweep when there are several.
+    profiles: tuple[Settings, ...]
     mapping: Path | None = None
     selection: Selection = field(default_factory=Selection)
     max_shard_size: int | None = None
@@ -77,6 +93,11 @@ class Request:
     #: Flush outputs (and state) to disk before renaming them into place. None: only with
     #: ``state``, where later runs build on what this one wrote.
     fsync: bool | None = None
+    weights: tuple[WeightsFile, ...] = ()
+    normalize: bool = False
+    #: The settings every average shares (order, names, tensors, precision); its profile is
+    #: not used. Default: the first profile's.
+    common: Settings | None = None
 
     @functools.cached_property
     def folder_output(self) -> bool:
@@ -88,53 +109,198 @@ class Request:
     def durable(self) -> bool:
         return self.fsync if self.fsync is not None else self.state is not None
 
+    @property
+    def settings(self) -> Settings:
+        """The settings every average shares (and, for one profile, its own)."""
+        if self.common is not None:
+            return self.common
+        return self.profiles[0]
+
+    @property
+    def labels(self) -> list[str]:
+        """Every average's label, in the order the outputs are listed."""
+        return [s.label for s in self.profiles] + [w.label for w in self.weights]
+
+    @property
+    def sweep(self) -> bool:
+        """Several averages in one pass: each output is named by its profile's label."""
+        return len(self.profiles) + len(self.weights) > 1
+
+    def output_of(self, label: str) -> Path:
+        """Where the average ``label`` goes: ``-o`` itself for a single profile; in a sweep the
+        output's name with the label before its suffix (``ema.safetensors`` ->
+        ``ema.decay-0.99.safetensors``; a folder ``ema`` -> ``ema.decay-0.99``)."""
+        return labelled(self.output, label, self.folder_output) if self.sweep else self.output
+
+    def mapping_of(self, label: str) -> Path:
+        """The mapping file of the average ``label``: ``--mapping`` or the output's default,
+        with the label inserted before ``.mapping.json`` (or the last suffix) in a sweep."""
+        if not self.sweep:
+            return self.mapping or default_mapping_path(self.output)
+        if self.mapping is None:
+            return default_mapping_path(self.output_of(label))
+        name = self.mapping.name
+        tail = ".mapping.json" if name.endswith(".mapping.json") else self.mapping.suffix
+        stem = name[: len(name) - len(tail)] if tail else name
+        return self.mapping.with_name(f"{stem}.{label}{tail}")
+
     @classmethod
     def from_options(cls, checkpoints: Sequence[str], options: Mapping[str, Any]) -> Request:
         """The request of ``ema-cli average``'s parsed options (click's parameter names)."""
         o = dict(options)
-        settings = Settings(
-            **{k: o.pop(k) for k in ("decay", "num_updates", "zero_debias", "ema_name", "names")},
-            **{k: o.pop(k) for k in ("order", "include", "exclude", "precision", "strict")},
-            average_optimizer=o.pop("average_optimizer"),
+        common: dict[str, Any] = {
+            k: o.pop(k)
+            for k in ("ema_name", "names", "order", "include", "exclude", "precision", "strict")
+        }
+        common["average_optimizer"] = o.pop("average_optimizer")
+        num_updates, zero_debias = o.pop("num_updates"), o.pop("zero_debias")
+        decays, per_step = o.pop("decay"), o.pop("decay_per_step")
+        mean, sigmas, gammas = o.pop("mean"), o.pop("sigma_rel"), o.pop("gamma")
+        weights = tuple(_read_weights(path) for path in o.pop("weights"))
+        normalize = o.pop("normalize")
+        if not (decays or per_step or mean or sigmas or gammas or weights):
+            raise OptionError(
+                "say which average to compute: --decay D (TF's ExponentialMovingAverage), "
+                "--mean, --decay-per-step D, --sigma-rel S, --gamma G or --weights FILE"
+            )
+        if zero_debias and not decays:
+            raise OptionError("--zero-debias applies to --decay (TF's replay) only")
+        if num_updates is not None and not (decays or per_step):
+            raise OptionError("--num-updates applies to --decay and --decay-per-step only")
+        if normalize and not weights:
+            raise OptionError("--normalize goes with --weights")
+        settings = [Settings(d, num_updates, zero_debias, **common) for d in decays]
+        built: list[tuple[str, Callable[[], profiles.Profile]]] = [
+            *(
+                (f"--decay-per-step {d}", functools.partial(_per_step, d, num_updates))
+                for d in per_step
+            ),
+            *(("--mean", profiles.Mean) for _ in range(1 if mean else 0)),
+            *(
+                (f"--sigma-rel {x}", functools.partial(profiles.PowerEMA.from_sigma_rel, x))
+                for x in sigmas
+            ),
+            *((f"--gamma {g}", functools.partial(profiles.PowerEMA, g)) for g in gammas),
+        ]
+        for option, make in built:
+            try:
+                profile = make()
+            except OptionError as e:
+                raise OptionError(f"{option}: {e}") from None
+            nu = profile.num_updates if isinstance(profile, profiles.DecayPerStep) else None
+            settings.append(Settings(None, nu, profile=profile, **common))
+        request = cls(
+            checkpoints,
+            profiles=tuple(settings),
+            selection=Selection(**{k: o.pop(k) for k in ("last", "min_step", "max_step")}),
+            hash=o.pop("hash_"),
+            weights=weights,
+            normalize=normalize,
+            common=Settings(None, profile=profiles.Mean(), **common),
+            **o,
         )
-        selection = Selection(**{k: o.pop(k) for k in ("last", "min_step", "max_step")})
-        request = cls(checkpoints, settings=settings, selection=selection, hash=o.pop("hash_"), **o)
+        labels = request.labels
+        for label in labels:
+            if labels.count(label) > 1:
+                raise OptionError(f"the average {label} is asked for twice")
         return request
+
+    def resolve(self, ordered: Sequence[Checkpoint]) -> list[Settings]:
+        """Every average's settings, the ``--weights`` files matched to the checkpoints in
+        replay order."""
+        settings = list(self.profiles)
+        paths = [c.path for c in ordered]
+        for w in self.weights:
+            profile = profiles.weights_from_json(
+                w.data, paths, source=w.source, normalize=self.normalize
+            )
+            settings.append(dataclasses.replace(self.settings, decay=None, profile=profile))
+        return settings
+
+
+def _per_step(decay: float, num_updates: Any) -> profiles.DecayPerStep:
+    return profiles.DecayPerStep(decay, num_updates)
+
+
+def _read_weights(path: str) -> WeightsFile:
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise OptionError(f"--weights {path}: {e.strerror or e}") from None
+    except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors
+        raise OptionError(f"--weights {path}: not a JSON list or object of weights ({e})") from None
+    return WeightsFile(path, data)
+
+
+def labelled(output: Path, label: str, folder: bool) -> Path:
+    """``output``'s name with ``.label`` inserted before its format suffix (for a folder, at
+    its end): ``ema.safetensors`` + ``decay-0.99`` -> ``ema.decay-0.99.safetensors``."""
+    if folder:
+        return output.with_name(f"{output.name}.{label}")
+    stem = strip_suffix(output.name)
+    return output.with_name(f"{stem}.{label}{output.name[len(stem) :]}")
 
 
 @dataclass
 class Result:
-    """What a run did, for people (``lines``) and machines (``as_json``)."""
+    """What a run did, for people (``lines``) and machines (``as_json``): one record and
+    mapping file per average (several in a sweep of profiles)."""
 
     status: Status
-    record: dict[str, Any]
-    mapping_path: Path
-    plan: ReplayPlan | None = None
+    records: list[dict[str, Any]]
+    mapping_paths: list[Path]
+    plans: list[ReplayPlan] = field(default_factory=list)
     folded: int = 0
 
+    @property
+    def record(self) -> dict[str, Any]:
+        return self.records[0]
+
+    @property
+    def mapping_path(self) -> Path:
+        return self.mapping_paths[0]
+
+    @property
+    def plan(self) -> ReplayPlan | None:
+        return self.plans[0] if self.plans else None
+
     def as_json(self) -> dict[str, Any]:
-        """The mapping file's content plus ``status`` and ``mapping_file`` (``--json``)."""
-        return {**self.record, "status": self.status, "mapping_file": str(self.mapping_path)}
+        """The mapping file's content plus ``status`` and ``mapping_file`` (``--json``); for a
+        sweep, ``{"status": ..., "profiles": [that, for each average]}``."""
+        entries = [
+            {**record, "status": self.status, "mapping_file": str(path)}
+            for record, path in zip(self.records, self.mapping_paths, strict=True)
+        ]
+        if len(entries) == 1:
+            return entries[0]
+        return {"profiles": entries, "status": self.status}
 
     def lines(self) -> list[str]:
         """The summary on standard error: what was averaged, from what, and what was written."""
         if self.status == "up to date":
             return [f"up to date: all {self.folded} checkpoints are folded in; nothing written"]
-        assert self.plan is not None
+        plan = self.plan
+        assert plan is not None
         done = self.record["checkpoints"]
         first, final = done[0]["path"], done[-1]["path"]
         span = first if len(done) == 1 else f"{first} ... {final}"
         folded = f", {self.folded} of them from the saved state" if self.folded else ""
+        kinds = ""
+        if len(self.plans) > 1 or not plan.settings.replays_engine:
+            kinds = "; " + ", ".join(p.settings.label for p in self.plans)
         lines = [
-            f"averaged {len(self.plan.averaged)} tensors over {len(done)} checkpoints "
-            f"({span}{folded}); copied {len(self.plan.passthrough)} from the last"
+            f"averaged {len(plan.averaged)} tensors over {len(done)} checkpoints "
+            f"({span}{folded}{kinds}); copied {len(plan.passthrough)} from the last"
         ]
         if self.status == "written":
-            lines += [
-                f"wrote {e['path']} ({report.human_size(e['size'])})"
-                for e in self.record["outputs"]
-            ]
-            lines.append(f"wrote mapping {self.mapping_path}")
+            for record, path in zip(self.records, self.mapping_paths, strict=True):
+                lines += [
+                    f"wrote {e['path']} ({report.human_size(e['size'])})" for e in record["outputs"]
+                ]
+                lines.append(f"wrote mapping {path}")
         return lines
 
 
@@ -148,11 +314,23 @@ def trajectory_path(output: Path, checkpoint: str, folder: bool) -> Path:
     """Where the average as it stood after ``checkpoint`` goes: the output's name, a dot, and the
     checkpoint's name (``ema.safetensors`` after ``run/ckpt-200.safetensors`` ->
     ``ema.ckpt-200.safetensors``), so trajectory files sort by step like their checkpoints."""
-    name = strip_suffix(Path(checkpoint.rstrip("/")).name)
-    if folder:
-        return output.with_name(f"{output.name}.{name}")
-    stem = strip_suffix(output.name)
-    return output.with_name(f"{stem}.{name}{output.name[len(stem) :]}")
+    return labelled(output, strip_suffix(Path(checkpoint.rstrip("/")).name), folder)
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One average of the run: its settings, where it goes and where its mapping goes."""
+
+    settings: Settings
+    output: Path
+    mapping: Path
+
+
+def _destinations(request: Request, ordered: Sequence[Checkpoint]) -> list[Destination]:
+    return [
+        Destination(s, request.output_of(s.label), request.mapping_of(s.label))
+        for s in request.resolve(ordered)
+    ]
 
 
 def _check_options(request: Request) -> None:
@@ -175,38 +353,72 @@ def _check_options(request: Request) -> None:
         )
     if not request.settle >= 0:  # NaN too
         raise OptionError(f"--settle must be >= 0, got {request.settle}")
+    if request.state is not None:
+        if request.sweep:
+            raise OptionError(
+                f"--state keeps one average, and this run asks for {len(request.labels)} "
+                f"({', '.join(request.labels)}): give each its own run and --state folder"
+            )
+        if request.weights:
+            raise OptionError(
+                f"--state cannot fold new checkpoints into --weights {request.weights[0].source}: "
+                "the weights are given for the whole list of checkpoints, so a new checkpoint "
+                "needs new weights"
+            )
+        reason = profiles.why_not_incremental(request.profiles[0].average)
+        if reason is not None:
+            raise OptionError(f"--state cannot fold new checkpoints into {reason}")
+    if request.every is not None:
+        linear = [s.label for s in request.profiles if not s.replays_engine]
+        linear += [w.label for w in request.weights]
+        if linear:
+            raise OptionError(
+                f"--every writes TF's running average after each K-th checkpoint; {linear[0]} "
+                "weights every checkpoint by the whole list, so it has no running value "
+                "(run it on fewer checkpoints, e.g. with --max-step, instead)"
+            )
 
 
 def _check_targets(
     request: Request,
-    mapping: Path,
+    destinations: Sequence[Destination],
     ordered: Sequence[Checkpoint],
     resolved: Mapping[str, Path],
 ) -> None:
     """Refuse any output that is, or would destroy, an input: every checkpoint given (selected
-    or not) and every file of a checkpoint folder, against the output, its trajectory files,
-    the mapping and the state folder (``targets.check_targets``)."""
-    output, folder_output = request.output, request.folder_output
-    written = [Target(output, "output", folder=folder_output), Target(mapping, "mapping file")]
-    if request.every is not None:
-        # After any checkpoint but the last: which ones get a file depends on the replay's
-        # positions, which a --state run counts from the checkpoints folded in earlier.
+    or not) and every file of a checkpoint folder, against every output, its trajectory files,
+    the mappings and the state folder (``targets.check_targets``)."""
+    folder_output = request.folder_output
+    written: list[Target] = []
+    for d in destinations:
         written += [
-            Target(trajectory_path(output, c.path, folder_output), "trajectory file", folder_output)
-            for c in ordered[:-1]
+            Target(d.output, "output", folder=folder_output),
+            Target(d.mapping, "mapping file"),
         ]
+        if request.every is not None:
+            # After any checkpoint but the last: which ones get a file depends on the replay's
+            # positions, which a --state run counts from the checkpoints folded in earlier.
+            written += [
+                Target(
+                    trajectory_path(d.output, c.path, folder_output),
+                    "trajectory file",
+                    folder_output,
+                )
+                for c in ordered[:-1]
+            ]
     if request.state is not None:
         written.append(Target(request.state, "state folder", folder=True))
     inputs = [(given, Path(given)) for given in request.checkpoints]
     inputs += [(given, path) for given, path in resolved.items()]
     check_targets(inputs, written)
-    for target in (output, mapping):
-        if not target.parent.is_dir():
-            raise OptionError(f"{target}: folder {target.parent} does not exist")
-    if mapping.is_dir():
-        raise OptionError(
-            f"{mapping}: is a folder; the mapping file needs another name (--mapping)"
-        )
+    for d in destinations:
+        for target in (d.output, d.mapping):
+            if not target.parent.is_dir():
+                raise OptionError(f"{target}: folder {target.parent} does not exist")
+        if d.mapping.is_dir():
+            raise OptionError(
+                f"{d.mapping}: is a folder; the mapping file needs another name (--mapping)"
+            )
     if request.state is not None and not request.state.parent.is_dir():
         raise OptionError(f"{request.state}: folder {request.state.parent} does not exist")
 
@@ -238,11 +450,11 @@ class Facts:
 
 @dataclass(frozen=True)
 class RunPlan:
-    """Everything a run will write, decided before any of it is: a pure function of the
-    request and the facts (``decide``)."""
+    """Everything one average of a run will write, decided before any of it is: a pure
+    function of the request and the facts (``decide``)."""
 
     request: Request
-    mapping_path: Path
+    destination: Destination
     history: tuple[Checkpoint, ...]  # every checkpoint in the average: folded, then fresh
     folded: int
     replay: ReplayPlan
@@ -250,11 +462,22 @@ class RunPlan:
     folder_output: bool
     record: dict[str, Any]  # the mapping file's content, less what only writing tells
     outputs: list[dict[str, Any]]
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def mapping_path(self) -> Path:
+        return self.destination.mapping
 
 
 def _gather(
-    stack: contextlib.ExitStack, request: Request, ordered: list[Checkpoint], files: list[Path]
+    stack: contextlib.ExitStack,
+    request: Request,
+    settings: Settings,
+    ordered: list[Checkpoint],
+    files: list[Path],
 ) -> Facts:
+    """The facts of a run; ``settings`` and ``ordered`` are its (first) average's (a ``--state``
+    run has one)."""
     # Size and mtime of every input, taken once and before anything is read: a checkpoint
     # rewritten during this run is then recorded as it was, and the next run notices.
     fingerprints = [state.Fingerprint.of(c.path, f) for c, f in zip(ordered, files, strict=True)]
@@ -268,10 +491,10 @@ def _gather(
             )
             saved = None
     if saved is not None:
-        saved.check_settings(request.settings)
+        saved.check_settings(settings)
     folded, gone = 0, frozenset[int]()
     if saved is not None:
-        resumed = state.resume(saved, ordered, files, fingerprints, request.settings)
+        resumed = state.resume(saved, ordered, files, fingerprints, settings)
         ordered, files, fingerprints = resumed.checkpoints, resumed.files, resumed.fingerprints
         folded, gone = resumed.folded, resumed.gone
     readers: list[CheckpointReader] = []
@@ -297,11 +520,15 @@ def _gather(
     return Facts(ordered, files, fingerprints, saved, folded, readers, warnings, gone)
 
 
-def decide(request: Request, mapping_path: Path, facts: Facts) -> RunPlan:
-    """The plan of a run that has new checkpoints to fold in (pure: no file is touched)."""
-    settings, output, folded = request.settings, request.output, facts.folded
-    fresh = facts.ordered[folded : folded + len(facts.readers)]
-    history = (*facts.ordered[:folded], *fresh)
+def decide(
+    request: Request, destination: Destination, ordered: Sequence[Checkpoint], facts: Facts
+) -> RunPlan:
+    """The plan of one average of a run that has new checkpoints to fold in (pure: no file is
+    touched). ``ordered`` is the average's history (``facts.ordered`` for the first average;
+    a sweep has no saved state, so every average's history is its own ordering)."""
+    settings, output, folded = destination.settings, destination.output, facts.folded
+    fresh = list(ordered[folded : folded + len(facts.readers)])
+    history = (*ordered[:folded], *fresh)
     plan = build_plan(
         fresh,
         [r.tensors for r in facts.readers],
@@ -325,6 +552,13 @@ def decide(request: Request, mapping_path: Path, facts: Facts) -> RunPlan:
         }
         for i, p in sorted(snapshots.items())
     ]
+    steps = [c.step for c in history]
+    weights = report.weights(history, settings)
+    try:
+        window: dict[str, Any] | None = dict(profiles.window(weights, steps))
+    except ValueError:  # weights that are not numbers (zero debias with decay 1)
+        window = None
+    warning = profiles.warning(settings.average, steps)
     record = report.summary(
         plan,
         [],
@@ -337,11 +571,12 @@ def decide(request: Request, mapping_path: Path, facts: Facts) -> RunPlan:
                 "min_step": request.selection.min_step,
             },
             "state": None if request.state is None else str(request.state),
+            "window": window,
         },
     )
     return RunPlan(
         request,
-        mapping_path,
+        destination,
         tuple(history),
         folded,
         plan,
@@ -349,14 +584,13 @@ def decide(request: Request, mapping_path: Path, facts: Facts) -> RunPlan:
         folder_output,
         record,
         outputs,
+        () if warning is None else (warning,),
     )
 
 
-def _checkpoint_records(
-    run: RunPlan, facts: Facts, hashed: bool
-) -> tuple[list[dict[str, Any]], list[Any]]:
-    """Each replayed checkpoint's record, and its digest (``--hash``: a checkpoint folded in
-    earlier, its size and mtime checked, keeps the digest recorded then)."""
+def _digests(run: RunPlan, facts: Facts, hashed: bool) -> list[Any]:
+    """Each replayed checkpoint's digest (``--hash``: a checkpoint folded in earlier, its size
+    and mtime checked, keeps the digest recorded then)."""
     history, saved = run.history, facts.saved
     digests: list[str | dict[str, str] | None] = [None] * len(history)
     if hashed:
@@ -364,20 +598,25 @@ def _checkpoint_records(
             known = saved.checkpoints[i].get("sha256") if saved and i < run.folded else None
             gone = i in facts.gone  # deleted since it was folded in: nothing left to hash
             digests[i] = known or (None if gone else report.sha256(facts.files[i]))
-    weights = report.weights(history, run.request.settings)
+    return digests
+
+
+def _checkpoint_records(run: RunPlan, facts: Facts, digests: Sequence[Any]) -> list[dict[str, Any]]:
+    """Each replayed checkpoint's record: path, step, decay, weight in this average, size."""
+    history = run.history
+    weights = report.weights(history, run.destination.settings)
     records = [
         report.checkpoint_record(c, w, facts.fingerprints[i].size, digests[i])
         for i, (c, w) in enumerate(zip(history, weights, strict=True))
     ]
     for i in facts.gone:
         records[i]["gone"] = True
-    return records, digests
+    return records
 
 
 def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Result:
     """Do the run; raise ``EmaCliError`` for anything the user can fix, before writing anything."""
     _check_options(request)
-    mapping_path = request.mapping or default_mapping_path(request.output)
     # Existence first: "no such file" says more than "no step number" about a mistyped path.
     resolved: dict[str, Path] = {}
     first_given: dict[str, str] = {}
@@ -390,14 +629,19 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
         earlier = first_given.setdefault(os.path.realpath(file), given)
         if earlier != given:
             raise CheckpointError(given, f"given twice (also as {earlier})")
-    ordered = order_checkpoints(request.checkpoints, request.settings, request.selection)
-    files = [resolved[c.path] for c in ordered]
-    _check_targets(request, mapping_path, ordered, resolved)
+    listed = order_checkpoints(request.checkpoints, request.settings, request.selection)
+    destinations = _destinations(request, listed)
+    # Each average's own ordering: the same checkpoints, with its decays (and step checks).
+    orderings = [
+        order_checkpoints(request.checkpoints, d.settings, request.selection) for d in destinations
+    ]
+    files = [resolved[c.path] for c in listed]
+    _check_targets(request, destinations, listed, resolved)
 
     with contextlib.ExitStack() as stack:
         if not request.dry_run:
-            _lock(stack, request, mapping_path)
-        facts = _gather(stack, request, ordered, files)
+            _lock(stack, request, destinations)
+        facts = _gather(stack, request, destinations[0].settings, orderings[0], files)
         for message in facts.warnings:
             warn(message)
         if not facts.readers:
@@ -406,62 +650,88 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
                 "status": "up to date",
                 "checkpoints": [c.path for c in history],
             }
-            return Result("up to date", record, mapping_path, None, facts.folded)
-        plan = decide(request, mapping_path, facts)
+            return Result("up to date", [record], [destinations[0].mapping], [], facts.folded)
+        plans = [
+            decide(request, d, facts.ordered if i == 0 else orderings[i], facts)
+            for i, d in enumerate(destinations)
+        ]
+        for plan in plans:
+            for message in plan.warnings:
+                warn(message)
         if request.drop_non_tensors:
-            lost = lost_in_conversion(request.output, facts.readers[-1], plan.folder_output)
+            lost = lost_in_conversion(request.output, facts.readers[-1], request.folder_output)
             if lost:
                 more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
                 warn(f"leaving out {lost[0]}{more} (--drop-non-tensors)")
-        for pattern in plan.replay.unmatched_excludes:
+        for pattern in plans[0].replay.unmatched_excludes:
             warn(f"--exclude {pattern!r} matches no tensor")
         if request.dry_run:
-            for i, path in plan.snapshots.items():  # what the writers would refuse, unwritten
-                check_writer(
-                    path,
-                    plan.replay.output_tensors,
-                    facts.readers[i],
-                    plan.folder_output,
-                    request.drop_non_tensors,
+            records = []
+            digests = _digests(plans[0], facts, hashed=False)
+            for plan in plans:
+                for i, path in plan.snapshots.items():  # what the writers would refuse, unwritten
+                    check_writer(
+                        path,
+                        plan.replay.output_tensors,
+                        facts.readers[i],
+                        plan.folder_output,
+                        request.drop_non_tensors,
+                    )
+                # the same record, unwritten
+                records.append(
+                    {**plan.record, "checkpoints": _checkpoint_records(plan, facts, digests)}
                 )
-            records, _ = _checkpoint_records(plan, facts, hashed=False)
-            record = {**plan.record, "checkpoints": records}  # the same record, unwritten
-            return Result("dry run", record, mapping_path, plan.replay, facts.folded)
-        return _execute(stack, plan, facts, progress)
+            return Result(
+                "dry run",
+                records,
+                [p.mapping_path for p in plans],
+                [p.replay for p in plans],
+                facts.folded,
+            )
+        return _execute(stack, plans, facts, progress)
 
 
-def _lock(stack: contextlib.ExitStack, request: Request, mapping_path: Path) -> None:
+def _lock(
+    stack: contextlib.ExitStack, request: Request, destinations: Sequence[Destination]
+) -> None:
     if request.state is not None:
         stack.enter_context(lock.exclusive(request.state, "state"))
         state.remove_leftovers(request.state)
-    stack.enter_context(lock.exclusive(request.output, "output"))
-    remove_stale_temporaries(request.output)
-    remove_stale_temporaries(mapping_path)
+    for output in sorted({d.output for d in destinations}):
+        stack.enter_context(lock.exclusive(output, "output"))
+        remove_stale_temporaries(output)
+    for d in destinations:
+        remove_stale_temporaries(d.mapping)
 
 
 def _execute(
-    stack: contextlib.ExitStack, plan: RunPlan, facts: Facts, progress: Progress
+    stack: contextlib.ExitStack, plans: Sequence[RunPlan], facts: Facts, progress: Progress
 ) -> Result:
-    """Write the plan: every output, then the mapping, then the state."""
-    request, replay_plan, folded = plan.request, plan.replay, plan.folded
-    writers: dict[int, CheckpointWriter] = {}
-    for i, path in sorted(plan.snapshots.items()):
-        remove_stale_temporaries(path)  # under the output's lock, which covers its trajectory
-        defaults = dict(output_format(path, plan.folder_output).metadata_defaults)
-        metadata = report.output_metadata(
-            replay_plan, facts.readers[i].metadata, folded + i + 1, defaults
-        )
-        writers[i] = stack.enter_context(
-            create_writer(
-                path,
-                replay_plan.output_tensors,
-                metadata,
-                template=facts.readers[i],
-                max_shard_size=request.max_shard_size,
-                folder=plan.folder_output,
-                drop_non_tensors=request.drop_non_tensors,
+    """Write the plans: every output, then the mappings, then the state."""
+    first = plans[0]
+    request, folded = first.request, first.folded
+    writers: list[dict[int, CheckpointWriter]] = []
+    for plan in plans:
+        replay_plan = plan.replay
+        own: dict[int, CheckpointWriter] = {}
+        for i, path in sorted(plan.snapshots.items()):
+            remove_stale_temporaries(path)  # under the output's lock, which covers its trajectory
+            defaults = dict(output_format(path, plan.folder_output).metadata_defaults)
+            metadata = report.output_metadata(
+                replay_plan, facts.readers[i].metadata, folded + i + 1, defaults
             )
-        )
+            own[i] = stack.enter_context(
+                create_writer(
+                    path,
+                    replay_plan.output_tensors,
+                    metadata,
+                    template=facts.readers[i],
+                    max_shard_size=request.max_shard_size,
+                    folder=plan.folder_output,
+                    drop_non_tensors=request.drop_non_tensors,
+                )
+            )
+        writers.append(own)
     state_writer = None
     shadows_name = state.new_shadows_name()
     if request.state is not None:
@@ -470,40 +740,58 @@ def _execute(
             # A run that fails leaves nothing behind, not even the folder it made.
             stack.callback(_remove_if_empty, request.state)
         state_writer = stack.enter_context(
-            state.create_shadows_writer(request.state, shadows_name, replay_plan)
+            state.create_shadows_writer(request.state, shadows_name, first.replay)
         )
     resume = stack.enter_context(state.open_shadows(facts.saved)) if facts.saved else None
 
     # Opened before the replay, written last: a mapping that cannot be written fails the
     # run before any output appears. (After the writers: they clean their output's stale
     # temporaries, and a folder output "ema" shares the ".ema." prefix with the mapping's.)
-    mapping_file = stack.enter_context(StagedFile(plan.mapping_path))
-    with progress(total_bytes(replay_plan, len(writers))) as advance:
-        for done in replay(
-            replay_plan, facts.readers, Outputs(writers, state_writer), resume=resume
-        ):
+    mapping_files = [stack.enter_context(StagedFile(p.mapping_path)) for p in plans]
+    averages = [
+        Average.of(
+            plan.replay,
+            Outputs(own, state_writer if plan is first else None),
+            resume if plan is first else None,
+            history=[c.step for c in plan.history],
+        )
+        for plan, own in zip(plans, writers, strict=True)
+    ]
+    snapshot_points = len({i for own in writers for i in own})
+    with progress(total_bytes(first.replay, snapshot_points)) as advance:
+        for done in replay_averages(averages, facts.readers):
             advance(done)
 
-    for i in sorted(writers):  # the final output last: trajectory files are never newer
-        writers[i].commit(request.durable)
-    records, digests = _checkpoint_records(plan, facts, request.hash)
-    outputs = [dict(entry) for entry in plan.outputs]
-    for entry in outputs:
-        path = Path(entry["path"])
-        entry["size"] = checkpoint_stats(path)[0]
-        if request.hash:
-            entry["sha256"] = report.sha256(path)
-    record = {**plan.record, "checkpoints": records, "outputs": outputs}
-    mapping_file.publish(report.to_json(record).encode(), request.durable)
+    for own in writers:
+        for i in sorted(own):  # the final output last: trajectory files are never newer
+            own[i].commit(request.durable)
+    digests = _digests(first, facts, request.hash)
+    records = []
+    for plan, mapping_file in zip(plans, mapping_files, strict=True):
+        outputs = [dict(entry) for entry in plan.outputs]
+        for entry in outputs:
+            path = Path(entry["path"])
+            entry["size"] = checkpoint_stats(path)[0]
+            if request.hash:
+                entry["sha256"] = report.sha256(path)
+        record = {
+            **plan.record,
+            "checkpoints": _checkpoint_records(plan, facts, digests),
+            "outputs": outputs,
+        }
+        mapping_file.publish(report.to_json(record).encode(), request.durable)
+        records.append(record)
     if state_writer is not None and request.state is not None:
         state_writer.commit(request.durable)
-        history = list(plan.history)
+        history = list(first.history)
         state.commit(
             request.state,
-            request.settings,
+            first.destination.settings,
             list(zip(history, facts.fingerprints[: len(history)], digests, strict=True)),
-            replay_plan,
+            first.replay,
             shadows_name,
             request.durable,
         )
-    return Result("written", record, plan.mapping_path, replay_plan, folded)
+    return Result(
+        "written", records, [p.mapping_path for p in plans], [p.replay for p in plans], folded
+    )

@@ -15,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 
-from ema_cli import engine
+from ema_cli import engine, profiles
 from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import CheckpointError, OptionError
 from ema_cli.formats.registry import strip_suffix
@@ -40,9 +40,16 @@ def step_from_name(name: str) -> int | None:
 
 @dataclass(frozen=True)
 class Settings:
-    """The EMA and selection settings of one run (everything but the checkpoint list)."""
+    """The averaging and selection settings of one average (everything but the checkpoint list).
 
-    decay: float
+    ``profile`` None is TF's replay with ``decay``, ``num_updates`` and ``zero_debias`` (the
+    default, and what ``--decay`` asks for); any other ``profiles.Profile`` (``--mean``,
+    ``--decay-per-step``, ``--sigma-rel``, ``--weights``) leaves ``decay`` None and carries its
+    own parameters (``num_updates`` mirrors a ``DecayPerStep``'s). ``average`` is the profile
+    either way.
+    """
+
+    decay: float | None
     num_updates: NumUpdates = None
     zero_debias: bool = False
     ema_name: str = engine.DEFAULT_EMA_NAME
@@ -53,10 +60,16 @@ class Settings:
     precision: engine.Precision = "auto"
     strict: bool = False
     average_optimizer: bool = False
+    profile: profiles.Profile | None = None
 
     def __post_init__(self) -> None:
-        if not (0.0 <= self.decay <= 1.0):  # also refuses NaN
-            raise OptionError(f"--decay must be between 0 and 1, got {self.decay}")
+        if self.profile is None or isinstance(self.profile, profiles.Decay):
+            if self.decay is None or not (0.0 <= self.decay <= 1.0):  # also refuses NaN
+                raise OptionError(f"--decay must be between 0 and 1, got {self.decay}")
+            if self.profile is not None:
+                raise ValueError("a Decay profile is given as decay, num_updates, zero_debias")
+        elif self.decay is not None or self.zero_debias:
+            raise ValueError(f"{profiles.label(self.profile)}: decay and zero_debias are its own")
         if isinstance(self.num_updates, int) and self.num_updates < 0:
             raise OptionError(f"--num-updates must be >= 0, got {self.num_updates}")
         if not self.ema_name or self.ema_name.startswith("/") or self.ema_name.endswith("/"):
@@ -64,15 +77,34 @@ class Settings:
                 f"--name must be a non-empty name without a leading or trailing '/', got {self.ema_name!r}"
             )
 
+    @property
+    def average(self) -> profiles.Profile:
+        """The profile this average computes."""
+        if self.profile is not None:
+            return self.profile
+        assert self.decay is not None
+        return profiles.Decay(self.decay, self.num_updates, self.zero_debias)
+
+    @property
+    def replays_engine(self) -> bool:
+        """Whether the average is TF's recurrence (``engine``), not a linear profile's sum."""
+        return self.profile is None
+
+    @property
+    def label(self) -> str:
+        """The profile's name in output names and messages (``profiles.label``)."""
+        return profiles.label(self.average)
+
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """One replayed checkpoint: where it is, its step, and the decay its ``apply`` uses."""
+    """One replayed checkpoint: where it is, its step, and the decay its ``apply`` uses (None
+    for the linear profiles, whose weights ``profiles.weights`` gives)."""
 
     path: str
     step: int | None
     num_updates: int | None
-    decay: np.float32
+    decay: np.float32 | None
 
 
 @dataclass(frozen=True)
@@ -154,6 +186,8 @@ def order_checkpoints(
             ("--order step", settings.order == "step"),
             ("--num-updates step", settings.num_updates == "step"),
             ("--min-step/--max-step", selection.by_step),
+            ("--decay-per-step", isinstance(settings.profile, profiles.DecayPerStep)),
+            ("--sigma-rel/--gamma", isinstance(settings.profile, profiles.PowerEMA)),
         )
         if needed
     ]
@@ -191,7 +225,8 @@ def order_checkpoints(
             n = index
         else:
             n = settings.num_updates
-        checkpoints.append(Checkpoint(p, s, n, engine.effective_decay(settings.decay, n)))
+        decay = None if settings.decay is None else engine.effective_decay(settings.decay, n)
+        checkpoints.append(Checkpoint(p, s, n, decay))
     return checkpoints
 
 

@@ -21,11 +21,12 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from ema_cli import engine, fpmode, kernels
+from ema_cli import engine, fpmode, kernels, profiles
 from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import CheckpointError
 from ema_cli.formats.base import CheckpointReader, CheckpointWriter, iter_blocks
 from ema_cli.plan import ReplayPlan, TensorJob
+from ema_cli.state import accumulator_names as state_accumulator_names
 from ema_cli.state import tensor_names as state_tensor_names
 
 Array = npt.NDArray[np.generic]
@@ -49,6 +50,46 @@ class Outputs:
 
     snapshots: Mapping[int, CheckpointWriter]
     state: CheckpointWriter | None = None
+
+
+@dataclass(frozen=True)
+class Average:
+    """One average a replay computes, beside any others over the same checkpoints (a sweep of
+    profiles reads every input byte once).
+
+    ``plan`` is the average's own (its settings and checkpoints; every average of one replay
+    has the same tensors). ``accumulator`` streams the linear profiles (``profiles.accumulator``
+    over every step of the history, folded-in checkpoints included); None is TF's recurrence
+    (``engine``). ``offset`` counts the checkpoints folded in before (``resume`` holds their
+    state), so checkpoint ``i`` of the plan is ``offset + i`` of the accumulator's.
+    """
+
+    plan: ReplayPlan
+    outputs: Outputs
+    resume: CheckpointReader | Source | None = None
+    accumulator: profiles.Accumulator | None = None
+    offset: int = 0
+
+    @classmethod
+    def of(
+        cls,
+        plan: ReplayPlan,
+        outputs: Outputs | CheckpointWriter,
+        resume: CheckpointReader | Source | None = None,
+        history: Sequence[int | None] | None = None,
+    ) -> Average:
+        """The average of ``plan`` (a bare writer receives the final result). ``history``: the
+        steps of every checkpoint of the average, folded-in ones first (default: the plan's)."""
+        if isinstance(outputs, CheckpointWriter):
+            outputs = Outputs({len(plan.checkpoints) - 1: outputs})
+        steps = list(history) if history is not None else [c.step for c in plan.checkpoints]
+        settings = plan.settings
+        accumulator = None
+        if not settings.replays_engine:
+            profile = settings.average
+            assert not isinstance(profile, profiles.Decay)
+            accumulator = profiles.accumulator(profile, steps)
+        return cls(plan, outputs, resume, accumulator, len(steps) - len(plan.checkpoints))
 
 
 @dataclass(frozen=True)
@@ -133,25 +174,38 @@ class _Arithmetic:
 
 @dataclass
 class _Replayer:
-    plan: ReplayPlan
+    averages: Sequence[Average]
     sources: Sequence[Source]
-    #: What the plan was built from, per source (None: the plan's own tensor infos).
+    #: What the plans were built from, per source (None: the plans' own tensor infos).
     headers: Sequence[Mapping[str, TensorInfo]] | None
-    outputs: Outputs
-    resume: Source | None
-    _arithmetic: dict[np.dtype[np.generic], _Arithmetic] = field(default_factory=dict)
+    _resumes: list[Source | None] = field(default_factory=list)
+    _arithmetic: dict[tuple[int, np.dtype[np.generic]], _Arithmetic] = field(default_factory=dict)
     _local: threading.local = field(default_factory=threading.local)
     _opened: list[CheckpointReader] = field(default_factory=list)
     _opened_lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def __post_init__(self) -> None:
+        self._resumes = [None if a.resume is None else Source.of(a.resume) for a in self.averages]
+        #: Checkpoint index -> the writers of every average that receive a snapshot after it.
+        snapshot_writers: dict[int, list[CheckpointWriter]] = {}
+        for average in self.averages:
+            for index, writer in average.outputs.snapshots.items():
+                snapshot_writers.setdefault(index, []).append(writer)
+        self._snapshot_writers = dict(sorted(snapshot_writers.items()))
+
+    @property
+    def plan(self) -> ReplayPlan:
+        """The first average's plan: its tensors (and checkpoints' paths) are every average's."""
+        return self.averages[0].plan
+
     def reader(self, index: int) -> CheckpointReader:
-        """This worker's reader of source ``index`` (-1: the resumed state), opened on first
-        use and checked then to hold the tensors the plan was built from: a checkpoint
-        replaced since is refused, not mixed in."""
+        """This worker's reader of source ``index`` (``-1 - a``: average ``a``'s resumed state),
+        opened on first use and checked then to hold the tensors the plan was built from: a
+        checkpoint replaced since is refused, not mixed in."""
         readers: dict[int, CheckpointReader] = self._local.__dict__.setdefault("readers", {})
         reader = readers.get(index)
         if reader is None:
-            source = self.resume if index < 0 else self.sources[index]
+            source = self._resumes[-1 - index] if index < 0 else self.sources[index]
             assert source is not None
             reader = readers[index] = source.open()
             with self._opened_lock:
@@ -166,7 +220,7 @@ class _Replayer:
             names: Iterable[str] = expected
         else:  # only the plan's view: every averaged tensor, and copied ones where copied from
             expected = {job.name: job.info for job in self.plan.tensors}
-            copies = index in self.outputs.snapshots
+            copies = index in self._snapshot_writers
             names = [j.name for j in self.plan.tensors if j.averaged or copies]
         for name in names:
             if reader.tensors.get(name) != expected[name]:
@@ -181,16 +235,19 @@ class _Replayer:
         for reader in opened:
             reader.close()
 
-    def arithmetic(self, dtype: np.dtype[np.generic]) -> _Arithmetic:
-        """How tensors of ``dtype`` are averaged; worked out once per dtype (two threads may
-        both do it first: same result)."""
-        cached = self._arithmetic.get(dtype)
+    def arithmetic(self, a: int, dtype: np.dtype[np.generic]) -> _Arithmetic:
+        """How average ``a`` (an engine replay) averages tensors of ``dtype``; worked out once
+        per average and dtype (two threads may both do it first: same result)."""
+        cached = self._arithmetic.get((a, dtype))
         if cached is None:
-            work = engine.compute_dtype(dtype, self.plan.settings.precision)
-            cached = self._arithmetic[dtype] = _Arithmetic(
-                work,
-                [engine.coefficient(c.decay, work) for c in self.plan.checkpoints],
-                kernels.updater(work, dtype),
+            plan = self.averages[a].plan
+            work = engine.compute_dtype(dtype, plan.settings.precision)
+            coefficients = []
+            for c in plan.checkpoints:
+                assert c.decay is not None
+                coefficients.append(engine.coefficient(c.decay, work))
+            cached = self._arithmetic[(a, dtype)] = _Arithmetic(
+                work, coefficients, kernels.updater(work, dtype)
             )
         return cached
 
@@ -205,6 +262,19 @@ class _Replayer:
         if array is None or array.size < size:
             array = buffers[key] = np.empty(size, dtype=dtype)
         return array[:size]
+
+    def lanes(self, role: str, lanes: int, size: int) -> npt.NDArray[np.float64]:
+        """A per-thread float64 array of ``lanes`` rows of ``size`` (accumulator states)."""
+        flat = self.buffer(role, np.dtype(np.float64), lanes * size)
+        return flat.reshape(lanes, size)  # type: ignore[return-value]
+
+    def switch(self) -> fpmode.Switch:
+        """This thread's switch to IEEE arithmetic and back (the linear profiles')."""
+        local = self._local.__dict__
+        found: fpmode.Switch | None = local.get("switch")
+        if found is None:
+            found = local["switch"] = fpmode.switch()
+        return found
 
     def read_buffer(self, reader: CheckpointReader, job: TensorJob, start: int, size: int) -> Array:
         """A per-thread buffer for reading ``size`` elements of ``job`` from ``reader``, placed
@@ -235,70 +305,151 @@ class _Replayer:
 
     def _copy(self, block: Block) -> int:
         job, start, stop = block.job, block.start, block.stop
-        for index, writer in self.outputs.snapshots.items():
+        for index, writers in self._snapshot_writers.items():
             reader = self.reader(index)
             raw = self.read_buffer(reader, job, start, stop - start)
             reader.read(job.name, start, stop, out=raw)
-            writer.write(job.output_name, start, raw)
-        return job.info.dtype.itemsize * (stop - start) * len(self.outputs.snapshots)
+            for writer in writers:
+                writer.write(job.output_name, start, raw)
+        return job.info.dtype.itemsize * (stop - start) * len(self._snapshot_writers)
 
     def _average(self, block: Block) -> int:
         job, start, stop = block.job, block.start, block.stop
         info, size = job.info, stop - start
-        settings = self.plan.settings
-        arithmetic = self.arithmetic(info.dtype)
-        work_dtype, update = arithmetic.work, arithmetic.update
-        same_dtype = work_dtype == info.dtype
-        scratch = None if update is not None else self.buffer("scratch", work_dtype, size)
-        state = self._initial_state(job, start, stop, work_dtype)
-        snapshots = self.outputs.snapshots
-        for i, c in enumerate(arithmetic.coefficients):
+        engines = [a for a, average in enumerate(self.averages) if average.accumulator is None]
+        linear = [a for a, average in enumerate(self.averages) if average.accumulator is not None]
+        states: dict[int, engine.ShadowState | None] = {
+            a: self._initial_state(a, job, start, stop) for a in engines
+        }
+        sums = {a: self._initial_sum(a, job, start, stop) for a in linear}
+        scratch64 = None
+        if linear:
+            two_lanes = profiles.lanes(info.dtype) == 2
+            scratch64 = self.lanes("sum-scratch", profiles.SCRATCH_LANES if two_lanes else 2, size)
+        switch = self.switch() if linear else None
+        for i in range(len(self.sources)):
             reader = self.reader(i)
             raw = reader.read(job.name, start, stop, out=self.read_buffer(reader, job, start, size))
-            x = raw
-            # The C update reads float16/bfloat16 blocks as they are; numpy's needs them widened,
-            # and so does the shadow's first value.
-            if not same_dtype and (state is None or update is None):
-                x = self.buffer("x", work_dtype, size)
-                kernels.convert(raw, x)  # widening: exact
-            if state is None:
-                state = engine.init_state(
-                    x,
-                    zero_debias=settings.zero_debias,
-                    dtype=work_dtype,
-                    out=self.buffer("shadow", work_dtype, size),
-                )
-            engine.apply(state, raw if update is not None else x, c, scratch, update)
-            writer = snapshots.get(i)
-            if writer is not None:
-                result = engine.average(state)
-                if result.dtype != info.dtype:
-                    rounded = self.buffer("out", info.dtype, size)
-                    kernels.convert(result, rounded)  # round once, to nearest even
-                    result = rounded
-                writer.write(job.output_name, start, result)
-        if self.outputs.state is not None and state is not None:
-            shadow_name, step_name = state_tensor_names(job.name)
-            self.outputs.state.write(shadow_name, start, state.value)
-            if state.local_step is not None and start == 0:
-                self.outputs.state.write(step_name, 0, state.local_step.reshape(1))
+            widened: dict[np.dtype[np.generic], Array] = {}
+            for a in engines:
+                states[a] = self._apply(a, i, job, start, raw, states[a], widened)
+            if switch is not None:
+                switch.to_ieee()
+                try:
+                    for a in linear:
+                        self._accumulate(a, i, job, start, raw, sums[a], scratch64)
+                finally:
+                    switch.to_tf()
+        for a in engines:
+            state = states[a]
+            outputs = self.averages[a].outputs
+            if outputs.state is not None and state is not None:
+                shadow_name, step_name = state_tensor_names(job.name)
+                outputs.state.write(shadow_name, start, state.value)
+                if state.local_step is not None and start == 0:
+                    outputs.state.write(step_name, 0, state.local_step.reshape(1))
+        for a in linear:
+            outputs = self.averages[a].outputs
+            if outputs.state is not None:
+                for name, lane in zip(state_accumulator_names(job.name), sums[a], strict=False):
+                    outputs.state.write(name, start, lane)
         return info.dtype.itemsize * size * len(self.sources)
 
+    def _apply(
+        self,
+        a: int,
+        i: int,
+        job: TensorJob,
+        start: int,
+        raw: Array,
+        state: engine.ShadowState | None,
+        widened: dict[np.dtype[np.generic], Array],
+    ) -> engine.ShadowState:
+        """One ``apply`` of checkpoint ``i`` to average ``a``'s shadow of the block (TF's
+        arithmetic); writes the average if ``a`` takes a snapshot after ``i``."""
+        info, size = job.info, raw.size
+        arithmetic = self.arithmetic(a, info.dtype)
+        work_dtype, update = arithmetic.work, arithmetic.update
+        x = raw
+        # The C update reads float16/bfloat16 blocks as they are; numpy's needs them widened,
+        # and so does the shadow's first value.
+        if work_dtype != info.dtype and (state is None or update is None):
+            found = widened.get(work_dtype)
+            if found is None:
+                found = widened[work_dtype] = self.buffer("x", work_dtype, size)
+                kernels.convert(raw, found)  # widening: exact
+            x = found
+        if state is None:
+            state = engine.init_state(
+                x,
+                zero_debias=self.averages[a].plan.settings.zero_debias,
+                dtype=work_dtype,
+                out=self.buffer(f"shadow-{a}", work_dtype, size),
+            )
+        scratch = None if update is not None else self.buffer("scratch", work_dtype, size)
+        engine.apply(
+            state, raw if update is not None else x, arithmetic.coefficients[i], scratch, update
+        )
+        writer = self.averages[a].outputs.snapshots.get(i)
+        if writer is not None:
+            result = engine.average(state)
+            if result.dtype != info.dtype:
+                rounded = self.buffer("out", info.dtype, size)
+                kernels.convert(result, rounded)  # round once, to nearest even
+                result = rounded
+            writer.write(job.output_name, start, result)
+        return state
+
+    def _accumulate(
+        self,
+        a: int,
+        i: int,
+        job: TensorJob,
+        start: int,
+        raw: Array,
+        state: npt.NDArray[np.float64],
+        scratch: npt.NDArray[np.float64] | None,
+    ) -> None:
+        """Fold checkpoint ``i`` into average ``a``'s sum (a linear profile, IEEE float64);
+        writes the result if ``a`` takes a snapshot after ``i``."""
+        average = self.averages[a]
+        accumulator = average.accumulator
+        assert accumulator is not None
+        accumulator.update(state, raw, average.offset + i, scratch)
+        writer = average.outputs.snapshots.get(i)
+        if writer is not None:
+            writer.write(job.output_name, start, accumulator.finish(state, job.info.dtype))
+
     def _initial_state(
-        self, job: TensorJob, start: int, stop: int, dtype: np.dtype[np.generic]
+        self, a: int, job: TensorJob, start: int, stop: int
     ) -> engine.ShadowState | None:
-        """The state a resumed replay continues from (None: start from the first checkpoint)."""
-        if self.resume is None:
+        """The state average ``a`` continues from (None: start from the first checkpoint)."""
+        if self._resumes[a] is None:
             return None
+        dtype = engine.compute_dtype(job.info.dtype, self.averages[a].plan.settings.precision)
         shadow_name, step_name = state_tensor_names(job.name)
-        resume = self.reader(-1)
+        resume = self.reader(-1 - a)
         value = resume.read(
-            shadow_name, start, stop, out=self.buffer("shadow", dtype, stop - start)
+            shadow_name, start, stop, out=self.buffer(f"shadow-{a}", dtype, stop - start)
         )
         local_step = None
-        if self.plan.settings.zero_debias:
+        if self.averages[a].plan.settings.zero_debias:
             local_step = resume.read(step_name).reshape(())
         return engine.ShadowState(value=value, local_step=local_step)
+
+    def _initial_sum(
+        self, a: int, job: TensorJob, start: int, stop: int
+    ) -> npt.NDArray[np.float64]:
+        """Average ``a``'s accumulator state for the block: zeros, or the resumed sum."""
+        lanes = profiles.lanes(job.info.dtype)
+        state = self.lanes(f"sum-{a}", lanes, stop - start)
+        if self._resumes[a] is None:
+            state.fill(0.0)
+            return state
+        resume = self.reader(-1 - a)
+        for name, lane in zip(state_accumulator_names(job.name), state, strict=False):
+            resume.read(name, start, stop, out=lane)
+        return state
 
 
 def total_bytes(plan: ReplayPlan, snapshots: int = 1) -> int:
@@ -328,22 +479,50 @@ def replay(
     is a list of independent ``Block`` items run by ``executor`` (default: ``ThreadExecutor``
     of ``workers`` threads). The caller commits the writers once the iterator is exhausted.
     """
-    if isinstance(outputs, CheckpointWriter):
-        outputs = Outputs({len(readers) - 1: outputs})
+    return replay_averages(
+        [Average.of(plan, outputs, resume)],
+        readers,
+        block_bytes=block_bytes,
+        workers=workers,
+        executor=executor,
+    )
+
+
+def replay_averages(
+    averages: Sequence[Average],
+    readers: Sequence[CheckpointReader | Source],
+    *,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    workers: int = 2,
+    executor: Executor | None = None,
+) -> Iterator[int]:
+    """``replay`` for several averages of the same checkpoints in one pass: each block is
+    read once from each checkpoint and folded into every average, each exactly as its own
+    replay would (the same bytes). Memory grows by a block per average."""
+    if not averages:
+        raise ValueError("no averages to replay")
+    first = averages[0].plan
+    paths = [c.path for c in first.checkpoints]
+    for average in averages[1:]:
+        same = [c.path for c in average.plan.checkpoints] == paths
+        if not same or average.plan.tensors != first.tensors:
+            raise ValueError("the averages of one replay need the same checkpoints and tensors")
     sources = [Source.of(r) for r in readers]
     opened = all(isinstance(r, CheckpointReader) for r in readers)
     headers = [r.tensors for r in readers if isinstance(r, CheckpointReader)] if opened else None
-    replayer = _Replayer(
-        plan, sources, headers, outputs, None if resume is None else Source.of(resume)
-    )
+    replayer = _Replayer(averages, sources, headers)
     work = (  # generated as the executor takes them: a model's blocks are never all listed
         Block(job, start, stop)
-        for job in plan.tensors
+        for job in first.tensors
         for start, stop in iter_blocks(
             job.info.size, max(1, block_bytes // job.info.dtype.itemsize)
         )
     )
+    return _run(replayer, work, executor or ThreadExecutor(workers))
+
+
+def _run(replayer: _Replayer, work: Iterable[Block], executor: Executor) -> Iterator[int]:
     try:
-        yield from (executor or ThreadExecutor(workers)).run(replayer.run, work)
+        yield from executor.run(replayer.run, work)
     finally:
         replayer.close()

@@ -14,7 +14,7 @@ from typing import Any
 import click
 import numpy as np
 
-from ema_cli import __version__, engine
+from ema_cli import __version__, engine, profiles
 from ema_cli.formats import checkpoint_stats
 from ema_cli.formats.base import CheckpointReader
 from ema_cli.plan import Checkpoint, ReplayPlan, Settings
@@ -53,18 +53,43 @@ def _sha256_file(path: Path) -> str:
 
 
 def weights(checkpoints: Sequence[Checkpoint], settings: Settings) -> list[float]:
-    """Each checkpoint's share of the final average, for float32 tensors (see
-    ``engine.contribution_weights``)."""
+    """Each checkpoint's share of the final average: for TF's replay, of float32 tensors, from
+    the decays each ``apply`` used (``engine.contribution_weights``); for the other profiles,
+    ``profiles.weights`` (each checkpoint's exact contribution)."""
+    if not settings.replays_engine:
+        return profiles.weights(settings.average, [c.step for c in checkpoints])
     f32 = np.dtype(np.float32)
-    cs = [float(engine.coefficient(c.decay, f32)) for c in checkpoints]
+    cs = []
+    for c in checkpoints:
+        assert c.decay is not None
+        cs.append(float(engine.coefficient(c.decay, f32)))
     return engine.contribution_weights(cs, zero_debias=settings.zero_debias)
+
+
+def describe_profile(settings: Settings) -> dict[str, Any]:
+    """The profile's record in the mapping file: its label (which names its output in a
+    sweep), its kind and its parameters."""
+    profile = settings.average
+    record: dict[str, Any] = {"label": settings.label}
+    if isinstance(profile, profiles.Decay):
+        record.update(kind="decay", decay=profile.decay, num_updates=profile.num_updates)
+        record["zero_debias"] = profile.zero_debias
+    elif isinstance(profile, profiles.DecayPerStep):
+        record.update(kind="decay-per-step", decay=profile.decay, num_updates=profile.num_updates)
+    elif isinstance(profile, profiles.Mean):
+        record.update(kind="mean")
+    elif isinstance(profile, profiles.PowerEMA):
+        record.update(kind="power", gamma=profile.gamma, sigma_rel=profile.sigma_rel)
+    else:
+        record.update(kind="weights", normalize=profile.normalize, source=profile.source)
+    return record
 
 
 def checkpoint_record(
     checkpoint: Checkpoint, weight: float, size: int | None, digest: str | dict[str, str] | None
 ) -> dict[str, Any]:
     record: dict[str, Any] = {
-        "decay": float(checkpoint.decay),
+        "decay": None if checkpoint.decay is None else float(checkpoint.decay),
         "num_updates": checkpoint.num_updates,
         "path": checkpoint.path,
         "step": checkpoint.step,
@@ -103,6 +128,7 @@ def summary(
         "outputs": list(outputs),
         "passthrough": sorted(t.name for t in plan.passthrough),
         "precision": s.precision,
+        "profile": describe_profile(s),
         "tool": TOOL,
         "zero_debias": s.zero_debias,
         **(extra or {}),
@@ -122,7 +148,7 @@ def output_metadata(
     meta.update(
         {
             "ema.checkpoints": str(count),
-            "ema.decay": repr(s.decay),
+            "ema.decay": "none" if s.decay is None else repr(s.decay),
             "ema.name": s.ema_name,
             "ema.names": s.names,
             "ema.num_updates": "none" if s.num_updates is None else str(s.num_updates),
@@ -131,6 +157,8 @@ def output_metadata(
             "ema.zero_debias": "true" if s.zero_debias else "false",
         }
     )
+    if not s.replays_engine:  # TF's replay's outputs keep the bytes they had before profiles
+        meta["ema.profile"] = s.label
     return meta
 
 
@@ -245,44 +273,75 @@ def print_inspection(records: Sequence[dict[str, Any]]) -> None:
         _print_table(None, columns, rows)
 
 
-def print_plan(record: Mapping[str, Any], folded: int = 0) -> None:
-    """``--dry-run``: the replay order, each checkpoint's decay and weight (with bars), and what
-    is averaged and copied."""
-    checkpoints = record["checkpoints"]
-    top = max((c["weight"] for c in checkpoints), default=0.0) or 1.0
+def _bar(weight: float, top: float, width: int = 24) -> str:
+    """A bar of up to ``width`` blocks for ``weight`` (of ``top``); a negative weight ends in
+    '-'."""
+    if weight != weight:  # NaN: zero debias with decay 1
+        return "?"
+    return "█" * max(0, round(width * abs(weight) / top)) + ("-" if weight < 0 else "")
+
+
+def _window_text(window: Mapping[str, Any] | None) -> str:
+    if not window:
+        return "no window (the weights are not numbers)"
+    parts = []
+    for share in ("50%", "90%"):
+        w = window[share]
+        if w["first_step"] is None:
+            steps = ""
+        elif w["first_step"] == w["last_step"]:
+            steps = f" (step {w['last_step']})"
+        else:
+            steps = f" (steps {w['first_step']}-{w['last_step']}, {w['steps']} steps)"
+        noun = "checkpoint" if w["checkpoints"] == 1 else f"{w['checkpoints']} checkpoints"
+        parts.append(f"{share} in the last {noun}{steps}")
+    return "the weight's " + ", ".join(parts)
+
+
+def print_plan(records: Sequence[Mapping[str, Any]], folded: int = 0) -> None:
+    """``--dry-run``: the replay order, each checkpoint's weight in every average (with bars; for
+    a single TF replay also its num_updates and decay), each average's effective window, and
+    what is averaged and copied."""
+    first = records[0]
+    checkpoints = first["checkpoints"]
+    single_decay = len(records) == 1 and first["profile"]["kind"] == "decay"
+    columns: list[Column] = [("#", "right"), ("checkpoint", "left"), ("step", "right")]
+    if single_decay:
+        columns += [("num_updates", "right"), ("decay", "right")]
+    for record in records:
+        header = "weight" if len(records) == 1 else record["profile"]["label"]
+        columns += [(header, "right"), ("", "left")]
+    tops = [
+        max((abs(c["weight"]) for c in r["checkpoints"] if c["weight"] == c["weight"]), default=0.0)
+        or 1.0
+        for r in records
+    ]
     rows = []
     for i, c in enumerate(checkpoints):
-        bar = "█" * max(0, round(24 * c["weight"] / top)) if c["weight"] == c["weight"] else "?"
-        name = c["path"] + ("  (folded in)" if i < folded else "")
-        rows.append(
-            [
-                str(i),
-                name,
-                "-" if c["step"] is None else str(c["step"]),
+        name = (
+            c["path"]
+            + ("  (folded in)" if i < folded else "")
+            + ("  (gone)" if c.get("gone") else "")
+        )
+        row = [str(i), name, "-" if c["step"] is None else str(c["step"])]
+        if single_decay:
+            row += [
                 "-" if c["num_updates"] is None else str(c["num_updates"]),
                 f"{c['decay']:.6g}",
-                f"{c['weight']:.6f}",
-                bar,
             ]
-        )
-    columns = [
-        ("#", "right"),
-        ("checkpoint", "left"),
-        ("step", "right"),
-        ("num_updates", "right"),
-        ("decay", "right"),
-        ("weight", "right"),
-        ("", "left"),
-    ]
+        for record, top in zip(records, tops, strict=True):
+            weight = record["checkpoints"][i]["weight"]
+            row += [f"{weight:.6f}", _bar(weight, top, max(6, 24 // len(records)))]
+        rows.append(row)
     _print_table(f"replay plan: {len(checkpoints)} checkpoints", columns, rows)
-    averaged = sorted(record["mapping"])
-    copied = record["passthrough"]
+    for record in records:
+        click.echo(f"{record['profile']['label']}: {_window_text(record.get('window'))}")
+    averaged = sorted(first["mapping"])
+    copied = first["passthrough"]
     click.echo(f"averaged ({len(averaged)}): {_name_list(averaged)}")
     click.echo(f"copied from the last checkpoint ({len(copied)}): {_name_list(copied)}")
-    click.echo(
-        f"would write {record['output']}"
-        + "".join(f", {o['path']}" for o in record["outputs"] if o["path"] != record["output"])
-    )
+    paths = [o["path"] for r in records for o in r["outputs"]]
+    click.echo("would write " + ", ".join(paths))
 
 
 def _name_list(names: Sequence[str], limit: int = 12) -> str:

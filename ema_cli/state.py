@@ -4,8 +4,10 @@ Layout of ``DIR``:
 
 * ``state.json`` -- the commit point: settings, the checkpoints folded in (path, step, size,
   modification time, the decay used), and the name of the shadows file;
-* ``shadows-<token>`` plus the suffix of ``registry.STATE_FORMAT`` -- every averaged tensor's shadow in its compute dtype
-  (``shadow/<name>``) and, under zero debias, its ``local_step`` (``local_step/<name>``).
+* ``shadows-<token>`` plus the suffix of ``registry.STATE_FORMAT`` -- every averaged tensor's
+  shadow in its compute dtype (``shadow/<name>``) and, under zero debias, its ``local_step``
+  (``local_step/<name>``); for ``--mean`` and ``--decay-per-step``, the float64 accumulator
+  instead (``sum/<name>``, and ``sum-low/<name>``, its compensation, for float64 tensors).
 
 A run writes a new shadows file under a fresh name, then replaces ``state.json`` atomically, then
 deletes the old shadows file: killed at any moment, the folder holds a complete, consistent state
@@ -25,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ema_cli import __version__, engine, report
+from ema_cli import __version__, engine, profiles, report
 from ema_cli.atomic import write_file_atomically
 from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import CheckpointError, EmaCliError
@@ -68,10 +70,28 @@ class Fingerprint:
 
 
 def binding_settings(settings: Settings) -> dict[str, Any]:
-    return {
+    bound = {
         key: list(value) if isinstance(value, tuple) else value
         for key, value in ((k, getattr(settings, k)) for k in _BINDING)
     }
+    return {"profile": settings.label, **bound}
+
+
+def _kind(label: str) -> str:
+    """The kind of average a label names (``decay-0.99-nu-step`` -> ``decay``)."""
+    kinds = ("decay-per-step", "decay", "mean", "sigma-rel", "gamma", "weights")
+    return next((k for k in kinds if label.startswith(k)), label)
+
+
+def _saved_profile(saved: dict[str, Any]) -> str:
+    """The profile a saved state was made for (states of ema-cli before profiles: TF's replay)."""
+    if "profile" in saved:
+        return str(saved["profile"])
+    return profiles.label(
+        profiles.Decay(
+            saved.get("decay", 0.0), saved.get("num_updates"), saved.get("zero_debias", False)
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -88,6 +108,13 @@ class SavedState:
 
     def check_settings(self, settings: Settings) -> None:
         wanted = binding_settings(settings)
+        made_for, asked = _saved_profile(self.settings), wanted.pop("profile")
+        other_profile = StateError(
+            self.folder,
+            f"the state was made for the average {made_for}, this run asks for {asked}",
+        )
+        if _kind(made_for) != _kind(asked):
+            raise other_profile
         for key, value in wanted.items():
             if self.settings.get(key) != value:
                 option = "--" + key.replace("_", "-")
@@ -96,6 +123,8 @@ class SavedState:
                     f"the state was made with {option} {_show(self.settings.get(key))}, this run "
                     f"asks for {_show(value)}",
                 )
+        if made_for != asked:
+            raise other_profile
 
     def check_plan(self, plan: ReplayPlan) -> None:
         """The averaged tensors must be those the state holds, with the same dtypes and shapes."""
@@ -169,11 +198,23 @@ def tensor_names(name: str) -> tuple[str, str]:
     return f"shadow/{name}", f"local_step/{name}"
 
 
+def accumulator_names(name: str) -> tuple[str, str]:
+    """Names of a tensor's accumulator state (the linear profiles) in the shadows file: its
+    float64 value and, for float64 tensors, the value's compensation (``profiles.Accumulator``)."""
+    return f"sum/{name}", f"sum-low/{name}"
+
+
 def tensors(plan: ReplayPlan) -> list[TensorInfo]:
     """What the shadows file holds for ``plan``: every averaged tensor's shadow in its compute
-    dtype, plus its ``local_step`` scalar under zero debias."""
+    dtype, plus its ``local_step`` scalar under zero debias; or, for a linear profile, its
+    float64 accumulator lanes."""
     settings = plan.settings
     infos = []
+    if not settings.replays_engine:
+        for job in plan.averaged:
+            names = accumulator_names(job.name)[: profiles.lanes(job.info.dtype)]
+            infos += [TensorInfo(n, np.dtype(np.float64), job.info.shape) for n in names]
+        return infos
     for job in plan.averaged:
         dtype = engine.compute_dtype(job.info.dtype, settings.precision)
         shadow, step = tensor_names(job.name)
@@ -266,7 +307,8 @@ def resume(
                 f"new checkpoint {first.path} comes before {saved.checkpoints[-1]['path']}, "
                 "the last one folded in",
             )
-    if settings.num_updates == "index":  # positions count the folded checkpoints, gone or not
+    if settings.num_updates == "index" and settings.decay is not None:
+        # positions count the folded checkpoints, gone or not
         fresh = [
             Checkpoint(c.path, c.step, n, engine.effective_decay(settings.decay, n))
             for n, c in enumerate(fresh, start=len(history))
@@ -281,8 +323,12 @@ def resume(
 
 
 def _recorded(record: dict[str, Any]) -> Checkpoint:
+    decay = record.get("decay")
     return Checkpoint(
-        record["path"], record["step"], record["num_updates"], np.float32(record["decay"])
+        record["path"],
+        record["step"],
+        record["num_updates"],
+        None if decay is None else np.float32(decay),
     )
 
 
@@ -301,7 +347,7 @@ def commit(
     record = {
         "checkpoints": [
             {
-                "decay": float(c.decay),
+                "decay": None if c.decay is None else float(c.decay),
                 "mtime_ns": f.mtime_ns,
                 "num_updates": c.num_updates,
                 "path": c.path,

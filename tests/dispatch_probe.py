@@ -14,6 +14,7 @@ The parent compares every file byte for byte across numpy's dispatch levels and 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -83,6 +84,15 @@ def main() -> int:
         if result.exit_code != 0:
             print(result.output, file=sys.stderr)
             return 1
+    # The other averages (float64 sums and recurrences, rounded once), in one sweep.
+    Path("w.json").write_text(json.dumps([1.5, -0.25] + [0.0] * (len(checkpoints) - 3) + [-0.25]))
+    sweep = ["--mean", "--decay-per-step", "0.99", "--sigma-rel", "0.1", "--weights", "w.json"]
+    result = CliRunner().invoke(
+        cli, ["average", *checkpoints, "-o", "sweep.safetensors", *sweep, "--decay", "0.9", "-q"]
+    )
+    if result.exit_code != 0:
+        print(result.output, file=sys.stderr)
+        return 1
     return 0
 
 

@@ -165,17 +165,17 @@ def test_a_checkpoint_rewritten_during_a_run_is_noticed_by_the_next(
     the replay runs (here: its mtime moves) is reported by the next run, not trusted."""
     paths = make(tmp_path / "run")
     out, state = tmp_path / "o.safetensors", tmp_path / "state"
-    original = job.replay
+    original = job.replay_averages
 
     def replay_then_touch(*args, **kwargs):  # type: ignore[no-untyped-def]
         yield from original(*args, **kwargs)
         os.utime(paths[2], ns=(0, os.stat(paths[2]).st_mtime_ns + 5_000_000_000))
 
-    monkeypatch.setattr(job, "replay", replay_then_touch)
+    monkeypatch.setattr(job, "replay_averages", replay_then_touch)
     assert (
         average(*paths[:3], "-o", out, "--decay", "0.9", "--state", state, "--settle", "0")[0] == 0
     )
-    monkeypatch.setattr(job, "replay", original)
+    monkeypatch.setattr(job, "replay_averages", original)
     code, _, err = average(*paths, "-o", out, "--decay", "0.9", "--state", state, "--settle", "0")
     assert code == 2 and "changed since it was folded in" in err, err
 

@@ -113,7 +113,7 @@ def _write(paths: list[str], settings: Settings, out: Path, block_bytes: int) ->
 def test_read_buffers_sit_at_the_data_offset_within_a_page(checkpoints: list[str]) -> None:
     """x86 kernels copy up to 6x slower into a buffer 1-31 bytes past the source's page offset;
     the replay places each read buffer at the file data's own offset within a 4 KiB page."""
-    from ema_cli.replay import Outputs, Source, _Replayer
+    from ema_cli.replay import Average, Outputs, Source, _Replayer
 
     settings = Settings(decay=0.9)
     ordered = order_checkpoints(checkpoints, settings)
@@ -121,7 +121,7 @@ def test_read_buffers_sit_at_the_data_offset_within_a_page(checkpoints: list[str
     try:
         plan = build_plan(ordered, [r.tensors for r in readers], settings)
         sources = [Source.of(r) for r in readers]
-        replayer = _Replayer(plan, sources, [r.tensors for r in readers], Outputs({}), None)
+        replayer = _Replayer([Average.of(plan, Outputs({}))], sources, [r.tensors for r in readers])
         for job in plan.tensors:
             for start in (0, 1, 5):
                 if start >= job.info.size:
