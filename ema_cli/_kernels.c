@@ -24,6 +24,10 @@
  *   rounded back to that dtype as numpy's float16 and ml_dtypes' bfloat16 arithmetic does, one
  *   element at a time in software.
  *
+ * Sums. The linear profiles (ema_cli.profiles) accumulate float16/bfloat16/float32 blocks in a
+ * float64 array: sum_update does numpy's two or three passes (widen, multiply, add) in one, with
+ * the same operations in the same order, each rounded.
+ *
  * The functions take objects with the buffer protocol, C-contiguous, of equal element counts,
  * and release the GIL while they run.
  */
@@ -178,6 +182,48 @@ static void ema_native_scalar(uint16_t *s, const uint16_t *x, int kind, float c,
     }
 }
 
+/* Float64 accumulation of the linear profiles (ema_cli.profiles.Accumulator, one lane): the
+ * same operations in the same order as its numpy code, each rounded, x widened exactly.
+ *   SUM_ADD:        a = a + x
+ *   SUM_MUL_ADD:    a = a + x * w
+ *   SUM_RECURRENCE: a = x + (a - x) * w */
+enum sum_mode { SUM_ADD = 0, SUM_MUL_ADD = 1, SUM_RECURRENCE = 2 };
+
+/* The NaN x86's vector instructions (and so numpy's loops) give for p op q = r: p's if p is a
+ * NaN, else q's, quieted. A C compiler may swap the operands of a commutative scalar operation,
+ * so the scalar code below says which NaN it means. */
+static inline double nan_of(double p, double q, double r)
+{
+    if (r == r) {
+        return r;
+    }
+    double nan = p != p ? p : q != q ? q : r;
+    uint64_t bits;
+    memcpy(&bits, &nan, sizeof bits);
+    bits |= 0x0008000000000000ull; /* quiet */
+    memcpy(&nan, &bits, sizeof nan);
+    return nan;
+}
+
+static void sum_scalar(double *a, const void *x, int kind, double w, int mode, Py_ssize_t start,
+                       Py_ssize_t n)
+{
+    for (Py_ssize_t i = start; i < n; i++) {
+        double xd = (double)widen(x, i, kind);
+        double s = a[i];
+        if (mode == SUM_ADD) {
+            a[i] = nan_of(s, xd, s + xd);
+        } else if (mode == SUM_MUL_ADD) {
+            double t = nan_of(xd, w, xd * w);
+            a[i] = nan_of(s, t, s + t);
+        } else {
+            double t = nan_of(s, xd, s - xd);
+            t = nan_of(t, w, t * w);
+            a[i] = nan_of(xd, t, xd + t);
+        }
+    }
+}
+
 /* --- x86: F16C and AVX2 ---------------------------------------------------------------- */
 
 #if KERNELS_X86
@@ -289,6 +335,46 @@ ema_native_avx2(uint16_t *s, const uint16_t *x, int kind, float c, Py_ssize_t n)
         _mm_storeu_si128((__m128i *)(s + i), out);
     }
     ema_native_scalar(s, x, kind, c, i, n);
+}
+
+__attribute__((target("avx2,f16c"))) static void
+sum_avx2(double *a, const void *x, int kind, double w, int mode, Py_ssize_t n)
+{
+    const __m256d vw = _mm256_set1_pd(w);
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 vx;
+        if (kind == SOURCE_FLOAT32) {
+            vx = _mm256_loadu_ps((const float *)x + i);
+        } else {
+            __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)x + i));
+            vx = kind == SOURCE_FLOAT16 ? _mm256_cvtph_ps(h) : widen_bf16(h);
+        }
+        __m256d halves[2] = {_mm256_cvtps_pd(_mm256_castps256_ps128(vx)),
+                             _mm256_cvtps_pd(_mm256_extractf128_ps(vx, 1))};
+        __m256d out[2];
+        int nan = 0;
+        for (int k = 0; k < 2; k++) {
+            __m256d va = _mm256_loadu_pd(a + i + 4 * k);
+            __m256d xd = halves[k];
+            if (mode == SUM_ADD) {
+                va = _mm256_add_pd(va, xd);
+            } else if (mode == SUM_MUL_ADD) {
+                va = _mm256_add_pd(va, _mm256_mul_pd(xd, vw));
+            } else {
+                va = _mm256_add_pd(xd, _mm256_mul_pd(_mm256_sub_pd(va, xd), vw));
+            }
+            out[k] = va;
+            nan |= _mm256_movemask_pd(_mm256_cmp_pd(va, va, _CMP_UNORD_Q));
+        }
+        if (nan) { /* which NaN: the compiler may have swapped commutative operands */
+            sum_scalar(a, x, kind, w, mode, i, i + 8);
+            continue;
+        }
+        _mm256_storeu_pd(a + i, out[0]);
+        _mm256_storeu_pd(a + i + 4, out[1]);
+    }
+    sum_scalar(a, x, kind, w, mode, i, n);
 }
 
 static int have_simd(void)
@@ -432,6 +518,40 @@ static PyObject *py_ema_update_native(PyObject *self, PyObject *args)
     return ema(args, 1);
 }
 
+/* sum_update(a, x, kind, w, mode): a float64 accumulator and a float32/float16/bfloat16 x. */
+static PyObject *py_sum_update(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *a_object, *x_object;
+    int kind, mode;
+    double w;
+    Py_buffer a, x;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "OOidi:sum_update", &a_object, &x_object, &kind, &w, &mode)) {
+        return NULL;
+    }
+    if (kind < SOURCE_FLOAT32 || kind > SOURCE_BFLOAT16 || mode < SUM_ADD ||
+        mode > SUM_RECURRENCE) {
+        return PyErr_Format(PyExc_ValueError, "sum_update: unknown kind %d or mode %d", kind,
+                            mode);
+    }
+    if (get_buffers("sum_update", x_object, kind == SOURCE_FLOAT32 ? 4 : 2, a_object, 8, &x, &a,
+                    &n) < 0) {
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+#if KERNELS_X86
+    if (use_simd) {
+        sum_avx2((double *)a.buf, x.buf, kind, w, mode, n);
+    } else
+#endif
+        sum_scalar((double *)a.buf, x.buf, kind, w, mode, 0, n);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&x);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_set_hardware(PyObject *self, PyObject *arg)
 {
     (void)self;
@@ -454,6 +574,9 @@ static PyMethodDef methods[] = {
     {"ema_update_native", py_ema_update_native, METH_VARARGS,
      "ema_update_native(s, x, kind, c): s = s - (s - x) * c with every operation rounded to "
      "float16 (kind 1) or bfloat16 (2), as numpy and ml_dtypes compute; s and x hold its bits."},
+    {"sum_update", py_sum_update, METH_VARARGS,
+     "sum_update(a, x, kind, w, mode): float64 a = a + x (mode 0), a + x * w (1) or "
+     "x + (a - x) * w (2), in place; x is float32 (kind 0), float16 (1) or bfloat16 (2) bits."},
     {"set_hardware", py_set_hardware, METH_O,
      "set_hardware(flag) -> bool: use AVX2 and F16C when flag is true and the CPU has both; "
      "returns whether they are used."},

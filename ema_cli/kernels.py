@@ -1,4 +1,5 @@
-"""The replay's hot loops, in C where available: float16 conversion and the fused EMA update.
+"""The replay's hot loops, in C where available: float16 conversion, the fused EMA update and
+the float64 sums of the linear profiles.
 
 ``ema_cli._kernels`` is a small optional C extension built at install time (``setup.py``). It
 runs on x86-64 CPUs with AVX2 and F16C (2013 onwards) and gives bit for bit what numpy gives:
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -117,3 +119,26 @@ def updater(shadow: np.dtype[np.generic], source: np.dtype[np.generic]) -> Updat
         kernel(s, x, kind, float(c))
 
     return update
+
+
+#: ``sum_update``'s modes (``profiles.Accumulator``'s one-lane updates).
+SUM_ADD, SUM_MUL_ADD, SUM_RECURRENCE = 0, 1, 2
+
+
+def summer(source: np.dtype[np.generic]) -> Callable[[Array, Array, float, int], None] | None:
+    """The one-pass C accumulation of ``source``-dtype blocks (float32, float16 or bfloat16)
+    into a float64 array, or None without kernels. ``add(a, x, w, mode)`` does in place, each
+    operation rounded as numpy's passes round them: ``a + x`` (``SUM_ADD``), ``a + x * w``
+    (``SUM_MUL_ADD``) or ``x + (a - x) * w`` (``SUM_RECURRENCE``), under the thread's
+    floating-point mode."""
+    if not _enabled or _kernels is None:
+        return None
+    kind = _SOURCE_KINDS.get(source.name)
+    if kind is None:
+        return None
+    kernel = _kernels.sum_update
+
+    def add(a: Array, x: Array, w: float, mode: int) -> None:
+        kernel(a, x, kind, w, mode)
+
+    return add

@@ -1,6 +1,7 @@
 """Averaging profiles: which weight each checkpoint gets in the average (issue 13).
 
-Pure maths: no files, no printing, nothing from the project but ``engine`` and ``errors``. A
+Pure maths: no files, no printing, nothing from the project but ``engine``, ``kernels`` (the
+one-pass C sums, same bits as the numpy code) and ``errors``. A
 profile is a small frozen dataclass; ``weights(profile, steps)`` gives every checkpoint's share of
 the final average (float64, replay order), ``label(profile)`` names its output, and
 ``accumulator(profile, steps)`` streams tensor blocks through the linear profiles.
@@ -42,7 +43,7 @@ from typing import TYPE_CHECKING, Literal, TypedDict, cast
 import numpy as np
 import numpy.typing as npt
 
-from ema_cli import engine
+from ema_cli import engine, kernels
 from ema_cli.errors import OptionError
 
 if TYPE_CHECKING:  # imported lazily at run time: start-up time matters
@@ -824,6 +825,18 @@ class Accumulator:
     ) -> None:
         value = state[0]
         if state.shape[0] == 1:
+            fused = kernels.summer(x.dtype) if value.flags.c_contiguous else None
+            if fused is not None and x.flags.c_contiguous:
+                if self.kind == "recurrence":
+                    if k == 0:
+                        np.copyto(value, x, casting="unsafe")
+                    else:
+                        fused(value, x, self.coefficients[k], kernels.SUM_RECURRENCE)
+                elif self.coefficients[k] == 1.0:
+                    fused(value, x, 1.0, kernels.SUM_ADD)
+                else:
+                    fused(value, x, self.coefficients[k], kernels.SUM_MUL_ADD)
+                return
             if x.dtype.name == "float64":
                 x64 = x.view(np.float64)
             else:
@@ -874,10 +887,33 @@ class Accumulator:
             np.copyto(value, s0, where=bad)
             np.copyto(low, 0.0, where=bad)
 
-    def finish(self, state: Float64Array, dtype: npt.DTypeLike) -> npt.NDArray[np.generic]:
-        """The average, rounded once to ``dtype`` (float16, bfloat16, float32 or float64)."""
+    def finish(
+        self,
+        state: Float64Array,
+        dtype: npt.DTypeLike,
+        out: npt.NDArray[np.generic] | None = None,
+        scratch: Float64Array | None = None,
+    ) -> npt.NDArray[np.generic]:
+        """The average, rounded once to ``dtype`` (float16, bfloat16, float32 or float64).
+
+        ``out`` (of ``dtype``, the block's shape) receives it and ``scratch`` (float64, the
+        block's shape) is used for one-lane states, saving allocations on the hot path."""
         with np.errstate(all="ignore"):  # overflowing casts give inf, as in TF
-            return self._finish(state, _dtype(dtype))
+            target = _dtype(dtype)
+            if out is not None and state.shape[0] == 1:
+                value = state[0]
+                if self.kind == "sum":
+                    value = np.divide(value, self.total[0], out=scratch)
+                if target.name in ("float32", "float64"):
+                    np.copyto(out, value, casting="unsafe")  # round to nearest even
+                else:
+                    np.copyto(out, _round_to(value, target))
+                return out
+            result = self._finish(state, target)
+            if out is not None:
+                np.copyto(out, result)
+                return out
+            return result
 
     def _finish(self, state: Float64Array, target: np.dtype[np.generic]) -> npt.NDArray[np.generic]:
         value = state[0]

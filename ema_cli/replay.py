@@ -418,7 +418,12 @@ class _Replayer:
         accumulator.update(state, raw, average.offset + i, scratch)
         writer = average.outputs.snapshots.get(i)
         if writer is not None:
-            writer.write(job.output_name, start, accumulator.finish(state, job.info.dtype))
+            size = state.shape[1]
+            out = self.buffer("out", job.info.dtype, size)
+            spare = scratch[0] if scratch is not None else None
+            writer.write(
+                job.output_name, start, accumulator.finish(state, job.info.dtype, out, spare)
+            )
 
     def _initial_state(
         self, a: int, job: TensorJob, start: int, stop: int

@@ -281,3 +281,46 @@ def test_runs_give_the_same_bytes_with_and_without_the_kernels(
             assert load(out)["h"].dtype == np.float16
     for k in range(len(options)):
         assert outputs[True, k] == outputs[False, k], options[k]
+
+
+def numpy_sum(a: np.ndarray, x: np.ndarray, w: float, mode: int) -> np.ndarray:
+    """``profiles.Accumulator``'s numpy passes for one lane: widen, then add / multiply-add /
+    the recurrence, each rounded."""
+    a = a.copy()
+    x64 = np.empty_like(a)
+    with np.errstate(all="ignore"):
+        np.copyto(x64, x, casting="unsafe")
+        if mode == kernels.SUM_ADD:
+            np.add(a, x64, out=a)
+        elif mode == kernels.SUM_MUL_ADD:
+            np.add(a, np.multiply(x64, w), out=a)
+        else:
+            t = np.subtract(a, x64)
+            np.multiply(t, w, out=t)
+            np.add(x64, t, out=a)
+    return a
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2], ids=["add", "mul-add", "recurrence"])
+@pytest.mark.parametrize("source", ["float32", "float16", "bfloat16"])
+def test_sums_are_numpys_bit_for_bit(path: str, mode: int, source: str) -> None:
+    """The linear profiles' one-pass float64 sums give numpy's passes' bits, NaN payloads,
+    infinities, signed zeros and subnormals included (in IEEE mode, where the replay runs
+    them: ``fpmode.Switch``)."""
+    dtype = np.dtype(ml_dtypes.bfloat16) if source == "bfloat16" else np.dtype(source)
+    rng = np.random.default_rng(13)
+    n = 1003  # not a multiple of 8: the scalar tail runs too
+    raw = rng.integers(0, 1 << (8 * dtype.itemsize), n, dtype=np.uint64)
+    x = raw.astype(np.uint16 if dtype.itemsize == 2 else np.uint32).view(dtype)
+    a = rng.standard_normal(n) * np.exp2(rng.integers(-1070, 1020, n))
+    a[::17] = np.nan
+    a[::19] = -np.inf
+    a[::23] = -0.0
+    a[::29] = 5e-324
+    summer = kernels.summer(dtype)
+    assert summer is not None
+    for w in (1.0, 0.3, 1e-300, -2.5):
+        got = a.copy()
+        summer(got, x, w, mode)
+        want = numpy_sum(a, x, w, mode)
+        np.testing.assert_array_equal(got.view(np.uint64), want.view(np.uint64), err_msg=str(w))

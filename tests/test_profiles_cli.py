@@ -389,12 +389,18 @@ def test_every_profile_lies_between_the_inputs(
     ]
     xs = np.stack([load(p)["x"].astype(np.float64) for p in paths])
     low, high = xs.min(axis=0), xs.max(axis=0)
+    # TF's replay flushes subnormals to zero (its CPU kernels' mode); the other averages do not.
+    tiny = float(np.finfo(np.float32 if dtype.itemsize < 8 else np.float64).tiny)
+    flushed = np.where(np.abs(xs) < tiny, 0.0, xs)
+    tf_low = np.minimum(low, flushed.min(axis=0))
+    tf_high = np.maximum(high, flushed.max(axis=0))
     options = ["--decay", "0.9", "--decay", "0.5", "--num-updates", "step", "--mean"]
     options += ["--decay-per-step", "0.9", "--sigma-rel", "0.1", "--gamma", "0.5"]
     out = folder / "o.safetensors"
     average_ok(*paths, "-o", out, *options, "-q")
     for got in folder.glob("o.*.safetensors"):
         x = load(got)["x"].astype(np.float64)
-        assert np.all((low <= x) & (x <= high)), (got.name, x, low, high)
+        lo, hi = (tf_low, tf_high) if got.name.startswith("o.decay-0.") else (low, high)
+        assert np.all((lo <= x) & (x <= hi)), (got.name, x, lo, hi)
     assert len(list(folder.glob("o.*.safetensors"))) == 6
     assert not math.isnan(float(xs.sum()))
