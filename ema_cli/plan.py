@@ -25,6 +25,8 @@ Order = Literal["step", "given"]
 NamesMode = Literal["original", "shadow", "both"]
 
 _DIGITS = re.compile(r"\d+")
+#: The largest num_updates TF takes: its step counters are int64.
+MAX_NUM_UPDATES = 2**63 - 1
 
 
 def step_from_name(name: str) -> int | None:
@@ -72,6 +74,11 @@ class Settings:
             raise ValueError(f"{profiles.label(self.profile)}: decay and zero_debias are its own")
         if isinstance(self.num_updates, int) and self.num_updates < 0:
             raise OptionError(f"--num-updates must be >= 0, got {self.num_updates}")
+        if isinstance(self.num_updates, int) and self.num_updates > MAX_NUM_UPDATES:
+            raise OptionError(
+                f"--num-updates must be at most {MAX_NUM_UPDATES} (TF counts updates in int64), "
+                f"got a {len(str(self.num_updates))}-digit number"
+            )
         if not self.ema_name or self.ema_name.startswith("/") or self.ema_name.endswith("/"):
             raise OptionError(
                 f"--name must be a non-empty name without a leading or trailing '/', got {self.ema_name!r}"
@@ -225,6 +232,12 @@ def order_checkpoints(
             n = index
         else:
             n = settings.num_updates
+        if n is not None and n > MAX_NUM_UPDATES:
+            raise CheckpointError(
+                p,
+                f"its step number is above {MAX_NUM_UPDATES}, the most TF's int64 num_updates "
+                "holds (--num-updates step)",
+            )
         decay = None if settings.decay is None else engine.effective_decay(settings.decay, n)
         checkpoints.append(Checkpoint(p, s, n, decay))
     return checkpoints

@@ -85,6 +85,8 @@ def test_index_counts_positions_after_selection(run_dir: list[Path], tmp_path: P
         (["--settle", "-1"], "--settle must be >= 0"),
         (["--settle", "nan"], "--settle must be >= 0"),
         (["--max-shard-size", "1GB"], "--max-shard-size applies to folder outputs"),
+        (["--num-updates", "1" + "0" * 400], "--num-updates must be at most 9223372036854775807"),
+        (["--num-updates", str(2**63)], "--num-updates must be at most"),
     ],
 )
 def test_selection_errors(
@@ -232,3 +234,18 @@ def test_an_empty_output_name_is_a_usage_error(run_dir: list[Path]) -> None:
 
     for name in ("", "."):
         assert_fails(run_cli(["average", *map(str, run_dir), "-o", name, "--decay", "0.9"]), "-o")
+
+
+def test_a_step_too_big_for_tf_is_one_line(tmp_path: Path) -> None:
+    from tests.conftest import assert_fails, write_checkpoint
+
+    huge = "9" * 30
+    paths = [
+        write_checkpoint(tmp_path / f"ckpt-{s}.safetensors", {"w": np.zeros(2, np.float32)})
+        for s in ("1", huge)
+    ]
+    result = run_cli(
+        ["average", *map(str, paths), "-o", str(tmp_path / "o.safetensors"), "--decay", "0.9",
+         "--num-updates", "step"]
+    )  # fmt: skip
+    assert_fails(result, f"ckpt-{huge}.safetensors", "above 9223372036854775807")
