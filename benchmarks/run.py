@@ -355,7 +355,10 @@ def clean_outputs(tool: Tool) -> None:
     if tool.output is None:
         return
     stem = tool.output.name.removesuffix(".safetensors")
-    for path in (tool.output, tool.output.with_name(stem + ".mapping.json")):
+    paths = [tool.output, tool.output.with_name(stem + ".mapping.json")]
+    if tool.name.startswith("ema-cli sweep"):  # one output and mapping per average
+        paths += sorted(tool.output.parent.glob(f"{stem}.*"))
+    for path in paths:
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
@@ -482,6 +485,13 @@ def make_tools(
             tools.append(Tool("TensorFlow replay", argv, tf_out))
         else:
             tools.append(Tool("TensorFlow replay", None, note=f"skipped: no {args.tf_python}"))
+    if args.sweep and not args.sharded:
+        # Four averages in one pass, the first the single run's: each output must equal the
+        # single run of its average, and the first is compared with the row above.
+        sweep_out = out_dir / "sweep.safetensors"
+        profiles = ["--decay", decay, "--decay", "0.9999", "--mean", "--sigma-rel", "0.1"]
+        argv = [*ema_cli_command(), "average", *ins, "-o", str(sweep_out), *profiles, "-q"]
+        tools.append(Tool("ema-cli sweep of 4 (2 decays, mean, sigma-rel)", argv, sweep_out))
     for i, (name, variant_env) in enumerate(args.variant):
         out = out_dir / f"variant{i}{ema_out.suffix}"
         argv = [sys.executable, str(HERE / "variants.py"), "average", *ins, "-o", str(out)]
@@ -521,6 +531,13 @@ def benchmark(
                 peer = by_name.get(other)
                 if peer and peer.runs and peer.output is not None and peer.output.exists():
                     checks[other] = compare(ema.output, peer.output)
+            sweep = next((t for t in tools if t.name.startswith("ema-cli sweep")), None)
+            if sweep and sweep.runs and sweep.output is not None:
+                first = sweep.output.with_name(f"sweep.decay-{float(args.decay)!r}.safetensors")
+                if first.exists():
+                    checks[f"{sweep.name}, its decay-{float(args.decay)!r} output"] = compare(
+                        ema.output, first
+                    )
     finally:
         for tool in tools:
             clean_outputs(tool)
@@ -703,6 +720,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-peer", action="store_true", help="skip the naive numpy peer")
     parser.add_argument("--tf", action="store_true", help="add the TensorFlow replay")
     parser.add_argument("--tf-python", default=DEFAULT_TF_PYTHON, help="a Python with TensorFlow")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="add ema-cli computing four averages in one pass (--decay DECAY --decay 0.9999 "
+        "--mean --sigma-rel 0.1; issue 13's target: at most 1.3x one run)",
+    )
     parser.add_argument(
         "--output-name",
         help="ema-cli's -o, relative to DATA/out (default ema.safetensors; with --sharded a "
