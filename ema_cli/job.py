@@ -40,6 +40,7 @@ from ema_cli.formats import (
     check_output_path,
     check_writer,
     checkpoint_stats,
+    conversion_warnings,
     create_writer,
     find_checkpoint,
     is_folder_output,
@@ -66,6 +67,8 @@ class Request:
     mapping: Path | None = None
     selection: Selection = field(default_factory=Selection)
     max_shard_size: int | None = None
+    #: A folder output's weights format (``--folder-format``); None: the default, safetensors.
+    folder_format: str | None = None
     every: int | None = None
     state: Path | None = None
     restart: bool = False
@@ -163,6 +166,11 @@ def _check_options(request: Request) -> None:
         raise OptionError(
             f"--max-shard-size applies to folder outputs, and {request.output} is a file "
             "(name the output without a suffix to write a model folder)"
+        )
+    if request.folder_format is not None and not request.folder_output:
+        raise OptionError(
+            f"--folder-format applies to folder outputs, and {request.output} is a file, whose "
+            "suffix picks its format (name the output without a suffix to write a model folder)"
         )
     if request.every is not None and request.every < 1:
         raise OptionError(f"--every must be at least 1, got {request.every}")
@@ -409,10 +417,21 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
             return Result("up to date", record, mapping_path, None, facts.folded)
         plan = decide(request, mapping_path, facts)
         if request.drop_non_tensors:
-            lost = lost_in_conversion(request.output, facts.readers[-1], plan.folder_output)
+            lost = lost_in_conversion(
+                request.output, facts.readers[-1], plan.folder_output, request.folder_format
+            )
             if lost:
                 more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
                 warn(f"leaving out {lost[0]}{more} (--drop-non-tensors)")
+        for message in conversion_warnings(
+            request.output,
+            plan.replay.output_tensors,
+            facts.readers[-1],
+            plan.folder_output,
+            request.drop_non_tensors,
+            request.folder_format,
+        ):
+            warn(message)
         for pattern in plan.replay.unmatched_excludes:
             warn(f"--exclude {pattern!r} matches no tensor")
         if request.dry_run:
@@ -423,6 +442,7 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
                     facts.readers[i],
                     plan.folder_output,
                     request.drop_non_tensors,
+                    request.folder_format,
                 )
             records, _ = _checkpoint_records(plan, facts, hashed=False)
             record = {**plan.record, "checkpoints": records}  # the same record, unwritten
@@ -447,7 +467,8 @@ def _execute(
     writers: dict[int, CheckpointWriter] = {}
     for i, path in sorted(plan.snapshots.items()):
         remove_stale_temporaries(path)  # under the output's lock, which covers its trajectory
-        defaults = dict(output_format(path, plan.folder_output).metadata_defaults)
+        fmt = output_format(path, plan.folder_output, request.folder_format)
+        defaults = dict(fmt.metadata_defaults)
         metadata = report.output_metadata(
             replay_plan, facts.readers[i].metadata, folded + i + 1, defaults
         )
@@ -460,6 +481,7 @@ def _execute(
                 max_shard_size=request.max_shard_size,
                 folder=plan.folder_output,
                 drop_non_tensors=request.drop_non_tensors,
+                folder_format=request.folder_format,
             )
         )
     state_writer = None
