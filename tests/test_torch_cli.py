@@ -96,7 +96,8 @@ def test_a_pickle_that_runs_code_is_refused_and_nothing_runs(tmp_path: Path) -> 
 def test_torch_loads_what_ema_cli_writes(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     out = tmp_path / "ema.pt"
-    assert run_cli(["average", *PLAIN, "-o", out, "--decay", "0.9", "-q"]).exit_code == 0
+    args = ["average", *PLAIN, "-o", out, "--decay", "0.9", "--num-updates", "step", "-q"]
+    assert run_cli(args).exit_code == 0
     loaded = torch.load(out, weights_only=True)
     ours = tensors(out)
     assert set(loaded) == set(ours)
@@ -104,9 +105,12 @@ def test_torch_loads_what_ema_cli_writes(tmp_path: Path) -> None:
         assert (
             value.contiguous().view(-1).view(torch.uint8).numpy().tobytes() == ours[name].tobytes()
         )
+    # The EMA of what torch itself loads from the inputs, every tensor bit for bit.
+    assert {k: torch_bits(v) for k, v in loaded.items()} == torch_ema(PLAIN, None, 0.9, [1, 2, 3])
     assert loaded["embed.weight"].untyped_storage().data_ptr() == (
         loaded["head.weight"].untyped_storage().data_ptr()
     )
+    assert loaded["extra.transposed"].stride() == (1, 8)  # the saved view, as it was saved
 
 
 @pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
@@ -288,8 +292,11 @@ def torch_bits(value: Any) -> bytes:
     return bytes(value.contiguous().view(-1).view(__import__("torch").uint8).numpy().tobytes())
 
 
-def torch_ema(paths: list[Path], key: str | None, decay: float) -> dict[str, bytes]:
-    """The expected EMA from what torch itself loads (``key``: the state_dict inside)."""
+def torch_ema(
+    paths: list[Path], key: str | None, decay: float, steps: list[int] | None = None
+) -> dict[str, bytes]:
+    """The expected EMA from what torch itself loads (``key``: the state_dict inside;
+    ``steps``: each checkpoint's num_updates, or none)."""
     torch = pytest.importorskip("torch")
     loaded = [torch.load(p, weights_only=True) for p in paths]
     if key is not None:
@@ -298,7 +305,7 @@ def torch_ema(paths: list[Path], key: str | None, decay: float) -> dict[str, byt
     for name in loaded[-1]:
         values = [torch_to_numpy(x[name]) for x in loaded]
         if engine.is_averageable(values[-1].dtype):
-            out[name] = ema(values, [None] * len(paths), decay).tobytes()
+            out[name] = ema(values, steps or [None] * len(paths), decay).tobytes()
         else:
             out[name] = values[-1].tobytes()
     return out
