@@ -248,6 +248,7 @@ _AVERAGE_HELP = """Replay CHECKPOINT... (oldest first) through the EMA and write
       ema-cli average run/ckpt-*.safetensors -o ema.safetensors --decay 0.9999 --num-updates step
       ls run/*.safetensors | ema-cli average - -o ema.safetensors --decay 0.99 --json
       ema-cli average run/checkpoint-* -o run-ema --decay 0.999 --max-shard-size 2GB
+      ema-cli average run/checkpoint-* -o run-ema --decay 0.999 --folder-format torch
       ema-cli average run/ckpt-*.safetensors -o ema.safetensors --decay 0.999 --state .ema-state
       ema-cli average run/ckpt-*.pt -o avg.pt --mean --last 5
       ema-cli average run/ckpt-*.safetensors -o ema.safetensors --decay-per-step 0.9999 \\
@@ -269,7 +270,7 @@ _AVERAGE_HELP = """Replay CHECKPOINT... (oldest first) through the EMA and write
     "--output",
     required=True,
     type=click.Path(path_type=Path),
-    help="The averaged checkpoint to write, in the format its suffix names (the formats above; 'ema-cli formats' lists which are written), or a name without a suffix for a Hugging Face model folder (shards, index, and the last checkpoint's config and tokenizer files). Written to a temporary name and renamed into place when complete.",
+    help="The averaged checkpoint to write, in the format its suffix names (the formats above; 'ema-cli formats' lists which are written), or a name without a suffix for a Hugging Face model folder (shards, index, and the last checkpoint's config and tokenizer files; safetensors weights unless --folder-format torch). Written to a temporary name and renamed into place when complete.",
 )
 @click.option(
     "--decay",
@@ -418,7 +419,13 @@ _AVERAGE_HELP = """Replay CHECKPOINT... (oldest first) through the EMA and write
     "--max-shard-size",
     callback=_parse_size_option,
     metavar="SIZE",
-    help="Folder outputs: the most tensor data per shard file, e.g. 5GB, 500MB, 2GiB (GB = 10^9 bytes as Hugging Face counts, GiB = 2^30). A bigger tensor gets a shard of its own; a model that fits in one shard is written as model.safetensors without an index.  [default: 5GB]",
+    help="Folder outputs: the most tensor data per shard file, e.g. 5GB, 500MB, 2GiB (GB = 10^9 bytes as Hugging Face counts, GiB = 2^30). A bigger tensor gets a shard of its own; a model that fits in one shard is written as one file (model.safetensors, pytorch_model.bin) without an index.  [default: 5GB]",
+)
+@click.option(
+    "--folder-format",
+    type=click.Choice(list(registry.folder_output_formats())),
+    default=None,
+    help="Folder outputs: the weights' format. 'safetensors': model.safetensors, or shards model-00001-of-0000N.safetensors with model.safetensors.index.json, as save_pretrained writes. 'torch': pytorch_model.bin, or shards pytorch_model-00001-of-0000N.bin with pytorch_model.bin.index.json, as save_pretrained(safe_serialization=False) wrote (transformers 4), tied weights still sharing storage. A file output's format is its suffix's.  [default: safetensors]",
 )
 @click.option(
     "--state",

@@ -41,6 +41,7 @@ from ema_cli.formats import (
     check_output_path,
     check_writer,
     checkpoint_stats,
+    conversion_warnings,
     create_writer,
     find_checkpoint,
     is_folder_output,
@@ -82,6 +83,8 @@ class Request:
     mapping: Path | None = None
     selection: Selection = field(default_factory=Selection)
     max_shard_size: int | None = None
+    #: A folder output's weights format (``--folder-format``); None: the default, safetensors.
+    folder_format: str | None = None
     every: int | None = None
     state: Path | None = None
     restart: bool = False
@@ -341,6 +344,11 @@ def _check_options(request: Request) -> None:
         raise OptionError(
             f"--max-shard-size applies to folder outputs, and {request.output} is a file "
             "(name the output without a suffix to write a model folder)"
+        )
+    if request.folder_format is not None and not request.folder_output:
+        raise OptionError(
+            f"--folder-format applies to folder outputs, and {request.output} is a file, whose "
+            "suffix picks its format (name the output without a suffix to write a model folder)"
         )
     if request.every is not None and request.every < 1:
         raise OptionError(f"--every must be at least 1, got {request.every}")
@@ -659,10 +667,21 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
             for message in plan.warnings:
                 warn(message)
         if request.drop_non_tensors:
-            lost = lost_in_conversion(request.output, facts.readers[-1], request.folder_output)
+            lost = lost_in_conversion(
+                request.output, facts.readers[-1], request.folder_output, request.folder_format
+            )
             if lost:
                 more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
                 warn(f"leaving out {lost[0]}{more} (--drop-non-tensors)")
+        for message in conversion_warnings(
+            request.output,
+            plans[0].replay.output_tensors,
+            facts.readers[-1],
+            request.folder_output,
+            request.drop_non_tensors,
+            request.folder_format,
+        ):
+            warn(message)
         for pattern in plans[0].replay.unmatched_excludes:
             warn(f"--exclude {pattern!r} matches no tensor")
         if request.dry_run:
@@ -676,6 +695,7 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
                         facts.readers[i],
                         plan.folder_output,
                         request.drop_non_tensors,
+                        request.folder_format,
                     )
                 # the same record, unwritten
                 records.append(
@@ -716,7 +736,8 @@ def _execute(
         own: dict[int, CheckpointWriter] = {}
         for i, path in sorted(plan.snapshots.items()):
             remove_stale_temporaries(path)  # under the output's lock, which covers its trajectory
-            defaults = dict(output_format(path, plan.folder_output).metadata_defaults)
+            fmt = output_format(path, plan.folder_output, request.folder_format)
+            defaults = dict(fmt.metadata_defaults)
             metadata = report.output_metadata(
                 replay_plan, facts.readers[i].metadata, folded + i + 1, defaults
             )
@@ -729,6 +750,7 @@ def _execute(
                     max_shard_size=request.max_shard_size,
                     folder=plan.folder_output,
                     drop_non_tensors=request.drop_non_tensors,
+                    folder_format=request.folder_format,
                 )
             )
         writers.append(own)

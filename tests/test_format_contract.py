@@ -162,7 +162,9 @@ def write(
 ) -> None:
     """Write ``arrays`` and commit: blocks in order, or shuffled and from two threads."""
     jobs = blocks(arrays)
-    with create_writer(path, infos(arrays), {"k": "v"}, template) as writer:
+    with create_writer(
+        path, infos(arrays), {"k": "v"}, template, folder_format=fmt.folder_option
+    ) as writer:
         if order == "given":
             for job in jobs:
                 writer.write(*job)
@@ -237,7 +239,12 @@ def test_an_abort_leaves_nothing_and_an_existing_output_intact(
         expected = (
             pytest.raises(ZeroDivisionError) if how == "exception" else contextlib.nullcontext()
         )
-        with expected, create_writer(path, infos(arrays), {}, template) as writer:
+        with (
+            expected,
+            create_writer(
+                path, infos(arrays), {}, template, folder_format=fmt.folder_option
+            ) as writer,
+        ):
             for job in jobs[: len(jobs) // 2]:
                 writer.write(*job)
             if how == "abort":
@@ -254,7 +261,12 @@ def float8_stored(fmt: Format, path: Path, template: CheckpointReader | None) ->
     accepted = set()
     for name, dtype in FLOAT8.items():
         try:
-            check_writer(path, infos({"scale": np.zeros(2, dtype)}), template)
+            check_writer(
+                path,
+                infos({"scale": np.zeros(2, dtype)}),
+                template,
+                folder_format=fmt.folder_option,
+            )
         except OptionError:
             continue
         accepted.add(name)
@@ -291,10 +303,10 @@ def test_check_writer_refuses_exactly_the_dtypes_it_cannot_store(
     for name, dtype in FLOAT8.items():
         tensors = infos({"scale": np.zeros(2, dtype)})
         if name in float8_stored(fmt, path, template):
-            check_writer(path, tensors, template)
+            check_writer(path, tensors, template, folder_format=fmt.folder_option)
         else:
             with pytest.raises(OptionError, match=f"'scale'.*{name}|{name}.*'scale'"):
-                check_writer(path, tensors, template)
+                check_writer(path, tensors, template, folder_format=fmt.folder_option)
     assert not path.exists()
 
 
@@ -324,6 +336,7 @@ def conversion_templates(folder: Path) -> dict[str, Path]:
 CARRIES = {
     "safetensors": {"plain"},
     "safetensors folder": {"plain"},
+    "torch folder": {"plain"},
     "keras weights": {"plain", "h5 strings"},
     "hdf5": {"plain", "h5 strings"},
     "keras": {"keras assets"},
@@ -342,12 +355,30 @@ def test_a_conversion_carries_or_refuses_what_the_template_holds(
             tensors = infos({"x": np.zeros((2, 3), np.float32)})
             if fmt.name not in CARRIES:
                 with contextlib.suppress(OptionError):
-                    check_writer(path, tensors, reader, folder=fmt.layout != "file")
+                    check_writer(
+                        path,
+                        tensors,
+                        reader,
+                        folder=fmt.layout != "file",
+                        folder_format=fmt.folder_option,
+                    )
             elif kind in CARRIES[fmt.name]:
-                check_writer(path, tensors, reader, folder=fmt.layout != "file")
+                check_writer(
+                    path,
+                    tensors,
+                    reader,
+                    folder=fmt.layout != "file",
+                    folder_format=fmt.folder_option,
+                )
             else:
                 with pytest.raises(OptionError, match=f"^{path}: "):
-                    check_writer(path, tensors, reader, folder=fmt.layout != "file")
+                    check_writer(
+                        path,
+                        tensors,
+                        reader,
+                        folder=fmt.layout != "file",
+                        folder_format=fmt.folder_option,
+                    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,19 +26,22 @@ from safetensors import safe_open
 from ema_cli import engine
 from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import CheckpointError, OptionError, OutputError, TruncatedCheckpointError
-from ema_cli.formats import find_checkpoint
+from ema_cli.formats import find_checkpoint, format_of, open_checkpoint, registry
 from ema_cli.formats.base import CheckpointReader, iter_blocks
 from ema_cli.formats.safetensors import SafetensorsReader
 from ema_cli.formats.sharded import (
     DEFAULT_MAX_SHARD_SIZE,
+    DEFAULT_OPEN_SHARDS,
     INDEX_NAME,
     SINGLE_NAME,
+    TORCH_LAYOUT,
     ShardedReader,
     ShardedWriter,
     parse_size,
     shard_file_names,
     split_into_shards,
 )
+from ema_cli.formats.torch_zip import TorchShardedReader, TorchShardedWriter, TorchZipReader
 from ema_cli.plan import Settings, build_plan, order_checkpoints
 from ema_cli.replay import replay
 from tests.conftest import infos, snapshot
@@ -719,3 +723,219 @@ def test_replay_from_sharded_folders_into_a_sharded_folder(tmp_path: Path) -> No
         shadow -= (shadow - x["w"]) * c
     np.testing.assert_array_equal(loaded["w"], shadow)
     assert loaded["step"] == 3
+
+
+# --- Hugging Face folders of torch weights ---------------------------------------------------
+# The fixtures are folders torch made (tests/fixtures/torch/make_torch_fixtures.py); each shard
+# is a torch file whose reading is checked against torch in test_torch_format.py, so here the
+# folder is checked against its own shards, read one by one.
+
+TORCH_SHARDED = Path(__file__).resolve().parent / "fixtures" / "torch" / "sharded"
+TORCH_INDEX = TORCH_LAYOUT.index_name
+TIED = ("embed.weight", "head.weight")
+
+
+def torch_shard(i: int, n: int) -> str:
+    return f"pytorch_model-{i:05d}-of-{n:05d}.bin"
+
+
+def torch_folder(tmp_path: Path, step: int = 100) -> Path:
+    """A copy of a fixture folder that a test may break."""
+    folder = tmp_path / f"checkpoint-{step}"
+    shutil.copytree(TORCH_SHARDED / f"checkpoint-{step}", folder)
+    return folder
+
+
+def shard_by_shard(folder: Path) -> dict[str, np.ndarray]:
+    """Every tensor of the folder's index, read from its shard with the single-file reader."""
+    weight_map = json.loads((folder / TORCH_INDEX).read_text())["weight_map"]
+    found: dict[str, np.ndarray] = {}
+    for shard in sorted(set(weight_map.values())):
+        with TorchZipReader(folder / shard) as reader:
+            for name, info in reader.tensors.items():
+                assert weight_map[name] == shard
+                found[name] = reader.read(name).reshape(info.shape)
+    return found
+
+
+def test_split_keeps_tensors_that_share_storage_in_one_shard() -> None:
+    tensors = sized(4, 4, 4, 4)  # t0..t3
+    assert split_sizes([4, 4, 4, 4], 8) == [[4, 4], [4, 4]]
+    grouped = split_into_shards(tensors, 8, together=[("t3", "t0")])
+    # t3 follows t0 (the first of the group in tensor order), uncounted.
+    assert [[t.name for t in shard] for shard in grouped] == [["t0", "t1", "t3"], ["t2"]]
+    grouped = split_into_shards(tensors, 8, together=[("t1", "t0")])
+    assert [[t.name for t in shard] for shard in grouped] == [["t0", "t1", "t2"], ["t3"]]
+    # A group whose other members are not written is no group.
+    assert split_into_shards(tensors, 8, together=[("t0", "gone")]) == split_into_shards(tensors, 8)
+
+
+def test_a_sharded_torch_folder_reads_as_one_checkpoint() -> None:
+    folder = TORCH_SHARDED / "checkpoint-200"
+    assert find_checkpoint(folder) == folder
+    assert format_of(folder) == registry.by_name("torch folder")
+    want = shard_by_shard(folder)
+    with open_checkpoint(folder) as reader:
+        assert isinstance(reader, TorchShardedReader)
+        assert list(reader.tensors)[:2] == list(TIED)  # shard by shard, file order within
+        assert sorted(reader.tensors) == sorted(want)
+        for name, info in reader.tensors.items():
+            assert reader.read(name).reshape(info.shape).tobytes() == want[name].tobytes()
+        assert reader.shared_tensors == (TIED,)
+        assert reader.shard_files["head.weight"] == torch_shard(1, 2)
+        assert reader.non_tensors == ()
+
+
+def test_a_folder_holding_both_formats_is_read_through_its_safetensors(tmp_path: Path) -> None:
+    folder = torch_folder(tmp_path)
+    assert find_checkpoint(folder) == folder
+    safetensors.numpy.save_file({"w": np.ones(2, np.float32)}, str(folder / SINGLE_NAME))
+    assert find_checkpoint(folder) == folder / SINGLE_NAME  # as from_pretrained prefers it
+
+
+def test_torch_index_errors_name_the_file_and_tensor(tmp_path: Path) -> None:
+    folder = torch_folder(tmp_path)
+    index = json.loads((folder / TORCH_INDEX).read_text())
+
+    def fails(weight_map: dict[str, str]) -> str:
+        (folder / TORCH_INDEX).write_text(json.dumps({**index, "weight_map": weight_map}))
+        with pytest.raises(CheckpointError) as e:
+            TorchShardedReader(folder)
+        return str(e.value)
+
+    assert fails({**index["weight_map"], "proj.weight": "model-00002-of-00002.safetensors"}) == (
+        f"{folder / TORCH_INDEX}: tensor 'proj.weight': weight_map names "
+        "'model-00002-of-00002.safetensors', not a .bin file"
+    )
+    assert fails({**index["weight_map"], "proj.weight": "../x.bin"}).endswith(
+        "outside the checkpoint folder"
+    )
+    assert fails({**index["weight_map"], "extra.weight": torch_shard(1, 2)}) == (
+        f"{folder / torch_shard(1, 2)}: tensor 'extra.weight': missing from this shard "
+        f"({TORCH_INDEX} maps it here)"
+    )
+    (folder / TORCH_INDEX).write_text("{")
+    with pytest.raises(CheckpointError, match="not a torch index \\(not JSON"):
+        TorchShardedReader(folder)
+
+
+def test_a_missing_torch_shard_names_the_shard_and_a_tensor(tmp_path: Path) -> None:
+    folder = torch_folder(tmp_path)
+    mapped = json.loads((folder / TORCH_INDEX).read_text())["weight_map"]
+    second = [n for n, shard in mapped.items() if shard == torch_shard(2, 2)]
+    (folder / torch_shard(2, 2)).unlink()
+    with pytest.raises(CheckpointError) as e:
+        TorchShardedReader(folder)
+    assert str(e.value) == (
+        f"{folder / torch_shard(2, 2)}: tensor '{second[0]}': shard listed in {TORCH_INDEX} is "
+        f"missing ({len(second) - 1} more tensors are mapped to it)"
+    )
+
+
+def test_tensors_a_torch_shard_holds_but_the_index_does_not_list_are_ignored(
+    tmp_path: Path,
+) -> None:
+    folder = torch_folder(tmp_path)
+    index = json.loads((folder / TORCH_INDEX).read_text())
+    del index["weight_map"]["head.weight"]
+    (folder / TORCH_INDEX).write_text(json.dumps(index))
+    with TorchShardedReader(folder) as reader:
+        assert "head.weight" not in reader.tensors
+        assert reader.unindexed == {"head.weight": torch_shard(1, 2)}
+        assert reader.shared_tensors == ()  # its tie is gone with it
+
+
+def write_torch_folder(
+    path: Path,
+    arrays: Mapping[str, np.ndarray],
+    template: CheckpointReader | None,
+    max_shard_size: int,
+) -> Path:
+    with TorchShardedWriter(
+        path, infos(arrays), {}, template, max_shard_size=max_shard_size
+    ) as writer:
+        write_all(writer, arrays)
+        writer.commit(durable=False)
+    return path
+
+
+def test_torch_folder_output_keeps_ties_in_one_shard_and_its_side_files(tmp_path: Path) -> None:
+    source = TORCH_SHARDED / "checkpoint-300"
+    arrays = shard_by_shard(source)
+    order = {
+        n: i for i, n in enumerate(json.loads((source / TORCH_INDEX).read_text())["weight_map"])
+    }
+    with TorchShardedReader(source) as template:
+        arrays = {n: arrays[n] for n in template.tensors}
+        # Shards smaller than embed.weight: it gets one of its own, its tied head.weight with it.
+        out = write_torch_folder(tmp_path / "ema", arrays, template, max_shard_size=300)
+        again = write_torch_folder(tmp_path / "again", arrays, template, max_shard_size=300)
+    assert snapshot(out) == snapshot(again)  # the same bytes every time
+    names = sorted(p.name for p in out.iterdir())
+    shards = [n for n in names if n.endswith(".bin")]
+    assert len(shards) > 2
+    assert names == sorted(
+        [*shards, TORCH_INDEX, "config.json", "generation_config.json", "tokenizer.json"]
+    )
+    index = json.loads((out / TORCH_INDEX).read_text())
+    assert index["weight_map"]["head.weight"] == index["weight_map"]["embed.weight"]
+    assert sorted(index["weight_map"]) == sorted(order)
+    shared_once = sum(v.nbytes for n, v in arrays.items() if n != "head.weight")
+    assert index["metadata"]["total_size"] == shared_once
+    assert_same(shard_by_shard(out), arrays)
+    with TorchShardedReader(out) as reader:
+        assert reader.shared_tensors == (TIED,)
+        assert_same({n: reader.read(n).reshape(t.shape) for n, t in reader.tensors.items()}, arrays)
+
+
+def test_one_torch_shard_is_pytorch_model_bin_and_keeps_ties(tmp_path: Path) -> None:
+    source = TORCH_SHARDED / "checkpoint-100"
+    arrays = shard_by_shard(source)
+    with TorchShardedReader(source) as template:
+        arrays = {n: arrays[n] for n in template.tensors}
+        out = write_torch_folder(tmp_path / "ema", arrays, template, DEFAULT_MAX_SHARD_SIZE)
+    assert not (out / TORCH_INDEX).exists()
+    with TorchZipReader(out / TORCH_LAYOUT.single_name) as reader:
+        assert [set(g) for g in reader.shared_storages.values()] == [set(TIED)]
+        assert list(reader.tensors) == list(arrays)
+    with TorchShardedReader(out) as reader:  # and read back as a one-shard folder
+        assert_same({n: reader.read(n).reshape(t.shape) for n, t in reader.tensors.items()}, arrays)
+
+
+def test_tied_tensors_given_different_values_are_refused(tmp_path: Path) -> None:
+    source = TORCH_SHARDED / "checkpoint-100"
+    arrays = shard_by_shard(source)
+    arrays["head.weight"] = arrays["head.weight"] + 1
+    with TorchShardedReader(source) as template, pytest.raises(CheckpointError) as e:
+        write_torch_folder(tmp_path / "ema", arrays, template, DEFAULT_MAX_SHARD_SIZE)
+    assert "tied tensors must be averaged alike" in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_torch_folder_output_replaces_an_earlier_one_only(tmp_path: Path) -> None:
+    arrays = {"w": np.arange(6, dtype=np.float32)}
+    out = write_torch_folder(tmp_path / "ema", arrays, None, DEFAULT_MAX_SHARD_SIZE)
+    arrays["w"] += 1
+    write_torch_folder(out, arrays, None, DEFAULT_MAX_SHARD_SIZE)  # an earlier output: replaced
+    with TorchShardedReader(out) as reader:
+        np.testing.assert_array_equal(reader.read("w"), arrays["w"])
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(OptionError, match="holds no model weights"):
+        write_torch_folder(tmp_path / "notes", arrays, None, DEFAULT_MAX_SHARD_SIZE)
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+
+
+def test_torch_shards_are_reopened_few_at_a_time(tmp_path: Path) -> None:
+    arrays = {f"t{i}": np.full(40, i, dtype=np.float32) for i in range(12)}
+    fds_before = len(os.listdir("/proc/self/fd")) if Path("/proc/self/fd").is_dir() else None
+    with TorchShardedWriter(tmp_path / "ema", infos(arrays), {}, None, max_shard_size=160) as w:
+        assert len(w._parts) == 12
+        for name, value in arrays.items():
+            w.write(name, 0, value)
+            if fds_before is not None:
+                assert len(os.listdir("/proc/self/fd")) <= fds_before + DEFAULT_OPEN_SHARDS
+        w.commit(durable=False)
+    if fds_before is not None:
+        assert len(os.listdir("/proc/self/fd")) <= fds_before
+    assert_same(shard_by_shard(tmp_path / "ema"), arrays)

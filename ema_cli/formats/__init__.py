@@ -40,6 +40,7 @@ __all__ = [
     "check_writer",
     "checkpoint_files",
     "checkpoint_stats",
+    "conversion_warnings",
     "create_writer",
     "find_checkpoint",
     "format_of",
@@ -77,15 +78,18 @@ def format_of(path: Path) -> Format | None:
 def find_checkpoint(path: Path) -> Path:
     """The checkpoint a command-line argument names.
 
-    A file is taken as is. A folder holding a folder format's marker (a sharded model's index)
-    is one checkpoint and is returned itself; a folder holding a model file by its Hugging Face
-    name (``model.safetensors``, ``pytorch_model.bin``: a Trainer ``checkpoint-N/`` with its
-    ``optimizer.pt`` and ``rng_state.pth``) is read through that file; any other folder must
-    hold exactly one checkpoint file of a format we read.
+    A file is taken as is. A folder holding a folder format's marker (a sharded model's index:
+    ``model.safetensors.index.json``, ``pytorch_model.bin.index.json``) is one checkpoint and
+    is returned itself; a folder holding a model file by its Hugging Face name
+    (``model.safetensors``, ``pytorch_model.bin``: a Trainer ``checkpoint-N/`` with its
+    ``optimizer.pt`` and ``rng_state.pth``) is read through that file; safetensors weights are
+    preferred to torch ones, as ``from_pretrained`` prefers them. Any other folder must hold
+    exactly one checkpoint file of a format we read.
     """
     if path.is_dir():
-        if registry.folder_format(path) is not None:
-            return path
+        weights = registry.folder_checkpoint(path)
+        if weights is not None:
+            return weights
         model = registry.model_file(path)  # a Trainer checkpoint-N/: weights beside optimizer.pt
         if model is not None:
             return model
@@ -165,11 +169,15 @@ def checkpoint_stats(path: Path) -> tuple[int, int]:
     return sum(s.st_size for s in stats), mtime
 
 
-def output_format(path: Path, folder: bool) -> Format:
-    """The format ``-o path`` writes (a folder format for folder outputs); ``OptionError`` when
-    no registered format writes it."""
+def output_format(path: Path, folder: bool, folder_format: str | None = None) -> Format:
+    """The format ``-o path`` writes (for folder outputs the folder format ``folder_format``
+    names, ``--folder-format``'s value, by default the first); ``OptionError`` when no
+    registered format writes it."""
     if folder:
-        return registry.folder_output_format()
+        try:
+            return registry.folder_output_format(folder_format)
+        except ValueError as e:
+            raise OptionError(f"{path}: {e}") from None
     fmt = registry.by_suffix(path.name)
     if fmt is None or fmt.writer is None:
         known = ", ".join(sorted(registry.writable()))
@@ -183,14 +191,49 @@ def check_output_path(path: Path) -> None:
 
 
 def lost_in_conversion(
-    path: Path, template: CheckpointReader | None, folder: bool | None = None
+    path: Path,
+    template: CheckpointReader | None,
+    folder: bool | None = None,
+    folder_format: str | None = None,
 ) -> list[str]:
     """What ``template`` holds besides tensors that an output at ``path`` cannot carry."""
     if template is None or not template.non_tensors:
         return []
     folder = is_folder_output(path) if folder is None else folder
-    writer: type[CheckpointWriter] = output_format(path, folder).writer_class()
+    writer: type[CheckpointWriter] = output_format(path, folder, folder_format).writer_class()
     return [] if writer.carries_non_tensors(template) else list(template.non_tensors)
+
+
+def conversion_warnings(
+    path: Path,
+    tensors: Sequence[TensorInfo],
+    template: CheckpointReader | None = None,
+    folder: bool | None = None,
+    drop_non_tensors: bool = False,
+    folder_format: str | None = None,
+) -> list[str]:
+    """What a conversion changes without losing a value, for a warning (not a refusal):
+    tensors that share storage in ``template`` (torch's tied weights) and that the output
+    format writes as separate copies, since it has no shared storage (safetensors, npz, ...).
+    Every loader reads such copies; ``from_pretrained`` ties them again from the config.
+
+    ``check_writer`` runs first (its ``OptionError`` propagates), so no warning is given for an
+    output that is then refused."""
+    writer = check_writer(path, tensors, template, folder, drop_non_tensors, folder_format)
+    if template is None or not template.shared_tensors or writer.keeps_shared_storage:
+        return []
+    folder = is_folder_output(path) if folder is None else folder
+    groups = [" = ".join(group) for group in template.shared_tensors]
+    listed = "; ".join(groups[:3]) + (f"; and {len(groups) - 3} more" if len(groups) > 3 else "")
+    if folder:
+        kind = f"a {output_format(path, folder, folder_format).name}"
+        keep = "--folder-format torch keeps them shared"
+    else:
+        kind, keep = f"a {registry.suffix_of(path.name)} file", "a .pt output keeps them shared"
+    return [
+        f"{template.path}: tied tensors ({listed}) are written as separate copies: {kind} "
+        f"cannot share storage ({keep})"
+    ]
 
 
 def check_writer(
@@ -199,16 +242,17 @@ def check_writer(
     template: CheckpointReader | None = None,
     folder: bool | None = None,
     drop_non_tensors: bool = False,
+    folder_format: str | None = None,
 ) -> type[CheckpointWriter]:
     """Refuse an output that could not be written (``OptionError``), before any work: an
     unknown suffix, a dtype or name the format cannot store, or a conversion that would drop
     what the template holds besides tensors. Returns the writer class; writes nothing, so
-    ``--dry-run`` runs it too. ``folder``: as in ``create_writer``."""
+    ``--dry-run`` runs it too. ``folder``, ``folder_format``: as in ``create_writer``."""
     if folder is None:
         folder = is_folder_output(path)
-    fmt = output_format(path, folder)
+    fmt = output_format(path, folder, folder_format)
     writer: type[CheckpointWriter] = fmt.writer_class()
-    lost = lost_in_conversion(path, template, folder)
+    lost = lost_in_conversion(path, template, folder, folder_format)
     if lost and not drop_non_tensors:
         # A conversion keeps every tensor; refuse it when the input holds data that is not one.
         assert template is not None
@@ -235,15 +279,17 @@ def create_writer(
     max_shard_size: int | None = None,
     folder: bool | None = None,
     drop_non_tensors: bool = False,
+    folder_format: str | None = None,
 ) -> CheckpointWriter:
     """Start writing a checkpoint at ``path`` in the format its suffix names (``check_writer``
     first).
 
     ``template`` (the last input checkpoint) lets a format copy what is not a tensor. A folder
-    output (``folder``, or by default a name without a file suffix) is written by the first
-    folder format that writes, sharded at ``max_shard_size`` bytes where it shards.
+    output (``folder``, or by default a name without a file suffix) is written by the folder
+    format ``folder_format`` names (``--folder-format``: ``safetensors``, ``torch``), by
+    default the first folder format that writes, sharded at ``max_shard_size`` bytes.
     """
-    writer = check_writer(path, tensors, template, folder, drop_non_tensors)
+    writer = check_writer(path, tensors, template, folder, drop_non_tensors, folder_format)
     if max_shard_size is not None and writer.takes_max_shard_size:
         sharding: Any = writer  # a writer class that declares the extra argument
         made: CheckpointWriter = sharding(

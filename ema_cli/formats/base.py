@@ -131,6 +131,13 @@ class CheckpointReader(ABC):
         HDF5 string dataset, a zip member): only a writer of the same format carries it over."""
         return ()
 
+    @property
+    def shared_tensors(self) -> Sequence[tuple[str, ...]]:
+        """Groups of tensors stored in one piece of memory (torch's tied weights: views of one
+        storage), each in file order; none for formats that store every tensor apart. A writer
+        that does not ``keeps_shared_storage`` writes each of them as its own copy."""
+        return ()
+
     @abstractmethod
     def read(
         self,
@@ -225,6 +232,10 @@ class CheckpointWriter(ABC):
 
     #: Whether the constructor takes ``max_shard_size`` (formats that split into shards).
     takes_max_shard_size = False
+    #: Whether tensors a template stores in one piece of memory (``shared_tensors``) share one
+    #: in the output too; a writer that cannot writes each as its own copy (and
+    #: ``formats.conversion_warnings`` says so).
+    keeps_shared_storage = False
 
     def __init__(
         self,

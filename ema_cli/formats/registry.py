@@ -54,6 +54,8 @@ class Format:
     #: Metadata an output of this format gets unless the last input names it otherwise
     #: (safetensors loaders insist on ``format``).
     metadata_defaults: tuple[tuple[str, str], ...] = ()
+    #: For a writable folder format: the ``--folder-format`` value that picks it.
+    folder_option: str | None = None
 
     def reader_class(self) -> Any:
         return _load(self.reader)
@@ -101,6 +103,7 @@ _FORMATS: list[Format] = [
         markers=("model.safetensors.index.json",),
         single_files=("model.safetensors",),
         metadata_defaults=(("format", "pt"),),
+        folder_option="safetensors",
     ),
     Format(
         "keras weights",
@@ -136,6 +139,19 @@ _FORMATS: list[Format] = [
         "torch.save() zip checkpoints (state_dicts, Lightning .ckpt, pytorch_model.bin), read "
         "without torch and without running pickled code; the last one's structure is kept",
         model_files=("pytorch_model.bin",),
+    ),
+    Format(
+        "torch folder",
+        (),
+        "folder",
+        "torch_zip:TorchShardedReader",
+        "torch_zip:TorchShardedWriter",
+        "a Hugging Face model folder of torch weights: pytorch_model.bin, or shards with "
+        "pytorch_model.bin.index.json; an output folder is written as one with --folder-format "
+        "torch",
+        markers=("pytorch_model.bin.index.json",),
+        single_files=("pytorch_model.bin",),
+        folder_option="torch",
     ),
     Format(
         "tensorflow",
@@ -214,6 +230,22 @@ def by_suffix(name: str) -> Format | None:
     return next((f for f in _FORMATS if suffix in f.suffixes), None) if suffix else None
 
 
+def folder_checkpoint(path: Path) -> Path | None:
+    """The checkpoint a folder holds by Hugging Face's names, in ``from_pretrained``'s order of
+    formats (registry order: safetensors before torch weights): the folder itself when it holds
+    a folder format's index (``markers``), else the format's single model file; None when it
+    holds neither."""
+    for fmt in _FORMATS:
+        if fmt.layout != "folder":
+            continue
+        if any((path / m).is_file() for m in fmt.markers):
+            return path
+        for name in fmt.single_files:
+            if (path / name).is_file():
+                return path / name
+    return None
+
+
 def folder_format(path: Path, opening: bool = False) -> Format | None:
     """The folder format whose marker ``path`` holds (None: not a folder checkpoint).
     ``opening``: a folder given to be opened as one, which may hold a single model file."""
@@ -259,9 +291,20 @@ def model_file(folder: Path) -> Path | None:
     return None
 
 
-def folder_output_format() -> Format:
-    """The format of an output named without a suffix: the first folder format that writes."""
-    return next(f for f in _FORMATS if f.layout == "folder" and f.writer is not None)
+def folder_output_formats() -> dict[str, Format]:
+    """The writable folder formats by their ``--folder-format`` value, the default first."""
+    return {f.folder_option or f.name: f for f in _FORMATS if f.layout == "folder" and f.writer}
+
+
+def folder_output_format(option: str | None = None) -> Format:
+    """The format of an output named without a suffix: the one ``--folder-format option``
+    names, by default the first folder format that writes (``ValueError`` for an unknown one)."""
+    choices = folder_output_formats()
+    if option is None:
+        return next(iter(choices.values()))
+    if option not in choices:
+        raise ValueError(f"unknown folder format {option!r} (choose from {', '.join(choices)})")
+    return choices[option]
 
 
 def readable(kind: Callable[[Format], bool] = lambda f: True) -> list[str]:

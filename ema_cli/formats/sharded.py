@@ -1,21 +1,25 @@
-"""Sharded safetensors folders in the Hugging Face convention, read and written as one checkpoint.
+"""Hugging Face model folders (sharded or not), read and written as one checkpoint.
 
-Layout (what ``transformers``' ``save_pretrained`` writes): a folder holding
-``model.safetensors.index.json`` -- ``{"metadata": {"total_size": N}, "weight_map": {tensor:
-shard file}}`` -- and shard files ``model-00001-of-0000N.safetensors``, each an ordinary
-safetensors file; a model small enough for one shard is a plain ``model.safetensors`` with no
-index. Beside the weights live the files that make the folder loadable (``config.json``,
-tokenizer files, ...), which the writer copies from the template checkpoint.
+Layout (what ``transformers``' ``save_pretrained`` writes): a folder holding an index --
+``{"metadata": {"total_size": N}, "weight_map": {tensor: shard file}}`` -- and shard files, each
+an ordinary checkpoint file of its format; a model small enough for one shard is one file with
+no index. Two weights formats share the layout (``FolderLayout``): safetensors
+(``model.safetensors.index.json``, ``model-00001-of-0000N.safetensors``, ``model.safetensors``)
+and torch (``pytorch_model.bin.index.json``, ``pytorch_model-00001-of-0000N.bin``,
+``pytorch_model.bin``; its classes are in ``torch_zip``). Beside the weights live the files that
+make the folder loadable (``config.json``, tokenizer files, ...), which the writer copies from
+the template checkpoint.
 
-Reading delegates every shard to :class:`SafetensorsReader`. Shards are opened lazily through a
-small least-recently-used cache: a replay opens tens of checkpoints of up to hundreds of shards
-each, so keeping every shard open would exhaust file descriptors, while the replay's tensor-major
-order (the template's order: shard by shard) means only a couple of shards per checkpoint are in
-use at any time.
+Reading delegates every shard to the format's single-file reader. Shards are opened lazily
+through a small least-recently-used cache: a replay opens tens of checkpoints of up to hundreds
+of shards each, so keeping every shard open would exhaust file descriptors, while the replay's
+tensor-major order (the template's order: shard by shard) means only a couple of shards per
+checkpoint are in use at any time.
 
-Writing lays every shard out up front with the single-file writer's precomputed header, stores
-blocks with positioned writes into a hidden temporary folder beside the destination, and moves
-the finished folder into place on ``commit()``.
+Writing lays every shard out up front (a ``ShardFile`` each: the safetensors header, or the
+torch zip's records), stores blocks with positioned writes into a hidden temporary folder beside
+the destination (shard files reopened through the same kind of cache), and moves the finished
+folder into place on ``commit()``.
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ import re
 import secrets
 import shutil
 import threading
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path, PurePosixPath
-from typing import Generic, TypeVar
+from typing import ClassVar, Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -46,10 +52,45 @@ from ema_cli.formats.base import (
 )
 from ema_cli.formats.safetensors import SafetensorsReader, build_header, check_dtypes
 
-#: The index that makes a folder one sharded checkpoint.
-INDEX_NAME = "model.safetensors.index.json"
+
+@dataclass(frozen=True)
+class FolderLayout:
+    """How one weights format lays out a Hugging Face model folder (``transformers``' names)."""
+
+    #: What the weights are, for messages ("safetensors", "torch").
+    kind: str
+    #: The index that makes a folder one sharded checkpoint.
+    index_name: str
+    #: The single file Hugging Face writes when everything fits in one shard.
+    single_name: str
+    #: Shard file names: ``<stem>-00001-of-00003<suffix>``.
+    shard_stem: str
+    shard_suffix: str
+
+    def shard_file_names(self, count: int) -> list[str]:
+        """``model-00001-of-00003.safetensors``..., or the single ``model.safetensors`` when
+        there is one shard (``from_pretrained`` then finds no index)."""
+        if count == 1:
+            return [self.single_name]
+        return [
+            f"{self.shard_stem}-{i:05d}-of-{count:05d}{self.shard_suffix}"
+            for i in range(1, count + 1)
+        ]
+
+
+SAFETENSORS_LAYOUT = FolderLayout(
+    "safetensors", "model.safetensors.index.json", "model.safetensors", "model", ".safetensors"
+)
+#: ``save_pretrained(safe_serialization=False)``'s names (transformers 4.x).
+TORCH_LAYOUT = FolderLayout(
+    "torch", "pytorch_model.bin.index.json", "pytorch_model.bin", "pytorch_model", ".bin"
+)
+LAYOUTS = (SAFETENSORS_LAYOUT, TORCH_LAYOUT)
+
+#: The index that makes a folder one sharded safetensors checkpoint.
+INDEX_NAME = SAFETENSORS_LAYOUT.index_name
 #: The single-file name Hugging Face uses when everything fits in one shard.
-SINGLE_NAME = "model.safetensors"
+SINGLE_NAME = SAFETENSORS_LAYOUT.single_name
 #: ``save_pretrained``'s default shard limit ("5GB", decimal).
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 #: Shards a reader keeps open: two replay threads plus one shard boundary each.
@@ -101,14 +142,15 @@ def parse_size(text: str) -> int:
 
 
 def shard_file_names(count: int) -> list[str]:
-    """Hugging Face's shard names: ``model-00001-of-00003.safetensors``..., or the single
-    ``model.safetensors`` when there is one shard (``from_pretrained`` then finds no index)."""
-    if count == 1:
-        return [SINGLE_NAME]
-    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+    """Hugging Face's safetensors shard names (``FolderLayout.shard_file_names``)."""
+    return SAFETENSORS_LAYOUT.shard_file_names(count)
 
 
-def split_into_shards(tensors: Sequence[TensorInfo], max_shard_size: int) -> list[list[TensorInfo]]:
+def split_into_shards(
+    tensors: Sequence[TensorInfo],
+    max_shard_size: int,
+    together: Sequence[Sequence[str]] = (),
+) -> list[list[TensorInfo]]:
     """Group tensors into shards of at most ``max_shard_size`` data bytes, as Hugging Face does.
 
     The rule of ``huggingface_hub``'s ``split_state_dict_into_shards`` (which ``save_pretrained``
@@ -118,13 +160,28 @@ def split_into_shards(tensors: Sequence[TensorInfo], max_shard_size: int) -> lis
     after it. Nothing is rearranged to fill shards better: sizes 6, 6, 2, 6, 2, 2 under a limit
     of 10 give [6], [6, 2], [6, 2, 2]; sizes 3, 25, 3 give [25], [3, 3]. There is always at least
     one shard, so a checkpoint without tensors is still a loadable ``model.safetensors``.
+
+    ``together``: groups of tensor names that must share a shard (tensors sharing one torch
+    storage, which only one file can hold once). As ``huggingface_hub`` does for them, a group's
+    first tensor is placed by the rule above and counted; the others are left out of the count
+    (their bytes are the same storage) and put in the first one's shard, in the order given.
     """
     if max_shard_size < 1:
         raise ValueError(f"max_shard_size must be at least 1 byte, got {max_shard_size}")
+    position = {info.name: i for i, info in enumerate(tensors)}
+    follows: dict[str, str] = {}  # a group's later tensor -> the group's first
+    for group in together:
+        members = sorted((name for name in group if name in position), key=position.__getitem__)
+        for name in members[1:]:
+            follows[name] = members[0]
+    followers: dict[str, list[TensorInfo]] = {}
     shards: list[list[TensorInfo]] = []
     current: list[TensorInfo] = []
     used = 0
     for info in tensors:
+        if info.name in follows:
+            followers.setdefault(follows[info.name], []).append(info)
+            continue
         if info.nbytes > max_shard_size:
             shards.append([info])
             continue
@@ -135,6 +192,10 @@ def split_into_shards(tensors: Sequence[TensorInfo], max_shard_size: int) -> lis
         used += info.nbytes
     if current or not shards:
         shards.append(current)
+    for shard in shards if followers else ():
+        for info in list(shard):
+            shard.extend(followers.pop(info.name, ()))
+        shard.sort(key=lambda info: position[info.name])
     return shards
 
 
@@ -213,25 +274,33 @@ class ShardedReader(CheckpointReader):
     ``unindexed``): the index is what defines the checkpoint, and ``from_pretrained`` treats such
     tensors as unexpected keys rather than weights. Index tensors missing from their shard are
     errors.
+
+    Another weights format reuses all of it by naming its ``layout`` and ``shard_reader`` (a
+    single-file reader class) and, if it knows more per shard, overriding ``_scanned``.
     """
 
     format_name = "safetensors (sharded)"
+    layout: ClassVar[FolderLayout] = SAFETENSORS_LAYOUT
+    shard_reader: ClassVar[type[CheckpointReader]] = SafetensorsReader
 
     def __init__(self, path: Path, max_open_shards: int = DEFAULT_OPEN_SHARDS) -> None:
         super().__init__(path)
+        layout = self.layout
         if not path.is_dir():
             raise CheckpointError(path, "not a folder (a sharded checkpoint is a folder)")
-        index_path = path / INDEX_NAME
+        index_path = path / layout.index_name
         if index_path.is_file():
-            weight_map = _read_index(index_path)
-        elif (path / SINGLE_NAME).is_file():
+            weight_map = _read_index(index_path, layout)
+        elif (path / layout.single_name).is_file():
             weight_map = None
         else:
-            raise CheckpointError(path, f"folder holds neither {INDEX_NAME} nor {SINGLE_NAME}")
+            raise CheckpointError(
+                path, f"folder holds neither {layout.index_name} nor {layout.single_name}"
+            )
 
         by_shard: dict[str, list[str]] = {}
         if weight_map is None:
-            by_shard[SINGLE_NAME] = []  # filled from the shard's own header below
+            by_shard[layout.single_name] = []  # filled from the shard's own header below
         else:
             for name, shard in weight_map.items():
                 by_shard.setdefault(shard, []).append(name)
@@ -240,7 +309,7 @@ class ShardedReader(CheckpointReader):
         tensors: dict[str, TensorInfo] = {}
         self._shard_of: dict[str, str] = {}
         self._unindexed: dict[str, str] = {}
-        self._offsets: dict[str, int] = {}
+        self._offsets: dict[str, int | None] = {}
         self._metadata: dict[str, str] = {}
         for position, shard in enumerate(sorted(by_shard)):
             shard_path = path / shard
@@ -248,22 +317,24 @@ class ShardedReader(CheckpointReader):
             if not shard_path.is_file():
                 raise CheckpointError(
                     shard_path,
-                    f"shard listed in {INDEX_NAME} is missing"
+                    f"shard listed in {layout.index_name} is missing"
                     + (f" ({len(listed) - 1} more tensors are mapped to it)" if listed[1:] else ""),
                     tensor=listed[0] if listed else None,
                 )
-            shard_reader = SafetensorsReader(shard_path)
-            with shard_reader:
+            with self.shard_reader(shard_path) as shard_reader:
                 header = dict(shard_reader.tensors)
                 offsets = {n: shard_reader.file_offset(n, 0) for n in header}
                 if position == 0:
                     self._metadata = dict(shard_reader.metadata)
-            wanted = set(listed) if weight_map is not None else set(header)
-            for name in listed:
-                if name not in header:
-                    raise CheckpointError(
-                        shard_path, f"missing from this shard ({INDEX_NAME} maps it here)", name
-                    )
+                wanted = set(listed) if weight_map is not None else set(header)
+                for name in listed:
+                    if name not in header:
+                        raise CheckpointError(
+                            shard_path,
+                            f"missing from this shard ({layout.index_name} maps it here)",
+                            name,
+                        )
+                self._scanned(shard, shard_reader, wanted)
             for name, info in header.items():  # file order
                 if name in wanted:
                     tensors[name] = info
@@ -275,15 +346,19 @@ class ShardedReader(CheckpointReader):
         self._by_shard: dict[str, list[str]] = {}
         for name, shard in self._shard_of.items():
             self._by_shard.setdefault(shard, []).append(name)
-        self._shards = _OpenHandles[str, SafetensorsReader](
-            self._open_shard, SafetensorsReader.close, max_open_shards
+        self._shards = _OpenHandles[str, CheckpointReader](
+            self._open_shard, _close, max_open_shards
         )
         self._closed = False
 
-    def _open_shard(self, shard: str) -> SafetensorsReader:
+    def _scanned(self, shard: str, reader: CheckpointReader, wanted: set[str]) -> None:
+        """A hook: what a format learns from each shard while it is open at start-up
+        (``wanted``: the tensors of the checkpoint it holds)."""
+
+    def _open_shard(self, shard: str) -> CheckpointReader:
         """Reopen a shard scanned at start-up; a header that no longer matches is an error
         (the file was replaced, say by a training job still writing checkpoints)."""
-        reader = SafetensorsReader(self.path / shard)
+        reader = self.shard_reader(self.path / shard)
         try:
             for name in self._by_shard[shard]:
                 if reader.tensors.get(name) != self._tensors[name]:
@@ -327,7 +402,10 @@ class ShardedReader(CheckpointReader):
         )
 
     def file_offset(self, name: str, start: int) -> int | None:
-        return self._offsets[name] + start * self._tensors[name].dtype.itemsize
+        offset = self._offsets[name]
+        if offset is None:
+            return None
+        return offset + start * self._tensors[name].dtype.itemsize
 
     def close(self) -> None:
         self._closed = True
@@ -339,24 +417,25 @@ class ShardedReader(CheckpointReader):
         return len(self._shards)
 
 
-def _read_index(index_path: Path) -> dict[str, str]:
+def _read_index(index_path: Path, layout: FolderLayout = SAFETENSORS_LAYOUT) -> dict[str, str]:
     """The index's ``weight_map``, checked: a JSON object of tensor -> shard path inside the
     folder (an index naming ``../elsewhere`` must not make us read files outside it)."""
+    kind, suffix = layout.kind, layout.shard_suffix
     try:
         index = json.loads(index_path.read_bytes().decode("utf-8"))
     except OSError as e:
         raise CheckpointError(index_path, f"cannot read: {e.strerror}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(index_path, f"not a safetensors index (not JSON: {e})") from None
+        raise CheckpointError(index_path, f"not a {kind} index (not JSON: {e})") from None
     if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
         raise CheckpointError(
-            index_path, 'not a safetensors index (no "weight_map" object mapping tensors to shards)'
+            index_path, f'not a {kind} index (no "weight_map" object mapping tensors to shards)'
         )
     weight_map: dict[str, str] = {}
     for name, shard in index["weight_map"].items():
-        if not isinstance(shard, str) or not shard.endswith(".safetensors"):
+        if not isinstance(shard, str) or not shard.endswith(suffix):
             raise CheckpointError(
-                index_path, f"weight_map names {shard!r}, not a .safetensors file", tensor=name
+                index_path, f"weight_map names {shard!r}, not a {suffix} file", tensor=name
             )
         pure = PurePosixPath(shard)
         if pure.is_absolute() or ".." in pure.parts or "\\" in shard:
@@ -412,8 +491,9 @@ def check_output_folder(path: Path, template: CheckpointReader | None = None) ->
     """Refuse a destination whose replacement would destroy what is not an earlier output.
 
     ``commit()`` replaces a whole existing folder, so that folder must look like a checkpoint
-    this writer could have made (it holds ``model.safetensors`` or the index, and no
-    subfolders) or be empty; and it must not hold the template, which is still being read.
+    a folder writer could have made (it holds a weights file or index of a ``FolderLayout``,
+    ``model.safetensors`` or ``pytorch_model.bin`` say, and no subfolders) or be empty; and it
+    must not hold the template, which is still being read.
     """
     if not path.parent.is_dir():
         raise OptionError(f"{path}: folder {path.parent} does not exist")
@@ -431,10 +511,11 @@ def check_output_folder(path: Path, template: CheckpointReader | None = None) ->
     entries = list(path.iterdir())
     if not entries:
         return
-    if not ((path / INDEX_NAME).is_file() or (path / SINGLE_NAME).is_file()):
+    weights = [n for layout in LAYOUTS for n in (layout.index_name, layout.single_name)]
+    if not any((path / name).is_file() for name in weights):
         raise OptionError(
-            f"{path}: folder exists and holds no safetensors checkpoint; refusing to replace it "
-            "(name a new output folder)"
+            f"{path}: folder exists and holds no model weights ({', '.join(weights)}); refusing "
+            "to replace it (name a new output folder)"
         )
     subfolders = [e.name for e in entries if e.is_dir()]
     if subfolders:
@@ -442,6 +523,52 @@ def check_output_folder(path: Path, template: CheckpointReader | None = None) ->
             f"{path}: folder holds subfolders ({', '.join(sorted(subfolders)[:3])}); refusing to "
             "replace it (name a new output folder)"
         )
+
+
+class ShardFile(ABC):
+    """One shard file of a folder being written: laid out when made (then closed), reopened
+    (``open``/``close``, by the writer's handle cache) for positioned writes and ``finish``."""
+
+    #: The bytes of tensor data the shard holds (the index's ``total_size`` adds them up).
+    data_bytes: int
+
+    @abstractmethod
+    def open(self) -> None:
+        """Reopen the file for writing."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close the file (it is reopened for the next write)."""
+
+    @abstractmethod
+    def write(self, name: str, start: int, data: memoryview) -> None:
+        """Store the raw bytes of tensor ``name``'s elements from ``start`` (file open)."""
+
+    def finish(self) -> None:  # noqa: B027 - a format with nothing to complete keeps this
+        """Complete the file once every block is in (file open)."""
+
+
+class SafetensorsShard(ShardFile):
+    """A safetensors shard: its header written up front, the file extended to its size."""
+
+    def __init__(self, path: Path, tensors: Sequence[TensorInfo], metadata: Mapping[str, str]):
+        self.path = path
+        header, self._offsets = build_header(tensors, metadata)
+        self._itemsize = {t.name: t.dtype.itemsize for t in tensors}
+        self.data_bytes = sum(t.nbytes for t in tensors)
+        _create_file(path, header, len(header) + self.data_bytes)
+        self._fd = -1
+
+    def open(self) -> None:
+        self._fd = os.open(self.path, os.O_WRONLY)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = -1
+
+    def write(self, name: str, start: int, data: memoryview) -> None:
+        write_exact(self._fd, data, self._offsets[name] + start * self._itemsize[name])
 
 
 class ShardedWriter(CheckpointWriter):
@@ -453,9 +580,13 @@ class ShardedWriter(CheckpointWriter):
     has no atomic exchange of two non-empty folders, so a crash between the two renames leaves no
     folder at ``path`` but the complete earlier output at ``.<name>.old-XXXXXXXX``: rename it
     back to recover. Nothing outside the temporary folder is touched before ``commit()``.
+
+    Another weights format reuses it by naming its ``layout`` and overriding ``_shard_file``
+    (and ``_together``, for tensors that must share a shard).
     """
 
     takes_max_shard_size = True
+    layout: ClassVar[FolderLayout] = SAFETENSORS_LAYOUT
 
     def __init__(
         self,
@@ -473,17 +604,16 @@ class ShardedWriter(CheckpointWriter):
         if len(set(names)) != len(names):
             raise ValueError("duplicate tensor names")
         check_output_folder(self.path, self.template)
-        self._shards = split_into_shards(self.tensors, self._max_shard_size)
-        self._files = shard_file_names(len(self._shards))
+        self._shards = split_into_shards(self.tensors, self._max_shard_size, self._together())
+        self._files = self.layout.shard_file_names(len(self._shards))
         self._tmp = self.stage_folder()
-        self._handles = _OpenHandles[int, int](self._open_shard, os.close, DEFAULT_OPEN_SHARDS)
-        self._where: dict[str, tuple[int, int]] = {}
+        self._parts: list[ShardFile] = []
+        self._handles = _OpenHandles[int, ShardFile](self._open_part, _close, DEFAULT_OPEN_SHARDS)
+        self._where: dict[str, int] = {}
         for number, shard in enumerate(self._shards):
-            header, offsets = build_header(shard, self.metadata)
             for info in shard:
-                self._where[info.name] = (number, offsets[info.name])
-            size = len(header) + sum(t.nbytes for t in shard)
-            _create_file(self._tmp / self._files[number], header, size)
+                self._where[info.name] = number
+            self._parts.append(self._shard_file(self._tmp / self._files[number], shard))
         # Copied now, not at commit, so an unreadable config fails before the long replay.
         source = template_folder(self.template)
         for side in side_files(source) if source is not None else []:
@@ -494,34 +624,44 @@ class ShardedWriter(CheckpointWriter):
                     raise CheckpointError(side, f"cannot read: {e.strerror}") from None
                 raise
 
+    def _shard_file(self, path: Path, tensors: Sequence[TensorInfo]) -> ShardFile:
+        """Lay out one shard at ``path`` holding ``tensors`` (closed when it returns)."""
+        return SafetensorsShard(path, tensors, self.metadata)
+
+    def _together(self) -> Sequence[Sequence[str]]:
+        """Groups of tensors that must be in one shard (``split_into_shards``); none here."""
+        return ()
+
     @classmethod
     def check(
         cls, path: Path, tensors: Sequence[TensorInfo], template: CheckpointReader | None
     ) -> None:
         check_dtypes(path, tensors)
 
-    def _open_shard(self, number: int) -> int:
-        return os.open(self._tmp / self._files[number], os.O_WRONLY)
+    def _open_part(self, number: int) -> ShardFile:
+        part = self._parts[number]
+        part.open()
+        return part
 
     def write(self, name: str, start: int, values: npt.NDArray[np.generic]) -> None:
         if self._done:
             raise RuntimeError(f"{self.path}: write after commit() or abort()")
         data = self._block_bytes(name, start, values)
-        number, base = self._where[name]
-        offset = base + start * values.dtype.itemsize
         try:
-            self._handles.call(number, lambda fd: write_exact(fd, data, offset))
+            self._handles.call(self._where[name], lambda part: part.write(name, start, data))
         except OSError as e:  # typically a full disk
             raise OutputError(self.path, e) from None
         self._wrote(len(data))
 
     def finish(self) -> list[tuple[Path, Path]]:
-        """The index (when there are several shards) in the temporary folder, which is then
-        published whole."""
+        """Complete every shard and write the index (when there are several shards) in the
+        temporary folder, which is then published whole."""
+        for number in range(len(self._parts)):
+            self._handles.call(number, lambda part: part.finish())
         self._handles.close_all()
         if len(self._files) > 1:
             index = {
-                "metadata": {"total_size": self._expected},
+                "metadata": {"total_size": sum(part.data_bytes for part in self._parts)},
                 "weight_map": {
                     info.name: self._files[number]
                     for number, shard in enumerate(self._shards)
@@ -529,7 +669,7 @@ class ShardedWriter(CheckpointWriter):
                 },
             }
             text = json.dumps(index, indent=2, sort_keys=True) + "\n"  # as transformers writes it
-            _create_file(self._tmp / INDEX_NAME, text.encode("utf-8"), None)
+            _create_file(self._tmp / self.layout.index_name, text.encode("utf-8"), None)
         return [(self._tmp, self.path)]
 
     def _publish(self, files: Sequence[tuple[Path, Path]], durable: bool) -> None:
@@ -546,6 +686,8 @@ class ShardedWriter(CheckpointWriter):
         handles = getattr(self, "_handles", None)
         if handles is not None:
             handles.close_all()
+        for part in getattr(self, "_parts", ()):
+            part.close()
 
 
 def _unique_sibling(path: Path, tag: str) -> Path:
@@ -585,3 +727,8 @@ def _swap_into_place(tmp: Path, path: Path) -> None:
             old.unlink()  # a link to a folder: the link is replaced, never its target's files
         else:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _close(handle: CheckpointReader | ShardFile) -> None:
+    """The handle caches' closer (a subclass's own ``close``, not the base class's)."""
+    handle.close()

@@ -33,6 +33,14 @@ the end. Bytes are deterministic: fixed member order (``data.pkl``, ``.format_ve
 64-byte alignment by a padding extra field as torch writes it, ZIP64 records when sizes need
 them. ``.data/serialization_id`` (a random id that ``torch.load`` does not need) is omitted.
 
+**Hugging Face folders of torch weights** (``TorchShardedReader``, ``TorchShardedWriter``):
+``pytorch_model.bin``, or shards ``pytorch_model-00001-of-0000N.bin`` with
+``pytorch_model.bin.index.json``, through the folder machinery of ``sharded`` (one
+``TorchZipReader`` / ``TorchZipFileWriter`` per shard). Each output shard is a plain state_dict
+of its tensors, each tensor contiguous on a storage of its own, except tensors that share a
+storage in the template (tied weights, ``shared_tensors``): they are kept in one shard and share
+one storage there, with the template's offsets and strides, as ``save_pretrained`` wrote them.
+
 Legacy (pre-1.6) ``torch.save`` files are refused with the command that converts them.
 """
 
@@ -60,6 +68,13 @@ from ema_cli.formats.base import (
     check_range,
     read_exact,
     write_exact,
+)
+from ema_cli.formats.sharded import (
+    DEFAULT_OPEN_SHARDS,
+    TORCH_LAYOUT,
+    ShardedReader,
+    ShardedWriter,
+    ShardFile,
 )
 from ema_cli.formats.torch_pickle import (
     MAX_PICKLE_BYTES,
@@ -255,6 +270,14 @@ class TorchZipReader(CheckpointReader):
     def is_optimizer_state(self, name: str) -> bool:
         return is_optimizer_name(name, self._optimizer_prefixes)
 
+    @property
+    def shared_tensors(self) -> Sequence[tuple[str, ...]]:
+        return tuple(self.shared_storages.values())
+
+    def tensor_record(self, name: str) -> TensorRecord:
+        """Tensor ``name``'s view: its storage, offset, size and strides."""
+        return self._records[name]
+
     def storage_offset(self, key: str) -> int:
         """Where storage ``key``'s bytes start in the file."""
         return self._offsets[key]
@@ -368,16 +391,33 @@ def _refuse_legacy(path: Path) -> None:
 # ---------------------------------------------------------------- writing
 
 
-def flat_structure(tensors: Sequence[TensorInfo]) -> TorchStructure:
+def flat_structure(
+    tensors: Sequence[TensorInfo], ties: Mapping[str, TensorRecord] | None = None
+) -> TorchStructure:
     """A plain state_dict (``OrderedDict`` of name -> tensor, each on its own contiguous
-    storage), for outputs whose template is not a torch checkpoint."""
+    storage), for outputs whose template is not a single torch checkpoint.
+
+    ``ties`` (``tied_records``): tensors that share a storage in the template, by name -> the
+    template's view. Tensors viewing one template storage share one storage here too, of the
+    template storage's size, at the template's offsets and strides (storage bytes no tensor
+    covers are zeros)."""
     from collections import OrderedDict
 
     root: OrderedDict[str, Any] = OrderedDict()
+    shared: dict[int, StorageRecord] = {}  # template storage -> ours
     for i, info in enumerate(tensors):
         name = torch_dtype_name(info.dtype)
         if name is None:
             raise OptionError(f"tensor '{info.name}' is {info.dtype}, which torch cannot store")
+        tied = ties.get(info.name) if ties else None
+        if tied is not None:
+            theirs = tied.storage
+            if id(theirs) not in shared:
+                shared[id(theirs)] = StorageRecord(str(i), theirs.dtype, "cpu", theirs.numel)
+            root[info.name] = TensorRecord(
+                shared[id(theirs)], tied.storage_offset, tuple(tied.size), tuple(tied.stride), name
+            )
+            continue
         legacy = name not in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz")
         legacy = legacy and name not in ("float8_e5m2fnuz", "float8_e8m0fnu", "uint16")
         legacy = legacy and name not in ("uint32", "uint64")
@@ -389,6 +429,32 @@ def flat_structure(tensors: Sequence[TensorInfo]) -> TorchStructure:
         )
         root[info.name] = TensorRecord(storage, 0, tuple(info.shape), stride, name)
     return TorchStructure(root, dict(root.items()))
+
+
+def tied_records(
+    template: CheckpointReader | None, tensors: Sequence[TensorInfo]
+) -> dict[str, TensorRecord]:
+    """For ``flat_structure``: the template's views of the tensors that share a storage in a
+    torch template and are written under their name, dtype and shape (at least two of a
+    storage; any others of it are written apart)."""
+    if not isinstance(template, (TorchZipReader, TorchShardedReader)):
+        return {}
+    given = {info.name: info for info in tensors}
+    found: dict[str, TensorRecord] = {}
+    for group in template.shared_tensors:
+        kept = [n for n in group if n in given and given[n] == template.tensors.get(n)]
+        if len(kept) > 1:
+            found.update((n, template.tensor_record(n)) for n in kept)
+    return found
+
+
+def check_torch_dtypes(path: Path, tensors: Sequence[TensorInfo]) -> None:
+    """Refuse (``OptionError``) a tensor of a dtype torch has no name for."""
+    for info in tensors:
+        if torch_dtype_name(info.dtype) is None:
+            raise OptionError(
+                f"{path}: tensor '{info.name}' is {info.dtype}, which torch cannot store"
+            )
 
 
 def _field(value: int) -> int:
@@ -420,6 +486,7 @@ class TorchZipFileWriter:
     ) -> None:
         self.error_path = os.fspath(error_path if error_path is not None else str(target))
         self.structure = structure
+        self._target = target
         self._owns_fd = not isinstance(target, int)
         if isinstance(target, int):
             self._fd = target
@@ -695,23 +762,39 @@ class TorchZipFileWriter:
                 window[where] = rows
         return True
 
+    @property
+    def data_bytes(self) -> int:
+        """The bytes of storage data the file holds."""
+        return sum(storage.nbytes for storage in self.storages)
+
     def close(self) -> None:
+        """Close the file (a writer made on a path may ``reopen`` it)."""
         if self._owns_fd and self._fd >= 0:
             os.close(self._fd)
         self._fd = -1
+
+    def reopen(self) -> None:
+        """Open the file again after ``close``, to go on writing (a writer made on a path)."""
+        if not self._owns_fd or isinstance(self._target, int):
+            raise ValueError("only a writer made on a path reopens its file")
+        if self._fd < 0:
+            self._fd = os.open(self._target, os.O_RDWR)
 
 
 class TorchZipWriter(CheckpointWriter):
     """The ``CheckpointWriter`` for torch outputs: a ``TorchZipFileWriter`` on a temporary
     sibling (``stage_file``), published by the base class's ``commit()``. With a torch template the output keeps its
     structure (``metadata`` is not stored: torch files have no place for it); with another
-    template it is a plain state_dict of the given tensors."""
+    template it is a plain state_dict of the given tensors (tensors sharing a storage in a
+    sharded torch template still share one)."""
+
+    keeps_shared_storage = True
 
     def begin(self) -> None:
         if isinstance(self.template, TorchZipReader):
             structure = self.template.structure
         else:
-            structure = flat_structure(self.tensors)
+            structure = flat_structure(self.tensors, tied_records(self.template, self.tensors))
         self._file, self._tmp = self.stage_file()
         self._inner = TorchZipFileWriter(self._file.fileno(), structure, error_path=self.path)
 
@@ -719,11 +802,7 @@ class TorchZipWriter(CheckpointWriter):
     def check(
         cls, path: Path, tensors: Sequence[TensorInfo], template: CheckpointReader | None
     ) -> None:
-        for info in tensors:
-            if torch_dtype_name(info.dtype) is None:
-                raise OptionError(
-                    f"{path}: tensor '{info.name}' is {info.dtype}, which torch cannot store"
-                )
+        check_torch_dtypes(path, tensors)
         if isinstance(template, TorchZipReader):
             given = {t.name: t for t in tensors}
             theirs = template.tensors
@@ -765,6 +844,103 @@ class TorchZipWriter(CheckpointWriter):
         file = getattr(self, "_file", None)
         if file is not None:
             file.close()
+
+
+# ---------------------------------------------------------------- Hugging Face folders
+
+
+class TorchShardedReader(ShardedReader):
+    """A folder holding ``pytorch_model.bin.index.json`` and its ``.bin`` shards (or one
+    ``pytorch_model.bin``), as one checkpoint; every rule of ``ShardedReader`` holds. Tensors
+    sharing a storage within a shard are ``shared_tensors``; what a shard holds besides tensors
+    is ``non_tensors`` (``<shard>: ...``)."""
+
+    format_name = "torch (sharded)"
+    layout = TORCH_LAYOUT
+    shard_reader = TorchZipReader
+
+    def __init__(self, path: Path, max_open_shards: int = DEFAULT_OPEN_SHARDS) -> None:
+        self._groups: list[tuple[str, ...]] = []
+        self._records: dict[str, TensorRecord] = {}
+        self._non_tensors: list[str] = []
+        super().__init__(path, max_open_shards)
+
+    def _scanned(self, shard: str, reader: CheckpointReader, wanted: set[str]) -> None:
+        assert isinstance(reader, TorchZipReader)
+        for group in reader.shared_tensors:
+            kept = tuple(name for name in group if name in wanted)
+            if len(kept) > 1:
+                self._groups.append(kept)
+        for name in reader.tensors:
+            if name in wanted:
+                self._records[name] = reader.tensor_record(name)
+        self._non_tensors.extend(f"{shard}: {what}" for what in reader.non_tensors)
+
+    @property
+    def shared_tensors(self) -> Sequence[tuple[str, ...]]:
+        return tuple(self._groups)
+
+    @property
+    def non_tensors(self) -> Sequence[str]:
+        return tuple(self._non_tensors)
+
+    def tensor_record(self, name: str) -> TensorRecord:
+        """Tensor ``name``'s view in its shard: its storage, offset, size and strides."""
+        return self._records[name]
+
+
+class TorchShard(ShardFile):
+    """One ``.bin`` shard being written: a ``TorchZipFileWriter`` whose file is closed between
+    uses (the folder writer's handle cache reopens it)."""
+
+    def __init__(self, path: Path, structure: TorchStructure, error_path: Path) -> None:
+        self._writer = TorchZipFileWriter(path, structure, error_path=error_path)
+        self._writer.close()
+        self.data_bytes = self._writer.data_bytes
+
+    def open(self) -> None:
+        self._writer.reopen()
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def write(self, name: str, start: int, data: memoryview) -> None:
+        self._writer.write(name, start, data)
+
+    def finish(self) -> None:
+        self._writer.finish()
+
+
+class TorchShardedWriter(ShardedWriter):
+    """Writes a Hugging Face model folder of torch weights, as ``save_pretrained(...,
+    safe_serialization=False)`` did (transformers 4.x): ``pytorch_model.bin``, or shards
+    ``pytorch_model-00001-of-0000N.bin`` with ``pytorch_model.bin.index.json``, and the
+    template's side files. Each shard is a plain state_dict that ``torch.load(weights_only=True)``
+    loads; tied tensors of a torch template stay in one shard, sharing one storage
+    (``flat_structure``). The index's ``total_size`` counts each storage once. Metadata is not
+    stored: torch files have no place for it."""
+
+    layout = TORCH_LAYOUT
+    keeps_shared_storage = True
+
+    def begin(self) -> None:
+        self._ties = tied_records(self.template, self.tensors)
+        super().begin()
+
+    def _together(self) -> Sequence[Sequence[str]]:
+        groups: dict[int, list[str]] = {}
+        for name, record in self._ties.items():
+            groups.setdefault(id(record.storage), []).append(name)
+        return list(groups.values())
+
+    def _shard_file(self, path: Path, tensors: Sequence[TensorInfo]) -> ShardFile:
+        return TorchShard(path, flat_structure(tensors, self._ties), error_path=self.path)
+
+    @classmethod
+    def check(
+        cls, path: Path, tensors: Sequence[TensorInfo], template: CheckpointReader | None
+    ) -> None:
+        check_torch_dtypes(path, tensors)
 
 
 def write_torch_checkpoint(
