@@ -226,3 +226,88 @@ def test_a_missing_data_file_is_one_line(tmp_path: Path) -> None:
         ]
     )
     assert_fails(result, "ckpt-2.data-00000-of-00001", "missing", "part of the checkpoint")
+
+
+# --- a TF1 Saver run that saved only the variables ----------------------------------------
+
+TF1_SAVER = FIXTURES / "tf1_saver"
+TF1_SAVER_STEPS = (0, 3, 7, 12)
+TF1_SHADOW_OPTIONS = ["--decay", "0.9", "--num-updates", "step", "--names", "shadow"]
+
+
+def tf1_saver_restore() -> dict[str, str]:
+    """What TF's ``ema.variables_to_restore()`` maps each checkpoint key to."""
+    meta = json.loads((TF1_SAVER / "tf1_saver_restore.json").read_text())
+    assert meta["steps"] == list(TF1_SAVER_STEPS)
+    restore: dict[str, str] = meta["variables_to_restore"]
+    return restore
+
+
+def tf1_saver_shadows(step: int) -> dict[str, bytes]:
+    """The bytes of the shadows TF held after saving ``model.ckpt-<step>``, by shadow key."""
+    with np.load(TF1_SAVER / "tf1_saver_shadows.npz") as saved:
+        return {
+            k.split("/", 1)[1].removesuffix(".bits"): saved[k].tobytes()
+            for k in saved
+            if k.startswith(f"step{step}/")
+        }
+
+
+def test_a_tf1_saver_run_of_variables_gives_tfs_shadows_under_restore_names(
+    tmp_path: Path,
+) -> None:
+    """Issue 11's done-when: a Saver that saved only the variables, replayed with ``--names
+    shadow --precision native``, gives exactly (bitwise) the shadows TF's EMA held for float32,
+    float16 and bfloat16, under exactly the keys ``ema.variables_to_restore()`` names (the
+    copied global_step keeps its name), for every prefix of the run and as ``.index`` too."""
+    restore = tf1_saver_restore()
+    dtypes = json.loads((TF1_SAVER / "tf1_saver_restore.json").read_text())["dtypes"]
+    assert sorted(dtypes.values()) == ["bfloat16", "float16", "float32", "int64"]
+    for n in range(1, len(TF1_SAVER_STEPS) + 1):
+        steps = TF1_SAVER_STEPS[:n]
+        prefixes = [TF1_SAVER / f"model.ckpt-{s}" for s in steps]
+        out = tmp_path / f"upto{steps[-1]}.safetensors"
+        result = run_cli(
+            ["average", *prefixes, "-o", out, *TF1_SHADOW_OPTIONS, "--precision", "native", "-q"]
+        )
+        assert result.exit_code == 0, result.output
+        got = safetensors.numpy.load_file(str(out))
+        assert sorted(got) == sorted(restore)
+        shadows = tf1_saver_shadows(steps[-1])
+        assert len(shadows) == 3
+        for key, value in shadows.items():
+            assert got[key].dtype.name == dtypes[restore[key]], key
+            assert got[key].tobytes() == value, (steps, key)
+        with open_checkpoint(Path(f"{prefixes[-1]}.index")) as last:
+            assert got["global_step"].tobytes() == last.read("global_step").tobytes()
+
+    prefixes = [TF1_SAVER / f"model.ckpt-{s}" for s in TF1_SAVER_STEPS]
+    out = tmp_path / "ema.index"
+    result = run_cli(
+        ["average", *prefixes, "-o", out, *TF1_SHADOW_OPTIONS, "--precision", "native", "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    with open_checkpoint(out) as got, open_checkpoint(Path(f"{prefixes[-1]}.index")) as last:
+        got.verify()
+        assert sorted(got.tensors) == sorted(restore)
+        for key, value in tf1_saver_shadows(12).items():
+            assert got.read(key).tobytes() == value, key
+        assert got.read("global_step").tobytes() == last.read("global_step").tobytes()
+    mapping = json.loads((tmp_path / "ema.mapping.json").read_text())["mapping"]
+    assert {v: k for k, v in mapping.items()} == {
+        k: v for k, v in restore.items() if k != "global_step"
+    }
+
+
+def test_a_tf1_saver_run_in_auto_precision_is_not_tfs_half_arithmetic(tmp_path: Path) -> None:
+    """The reason for ``--precision native``: the default (float32 accumulation, one rounding)
+    differs from TF's float16/bfloat16 shadows on this run, and equals them for float32."""
+    prefixes = [TF1_SAVER / f"model.ckpt-{s}" for s in TF1_SAVER_STEPS]
+    out = tmp_path / "auto.safetensors"
+    assert run_cli(["average", *prefixes, "-o", out, *TF1_SHADOW_OPTIONS, "-q"]).exit_code == 0
+    got = safetensors.numpy.load_file(str(out))
+    shadows = tf1_saver_shadows(12)
+    key32 = "dense/kernel/ExponentialMovingAverage"
+    assert got[key32].tobytes() == shadows[key32]
+    differ = [k for k in shadows if k != key32 and got[k].tobytes() != shadows[k]]
+    assert differ, "the half-precision shadows should show TF's native rounding"
