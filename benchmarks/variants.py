@@ -7,9 +7,7 @@ environment variables (each unset = ema-cli's own behaviour):
 - ``EMA_BENCH_BLOCK=BYTES``: block size (ema-cli's replay.DEFAULT_BLOCK_BYTES);
 - ``EMA_BENCH_PULL=1``: the worker threads pull blocks from a shared list under a lock and
   report bytes at the end, instead of one Future per block and a FIRST_COMPLETED wait (progress
-  is then not incremental; a real version would pass counts through a queue);
-- ``EMA_BENCH_CRC=gil``: TensorBundle checksums through ``google_crc32c.extend`` only, which
-  holds the GIL for numpy blocks (ema-cli's own path releases it: ``tensorbundle_crc``).
+  is then not incremental; a real version would pass counts through a queue).
 
 Any other variable is simply passed on (``EMA_CLI_NO_KERNELS=1``: numpy instead of the C
 kernels).
@@ -95,12 +93,6 @@ def main() -> None:
     if not hasattr(replay._Replayer, "run"):
         sys.exit("variants.py: ema_cli.replay._Replayer has no run(); update variants.py")
     original = replay.replay
-    if env.get("EMA_BENCH_CRC") == "gil":
-        from ema_cli.formats import tensorbundle_crc
-
-        if not hasattr(tensorbundle_crc, "_nogil_loaded"):
-            sys.exit("variants.py: tensorbundle_crc has no _nogil_loaded; update variants.py")
-        tensorbundle_crc._nogil, tensorbundle_crc._nogil_loaded = None, True
     options = {}
     if "EMA_BENCH_WORKERS" in env:
         options["workers"] = int(env["EMA_BENCH_WORKERS"])

@@ -604,33 +604,3 @@ def test_tensorflow_reads_our_bundle(tmp_path: Path) -> None:
     for name in theirs.get_variable_to_shape_map():
         np.testing.assert_array_equal(mine.get_tensor(name), theirs.get_tensor(name))
 
-
-def test_the_gil_free_crc32c_path_gives_the_same_values(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Numpy blocks of NOGIL_MIN_BYTES or more go to the C library through ctypes (the GIL
-    released, so worker threads overlap): the same CRCs as the pure-Python definition, from
-    two threads at once, and with that path switched off."""
-    import threading
-
-    rng = np.random.default_rng(5)
-    size = crc_module.NOGIL_MIN_BYTES
-    data = rng.integers(0, 256, 2 * size + 5, dtype=np.uint8)
-    pieces = [data[:n] for n in (0, 1, size - 1, size, data.size)]
-    expected = [crc32c_python(p, 99) for p in pieces]
-    assert [crc32c(p, 99) for p in pieces] == expected
-    assert crc32c(memoryview(data.tobytes()), 99) == expected[-1]
-    assert crc32c(data[:size].view(np.float32), 99) == expected[3]
-    got: dict[int, int] = {}
-
-    def work(i: int) -> None:
-        for _ in range(20):
-            got[i] = crc32c(pieces[3 + i], 99)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert [got[0], got[1]] == expected[3:]
-    monkeypatch.setattr(crc_module, "_nogil", None)
-    monkeypatch.setattr(crc_module, "_nogil_loaded", True)
-    assert [crc32c(p, 99) for p in pieces] == expected

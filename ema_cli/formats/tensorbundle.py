@@ -765,7 +765,7 @@ class BundleDataWriter:
         data = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
         begin = start * spec.dtype.itemsize
         write_exact(self.fd, data.data, self.offsets[key] + begin)
-        crc = crc32c(data)  # outside the lock: big blocks are checksummed without the GIL
+        crc = crc32c(data)  # outside the lock: the library releases the GIL on big blocks
         with self._lock:
             self._pieces[key].append((begin, data.nbytes, crc))
 

@@ -15,35 +15,23 @@ about 11 GB/s here; Apache-2.0 like ema-cli, where the slightly faster ``crc32c`
 LGPL). It takes ``bytes`` and numpy arrays, so other buffers are viewed as a uint8 array (no
 copy). Without its C extension a table-driven pure-Python fallback gives the same values at a
 few MB/s: correct, only too slow for real checkpoints.
-
-The GIL: ``google_crc32c.extend`` releases it only for ``bytes`` of 1 MB or more, never for
-the numpy blocks the replay reads, so two worker threads checksumming at once took turns
-(measured here: 11.0 GB/s with one thread, 11.4 GB/s with two). Numpy blocks of
-``NOGIL_MIN_BYTES`` or more therefore go to the same C library's ``crc32c_extend`` through
-``ctypes``, which drops the GIL for the call (11.6 and 20.7 GB/s); the library is the one
-google-crc32c's wheel ships (``google_crc32c.libs/``) or a system ``libcrc32c.so.1``, and is
-used only when it gives the known check values; otherwise ``extend`` serves as before.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import threading
 from collections.abc import Callable
-from typing import Any, Union, cast
+from typing import Any, Union
 
 import numpy as np
 import numpy.typing as npt
 
 _crc32c_hw: Callable[[int, Any], int] | None  # (crc, data) -> crc
-google_crc32c: Any
 try:
     import google_crc32c
 
     _crc32c_hw = google_crc32c.extend if google_crc32c.implementation == "c" else None
 except ImportError:  # without it the pure-Python fallback below serves (slowly)
-    google_crc32c = None
     _crc32c_hw = None
 
 #: What the CRC functions accept: any C-contiguous buffer.
@@ -76,66 +64,11 @@ def crc32c_python(data: Buffer, crc: int = 0) -> int:
     return crc ^ _U32
 
 
-#: Numpy blocks from this size on are checksummed without the GIL (below it the ctypes call's
-#: microsecond costs more than another thread gains).
-NOGIL_MIN_BYTES = 1 << 16
-
-_CHECK_VALUE = 0xE3069283  # CRC-32C of b"123456789"
-_nogil_lock = threading.Lock()
-_nogil_loaded = False
-_nogil: Callable[[int, int, int], int] | None = None  # (crc, address, nbytes) -> crc
-
-
-def _find_nogil() -> Callable[[int, int, int], int] | None:
-    """``crc32c_extend`` of google-crc32c's C library through ctypes (which releases the GIL
-    during the call), or None when no such library loads or it gives a wrong value."""
-    import ctypes
-    import glob
-
-    here = os.path.dirname(os.path.abspath(google_crc32c.__file__))
-    names = sorted(glob.glob(os.path.join(here, os.pardir, "google_crc32c.libs", "libcrc32c*")))
-    for name in [*names, "libcrc32c.so.1"]:
-        try:
-            function = ctypes.CDLL(name).crc32c_extend
-        except (OSError, AttributeError):
-            continue
-        function.restype = ctypes.c_uint32
-        function.argtypes = [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t]
-        probe = np.frombuffer(b"123456789" * 8000, np.uint8)
-        address = probe.__array_interface__["data"][0]
-        if (
-            function(0, address, 9) == _CHECK_VALUE
-            and _crc32c_hw is not None
-            and function(7, address, probe.nbytes) == _crc32c_hw(7, probe)
-        ):
-            return cast(Callable[[int, int, int], int], function)
-    return None
-
-
-def nogil_extend() -> Callable[[int, int, int], int] | None:
-    """The GIL-free ``(crc, address, nbytes) -> crc``, loaded on first use (None: unavailable)."""
-    global _nogil, _nogil_loaded
-    if not _nogil_loaded:
-        with _nogil_lock:
-            if not _nogil_loaded:
-                _nogil = _find_nogil() if _crc32c_hw is not None else None
-                _nogil_loaded = True
-    return _nogil
-
-
 def crc32c(data: Buffer, crc: int = 0) -> int:
     """``crc`` (the CRC-32C of what came before, 0 at the start) extended over ``data``."""
     if _crc32c_hw is not None:
         if not isinstance(data, (bytes, np.ndarray)):
             data = np.frombuffer(data, np.uint8)  # a view: google-crc32c takes no memoryview
-        if (
-            isinstance(data, np.ndarray)
-            and data.nbytes >= NOGIL_MIN_BYTES
-            and data.flags.c_contiguous
-            and (extend := nogil_extend()) is not None
-        ):
-            # ``data`` stays referenced for the call, so its memory does too.
-            return int(extend(crc, data.__array_interface__["data"][0], data.nbytes))
         return int(_crc32c_hw(crc, data))
     return crc32c_python(data, crc)
 
