@@ -603,4 +603,3 @@ def test_tensorflow_reads_our_bundle(tmp_path: Path) -> None:
     mine = tf.train.load_checkpoint(str(ours))
     for name in theirs.get_variable_to_shape_map():
         np.testing.assert_array_equal(mine.get_tensor(name), theirs.get_tensor(name))
-
