@@ -5,6 +5,7 @@
     python benchmarks/run.py --sharded            # HF-style sharded checkpoint folders
     python benchmarks/run.py --tf                 # add the TensorFlow column
     python benchmarks/run.py --check-flat         # ema-cli's peak RSS at 1x/2x model and count
+    python benchmarks/run.py --input-format safetensors,tensorflow,torch   # per byte, side by side
 
 Synthetic checkpoints (a small transformer's mix of shapes, seeded, cached under
 benchmarks/data/) are built once, the page cache is warmed, then every tool runs ``--repeats``
@@ -268,6 +269,83 @@ class Dataset:
         tmp.rename(path)
 
 
+#: ``--input-format`` choices: the suffix ema-cli reads them by and the label of their rows.
+INPUT_FORMATS = {
+    "safetensors": (".safetensors", "safetensors"),
+    "tensorflow": (".index", "TensorBundle"),
+    "torch": (".pt", "torch .pt"),
+}
+
+
+@dataclass
+class Converted:
+    """A dataset's checkpoints in another input format, holding the same tensors: made by
+    ema-cli itself (a one-checkpoint replay writes that checkpoint's values, bit for bit, in the
+    output's format) and cached beside the dataset as ``<dataset>-<format>/``."""
+
+    data: Dataset
+    fmt: str
+
+    @property
+    def folder(self) -> Path:
+        return self.data.root / f"{self.data.name}-{self.fmt}"
+
+    def checkpoint(self, k: int) -> Path:
+        return self.folder / f"{self.data.checkpoint(k).stem}{INPUT_FORMATS[self.fmt][0]}"
+
+    def files(self, count: int) -> list[Path]:
+        out: list[Path] = []
+        for k in range(count):
+            path = self.checkpoint(k)
+            if self.fmt == "tensorflow":
+                out += [path, path.with_name(path.stem + ".data-00000-of-00001")]
+            else:
+                out.append(path)
+        return out
+
+    def ensure(self, count: int) -> None:
+        if self.data.sharded:
+            raise SystemExit("--input-format other than safetensors needs unsharded checkpoints")
+        self.data.ensure(count)
+        stamp = {"source": self.data.stamp(), "format": self.fmt}
+        meta_path = self.folder / "spec.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            meta = {}
+        have = int(meta["count"]) if meta.get("stamp") == stamp else 0
+        if have >= count:
+            return
+        if have == 0 and self.folder.exists():
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as scratch:
+            for k in range(have, count):
+                command = [
+                    *ema_cli_command(),
+                    "average",
+                    str(self.data.checkpoint(k)),
+                    "-o",
+                    str(self.checkpoint(k)),
+                    "--decay",
+                    "0.5",
+                    "--mapping",
+                    str(Path(scratch) / "mapping.json"),
+                    "-q",
+                ]
+                subprocess.run(command, check=True)
+                print(
+                    f"  converted {self.checkpoint(k).relative_to(self.data.root)}", file=sys.stderr
+                )
+        meta_path.write_text(json.dumps({"count": count, "stamp": stamp}) + "\n")
+        os.sync()
+        print(
+            f"  converted {count - have} checkpoints in {time.perf_counter() - t0:.1f} s",
+            file=sys.stderr,
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # Running and measuring
 
@@ -287,6 +365,8 @@ class Tool:
     note: str = ""
     env: dict[str, str] = field(default_factory=dict)  # added to the environment
     runs: list[Measure] = field(default_factory=list)
+    fmt: str = "safetensors"  # the input format it reads (--input-format)
+    input_bytes: int = 0  # what it reads (0: the table's default)
 
     def min_wall(self) -> float:
         return min(m.wall for m in self.runs)
@@ -392,21 +472,43 @@ def run_tools(tools: list[Tool], repeats: int, env: dict[str, str]) -> None:
 
 
 def table(tools: Sequence[Tool], input_bytes: int) -> str:
-    floor = next((t for t in tools if t.name == "cat floor" and t.runs), None)
-    lines = [
-        "| tool | wall s | peak RSS MB | x cat floor | GB/s | CPU s | min wall s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    """The markdown table. With several input formats each row is measured against the cat
+    floor of its own files, and the last column compares its time per input byte with the
+    same kind of row (cat, ema-cli) reading safetensors."""
+    formats = {t.fmt for t in tools}
+    floors = {t.fmt: t for t in tools if t.name.startswith("cat floor") and t.runs}
+    head = "| tool | wall s | peak RSS MB | x cat floor | GB/s | CPU s | min wall s |"
+    rule = "|---|---:|---:|---:|---:|---:|---:|"
+    if len(formats) > 1:
+        head += " per byte x safetensors |"
+        rule += "---:|"
+    lines = [head, rule]
+
+    def per_byte(tool: Tool) -> float:
+        return tool.median_wall() / (tool.input_bytes or input_bytes)
+
+    def kind(tool: Tool) -> str:
+        return tool.name.split(",")[0]
+
     for tool in tools:
         if not tool.runs:
             lines.append(f"| {tool.name} | {tool.note or 'not run'} | | | | | |")
             continue
         wall = tool.median_wall()
+        floor = floors.get(tool.fmt)
         ratio = f"{wall / floor.median_wall():.2f}" if floor else "-"
-        lines.append(
+        row = (
             f"| {tool.name} | {wall:.2f} | {tool.median_rss_mb():.0f} | {ratio} | "
-            f"{input_bytes / wall / 1e9:.2f} | {tool.median_cpu():.2f} | {tool.min_wall():.2f} |"
+            f"{(tool.input_bytes or input_bytes) / wall / 1e9:.2f} | {tool.median_cpu():.2f} | "
+            f"{tool.min_wall():.2f} |"
         )
+        if len(formats) > 1:
+            base = next(
+                (t for t in tools if t.fmt == "safetensors" and kind(t) == kind(tool) and t.runs),
+                None,
+            )
+            row += f" {per_byte(tool) / per_byte(base):.2f} |" if base else " |"
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -499,6 +601,43 @@ def make_tools(
     return tools
 
 
+def format_tools(
+    args: argparse.Namespace, converted: Converted, count: int, out_dir: Path
+) -> list[Tool]:
+    """The cat floor and ema-cli (and any --variant) over the same checkpoints in another
+    input format, writing the same safetensors output, so only the reading differs."""
+    label = INPUT_FORMATS[converted.fmt][1]
+    files = converted.files(count)
+    size = sum(f.stat().st_size for f in files)
+    ins = [str(converted.checkpoint(k)) for k in range(count)]
+    ema_options = ["--decay", str(args.decay), "-q"]
+    out = out_dir / f"ema-{converted.fmt}.safetensors"
+    tools = [
+        Tool(f"cat floor, {label}", ["cat", *map(str, files)], fmt=converted.fmt, input_bytes=size),
+        Tool(
+            f"ema-cli, {label}",
+            [*ema_cli_command(), "average", *ins, "-o", str(out), *ema_options],
+            out,
+            fmt=converted.fmt,
+            input_bytes=size,
+        ),
+    ]
+    for i, (name, variant_env) in enumerate(args.variant):
+        variant_out = out_dir / f"variant{i}-{converted.fmt}.safetensors"
+        argv = [sys.executable, str(HERE / "variants.py"), "average", *ins, "-o", str(variant_out)]
+        tools.append(
+            Tool(
+                f"ema-cli {name}, {label}",
+                [*argv, *ema_options],
+                variant_out,
+                env=variant_env,
+                fmt=converted.fmt,
+                input_bytes=size,
+            )
+        )
+    return tools
+
+
 def benchmark(
     args: argparse.Namespace, data: Dataset, count: int, with_peers: bool, verify: bool
 ) -> dict[str, object]:
@@ -515,18 +654,30 @@ def benchmark(
     out_dir = data.root / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
     shard_bytes = max(f.stat().st_size for f in files)
-    tools = make_tools(args, inputs, files, out_dir, with_peers, shard_bytes)
+    formats = getattr(args, "input_format", None) or ["safetensors"]
+    tools = []
+    if "safetensors" in formats:
+        tools = make_tools(args, inputs, files, out_dir, with_peers, shard_bytes)
+    all_files = list(files)
+    for fmt in formats:
+        if fmt != "safetensors":
+            converted = Converted(data, fmt)
+            converted.ensure(count)
+            tools += format_tools(args, converted, count, out_dir)
+            all_files += converted.files(count)
+    if len(formats) > 1:
+        title += f"; input formats {', '.join(formats)}"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     load_before = os.getloadavg()[0]
-    warm(files)
+    warm(all_files)
     try:
         run_tools(tools, args.repeats, env)
         checks: dict[str, str] = {}
         by_name = {t.name: t for t in tools}
-        ema = by_name["ema-cli"]
+        ema = by_name.get("ema-cli") or next(t for t in tools if t.name.startswith("ema-cli"))
         if verify and ema.runs and ema.output is not None and ema.output.exists():
             others = ["naive numpy peer", "TensorFlow replay"]
-            others += [t.name for t in tools if t.name.startswith("ema-cli ")]
+            others += [t.name for t in tools if t.name.startswith("ema-cli") and t is not ema]
             for other in others:
                 peer = by_name.get(other)
                 if peer and peer.runs and peer.output is not None and peer.output.exists():
@@ -546,7 +697,7 @@ def benchmark(
         load += " (other work competed for the CPUs: wall times are pessimistic)"
     text = f"### {title}\n\n{table(tools, input_bytes)}\n\n{load}\n"
     for other, verdict in checks.items():
-        text += f"\nema-cli output vs {other}: {verdict}"
+        text += f"\n{ema.name} output vs {other}: {verdict}"
     print(text + "\n")
     sys.stdout.flush()
     return {
@@ -659,6 +810,90 @@ def startup(repeats: int) -> list[dict[str, object]]:
     return rows
 
 
+def parse_formats(text: str) -> list[str]:
+    formats = [f.strip() for f in text.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in INPUT_FORMATS]
+    if unknown or not formats:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a comma-separated list of {', '.join(INPUT_FORMATS)}"
+        )
+    return list(dict.fromkeys(formats))
+
+
+def gil_free_crc32c() -> object | None:
+    """google-crc32c's own C library's ``crc32c_extend`` through ctypes, which releases the
+    GIL during the call (``google_crc32c.extend`` releases it only for ``bytes`` of 1 MB or
+    more, never for numpy arrays): a measuring aid, None when the wheel's library is not there."""
+    import ctypes
+    import glob
+
+    import google_crc32c
+
+    here = Path(google_crc32c.__file__).resolve().parent
+    for name in sorted(glob.glob(str(here.parent / "google_crc32c.libs" / "libcrc32c*"))):
+        try:
+            function = ctypes.CDLL(name).crc32c_extend
+        except (OSError, AttributeError):
+            continue
+        function.restype = ctypes.c_uint32
+        function.argtypes = [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t]
+        return function
+    return None
+
+
+def crc_speed(repeats: int) -> list[dict[str, object]]:
+    """crc32c throughput over 1 MB numpy blocks (the replay's), one thread and two at once:
+    whether checksumming in two worker threads overlaps (only when the GIL is released)."""
+    import threading
+
+    import google_crc32c
+
+    size, block = 256 << 20, 1 << 20
+    buffers = [np.random.default_rng(i).integers(0, 256, size, dtype=np.uint8) for i in range(2)]
+    extend = google_crc32c.extend
+    nogil = gil_free_crc32c()
+
+    def with_gil(buffer: np.ndarray) -> int:
+        value = 0
+        for start in range(0, size, block):
+            value = extend(value, buffer[start : start + block])
+        return value
+
+    def without_gil(buffer: np.ndarray) -> int:
+        value, address = 0, buffer.__array_interface__["data"][0]
+        for start in range(0, size, block):
+            value = nogil(value, address + start, block)  # type: ignore[misc, operator]
+        return value
+
+    def speed(function: object, threads: int) -> float:
+        best = math.inf
+        for _ in range(repeats):
+            workers = [
+                threading.Thread(target=function, args=(buffers[i],))  # type: ignore[arg-type]
+                for i in range(threads)
+            ]
+            start = time.perf_counter()
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            best = min(best, time.perf_counter() - start)
+        return threads * size / best / 1e9
+
+    rows = []
+    print("| crc32c over 1 MB numpy blocks | 1 thread GB/s | 2 threads GB/s | 2 / 1 |")
+    print("|---|---:|---:|---:|")
+    paths = [("google_crc32c.extend (what ema-cli uses; holds the GIL)", with_gil)]
+    if nogil is not None:
+        assert without_gil(buffers[0]) == with_gil(buffers[0])
+        paths.append(("the same C library through ctypes (GIL released)", without_gil))
+    for name, function in paths:
+        one, two = speed(function, 1), speed(function, 2)
+        print(f"| {name} | {one:.1f} | {two:.1f} | {two / one:.2f} |")
+        rows.append({"path": name, "one_thread_gbs": one, "two_threads_gbs": two})
+    return rows
+
+
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     name, _, settings = text.partition(":")
     env = dict(item.split("=", 1) for item in settings.split(",") if item)
@@ -756,6 +991,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="time --help, --version, inspect and a tiny average (with Python's own start as "
         "the floor) instead of the replay",
     )
+    parser.add_argument(
+        "--input-format",
+        type=parse_formats,
+        default=["safetensors"],
+        metavar="FORMAT[,FORMAT]",
+        help="what ema-cli reads: safetensors (default), tensorflow (TensorBundle .index) and/or "
+        "torch (.pt), comma-separated; the others are converted from the safetensors "
+        "checkpoints once by ema-cli itself and cached beside them, and each gets its own cat "
+        "floor and ema-cli rows (and --variant rows) in one table",
+    )
+    parser.add_argument(
+        "--crc",
+        action="store_true",
+        help="measure crc32c alone (google_crc32c.extend, and its C library with the GIL "
+        "released, 1 and 2 threads) instead of the replay",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw measurements here")
     args = parser.parse_args(argv)
     args.data = args.data.resolve()
@@ -768,6 +1019,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.startup:
         results = startup(max(args.repeats, 15))
+    elif args.crc:
+        results = crc_speed(max(args.repeats, 3))
     elif args.check_flat:
         results = check_flat(args)
     else:

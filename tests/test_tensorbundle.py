@@ -485,12 +485,8 @@ def test_every_single_byte_flip_in_an_index_is_caught(tmp_path: Path) -> None:
         data = bytearray(original)
         data[offset] ^= 0x40
         index.write_bytes(bytes(data))
-        try:
+        with pytest.raises(CheckpointError):  # the footer's padding too: it must be zeros
             open_all(prefix)
-        except CheckpointError:
-            continue
-        # Only bytes no checksum covers may change harmlessly: the footer's padding.
-        assert len(original) - 48 <= offset, offset
 
 
 @pytest.mark.parametrize("prefix", [KERAS[0], TF1[0], SHARDED], ids=["keras", "tf1", "sharded"])

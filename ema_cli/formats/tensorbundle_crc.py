@@ -15,6 +15,12 @@ about 11 GB/s here; Apache-2.0 like ema-cli, where the slightly faster ``crc32c`
 LGPL). It takes ``bytes`` and numpy arrays, so other buffers are viewed as a uint8 array (no
 copy). Without its C extension a table-driven pure-Python fallback gives the same values at a
 few MB/s: correct, only too slow for real checkpoints.
+
+``google_crc32c.extend`` holds the GIL for numpy buffers (it releases it only for ``bytes`` of
+1 MB or more), so two replay workers never checksum at the same instant. Calling its C library
+through ctypes instead overlaps them (21 GB/s on two threads against 10 here), but the replay
+was no faster for it, within noise: while one worker checksums, the other reads or runs the C
+update, which release the GIL (``benchmarks/run.py --crc``; RESULTS.md, 2026-12-02).
 """
 
 from __future__ import annotations

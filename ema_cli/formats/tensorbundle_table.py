@@ -16,7 +16,8 @@ Layout (tensorflow ``core/lib/io/{format,block_builder,table_builder}.cc``)::
   its handle ``varint64 offset, varint64 size`` (size without the trailer). The metaindex block
   is empty.
 - The footer: the metaindex handle and the index handle, zero-padded to 40 bytes, then the magic
-  0xdb4775248b80fb57 as two uint32 LE (low half first).
+  0xdb4775248b80fb57 as two uint32 LE (low half first). Nonzero padding is refused: with the
+  block checksums, that makes every single changed byte of an index an error.
 
 TF's writer flushes a data block once its size estimate (entries + 4 bytes per restart + 4)
 reaches ``block_size`` = 262144, and first flushes before an entry whose key and value together
@@ -67,6 +68,10 @@ def parse_footer(footer: bytes) -> tuple[tuple[int, int], tuple[int, int]]:
         raise TableError(f"corrupt footer: {e}") from None
     if pos > 40:
         raise TableError("corrupt footer: block handles overrun the padding")
+    # No checksum covers the footer; writers pad it with zeros (LevelDB's and TF's do), so any
+    # other byte there is damage, not a harmless change.
+    if any(footer[pos:40]):
+        raise TableError("corrupt footer: nonzero padding after the block handles")
     return (meta_offset, meta_size), (index_offset, index_size)
 
 
