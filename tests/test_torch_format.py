@@ -465,3 +465,34 @@ def test_torch_loads_every_dtype(
         raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         assert raw == arrays[info.name].tobytes(), info.name
     shutil.rmtree(tmp_path)
+
+
+def test_readers_of_an_open_file_share_its_scan_and_a_rewritten_file_is_scanned_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replay's workers open every checkpoint again: while a reader of the file is open
+    they reuse its unpickled structure; once all are closed, nothing is remembered, so a file
+    written again (even under a reused inode) is read afresh."""
+    calls: list[str] = []
+    real = torch_zip.unpickle
+
+    def counting(path: str, *args: Any) -> Any:
+        calls.append(path)
+        return real(path, *args)
+
+    monkeypatch.setattr(torch_zip, "unpickle", counting)
+    path = tmp_path / "ckpt-1.pt"
+    shutil.copyfile(FIXTURES / "ckpt-1.pt", path)
+    first = torch_zip.TorchZipReader(path)
+    second = torch_zip.TorchZipReader(path)
+    assert len(calls) == 1 and second.tensors == first.tensors
+    assert second.read("embed.weight").tobytes() == first.read("embed.weight").tobytes()
+    first.close()
+    second.close()
+    assert not torch_zip._SCANS
+    shutil.copyfile(FIXTURES / "ckpt-2.pt", path)  # same layout, other values
+    with torch_zip.TorchZipReader(path) as again:
+        assert len(calls) == 2
+        want = torch_zip.TorchZipReader(FIXTURES / "ckpt-2.pt")
+        assert again.read("embed.weight").tobytes() == want.read("embed.weight").tobytes()
+        want.close()
