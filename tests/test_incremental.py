@@ -464,3 +464,34 @@ def test_a_rotated_folder_still_refuses_what_would_be_wrong(tmp_path: Path) -> N
     os.utime(paths[2], ns=(0, os.stat(paths[2]).st_mtime_ns + 5_000_000_000))
     code, _, err = average(*paths[1:], *fold)
     assert code == 2 and "changed since it was folded in" in err, err
+
+
+@pytest.mark.parametrize(
+    "options",
+    [["--decay", "0.9", "--num-updates", "step"], ["--mean"], ["--decay-per-step", "0.99"]],
+    ids=["decay", "mean", "per-step"],
+)
+def test_a_rotating_tensorflow_folder_folds_like_one_replay(
+    tmp_path: Path, options: list[str]
+) -> None:
+    """The same for TensorBundle checkpoints given as prefixes (what CheckpointManager's
+    max_to_keep rotates), with TF's and the incremental profiles."""
+    steps = (100, 200, 300, 400, 500, 600)
+    sources = make(tmp_path / "src", steps)
+    run = tmp_path / "run"
+    run.mkdir()
+    prefixes = []
+    for step, source in zip(steps, sources, strict=True):  # written by ema-cli's own writer
+        assert average(source, "-o", run / f"ckpt-{step}.index", "--mean", "-q")[0] == 0
+        (run / f"ckpt-{step}.mapping.json").unlink()
+        prefixes.append(run / f"ckpt-{step}")
+    full, inc = tmp_path / "full.index", tmp_path / "inc.index"
+    assert average(*prefixes, "-o", full, *options, "-q")[0] == 0
+    fold = ["-o", inc, *options, "--state", tmp_path / "state", "--settle", "0", "-q"]
+    assert average(*prefixes[:3], *fold)[0] == 0
+    for old in prefixes[:2]:
+        for part in run.glob(f"{old.name}.*"):
+            part.unlink()
+    assert average(*prefixes[2:], *fold)[0] == 0
+    for suffix in (".index", ".data-00000-of-00001"):
+        assert inc.with_suffix(suffix).read_bytes() == full.with_suffix(suffix).read_bytes()
