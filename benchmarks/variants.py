@@ -16,7 +16,7 @@ Use it through run.py (``--variant NAME:VAR=VALUE[,VAR=VALUE]``) or directly:
 
     EMA_BENCH_WORKERS=1 python benchmarks/variants.py average CKPT... -o OUT --decay D -q
 
-This reaches into private code (``ema_cli.replay._Replayer.run``, ``replay(..., workers=,
+This reaches into private code (``ema_cli.replay._Replayer.run``, ``replay_averages(..., workers=,
 block_bytes=)``); it is a measuring aid and exits if those are gone, rather than silently
 measuring something else.
 """
@@ -32,7 +32,8 @@ from ema_cli import fpmode
 
 
 def _pull_replay(replay_module, original):  # type: ignore[no-untyped-def]
-    """``replay.replay`` whose worker threads pull blocks from a shared list under a lock.
+    """``replay.replay_averages`` whose worker threads pull blocks from a shared list under a
+    lock.
 
     The blocks (and the replayer) are collected by running ema-cli's own single-worker path with
     ``_Replayer.run`` stubbed out, so the blocks and the arithmetic are exactly ema-cli's.
@@ -92,7 +93,7 @@ def main() -> None:
 
     if not hasattr(replay._Replayer, "run"):
         sys.exit("variants.py: ema_cli.replay._Replayer has no run(); update variants.py")
-    original = replay.replay
+    original = replay.replay_averages  # what job.run calls
     options = {}
     if "EMA_BENCH_WORKERS" in env:
         options["workers"] = int(env["EMA_BENCH_WORKERS"])
@@ -106,19 +107,20 @@ def main() -> None:
             calls.append(1)
             return chosen(*args, **{**kwargs, **options})
 
-        # Patch the module before the CLI imports ``replay`` by name, and any module that did.
-        replay.replay = patched
+        # Patch the module before the CLI imports ``replay_averages`` by name, and any module
+        # that did.
+        replay.replay_averages = patched
         import ema_cli.cli  # noqa: F401 - imports whatever runs the replay
 
         for module in list(sys.modules.values()):
             if (module.__name__ or "").startswith("ema_cli") and getattr(
-                module, "replay", None
+                module, "replay_averages", None
             ) is original:
-                module.replay = patched
+                module.replay_averages = patched
 
         def check() -> None:
             if not calls:
-                sys.stderr.write("variants.py: the patched replay() was never called\n")
+                sys.stderr.write("variants.py: the patched replay_averages() was never called\n")
                 sys.stderr.flush()
                 os._exit(3)
 

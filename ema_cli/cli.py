@@ -448,6 +448,13 @@ _AVERAGE_HELP = """Replay CHECKPOINT... (oldest first) through the EMA and write
     help="With --state: leave the newest checkpoint for the next run if it was modified less than SECONDS ago (it may still be being written); 0 turns the check off. A newest checkpoint shorter than its header says is always left for later.",
 )
 @click.option(
+    "--workers",
+    type=int,
+    default=None,
+    metavar="N",
+    help="Threads that read and average blocks side by side (each holds a few MB of blocks). Outputs are the same bytes for any N.  [default: the CPUs this process may use]",
+)
+@click.option(
     "--fsync/--no-fsync",
     default=None,
     help="Flush outputs (and state) to disk before renaming them into place, so they survive a power loss, not just a killed run. Costs a full write to disk before the run ends.  [default: on with --state, off otherwise]",

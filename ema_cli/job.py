@@ -98,6 +98,8 @@ class Request:
     fsync: bool | None = None
     weights: tuple[WeightsFile, ...] = ()
     normalize: bool = False
+    #: Replay threads (``--workers``); None: the CPUs this process may use.
+    workers: int | None = None
     #: The settings every average shares (order, names, tensors, precision); its profile is
     #: not used. Default: the first profile's.
     common: Settings | None = None
@@ -352,6 +354,8 @@ def _check_options(request: Request) -> None:
         )
     if request.every is not None and request.every < 1:
         raise OptionError(f"--every must be at least 1, got {request.every}")
+    if request.workers is not None and request.workers < 1:
+        raise OptionError(f"--workers must be at least 1, got {request.workers}")
     if request.state is None and request.restart:
         raise OptionError("--restart goes with --state")
     if request.state is not None and request.selection.last is not None:
@@ -711,6 +715,16 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
         return _execute(stack, plans, facts, progress)
 
 
+def _workers(request: Request) -> int:
+    """``--workers``, or the CPUs this process may run on (its affinity: taskset, cpusets)."""
+    if request.workers is not None:
+        return request.workers
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def _lock(
     stack: contextlib.ExitStack, request: Request, destinations: Sequence[Destination]
 ) -> None:
@@ -781,7 +795,7 @@ def _execute(
     ]
     snapshot_points = len({i for own in writers for i in own})
     with progress(total_bytes(first.replay, snapshot_points)) as advance:
-        for done in replay_averages(averages, facts.readers):
+        for done in replay_averages(averages, facts.readers, workers=_workers(request)):
             advance(done)
 
     for own in writers:

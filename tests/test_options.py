@@ -249,3 +249,24 @@ def test_a_step_too_big_for_tf_is_one_line(tmp_path: Path) -> None:
          "--num-updates", "step"]
     )  # fmt: skip
     assert_fails(result, f"ckpt-{huge}.safetensors", "above 9223372036854775807")
+
+
+def test_any_number_of_workers_writes_the_same_bytes(run_dir: list[Path], tmp_path: Path) -> None:
+    outputs = []
+    for workers in ("1", "2", "5"):
+        out = tmp_path / f"w{workers}.safetensors"
+        code, _, err = average(
+            *run_dir, "-o", out, "--decay", "0.9", "--mean", "--workers", workers
+        )
+        assert code == 0, err
+        outputs.append(
+            [
+                out.with_name(f"w{workers}.{p}.safetensors").read_bytes()
+                for p in ("decay-0.9", "mean")
+            ]
+        )
+    assert outputs[0] == outputs[1] == outputs[2]
+    code, _, err = average(
+        *run_dir, "-o", tmp_path / "x.safetensors", "--decay", "0.9", "--workers", "0"
+    )
+    assert code == 2 and "--workers must be at least 1" in err
