@@ -445,14 +445,34 @@ def clean_outputs(tool: Tool) -> None:
             path.unlink()
 
 
-def run_tools(tools: list[Tool], repeats: int, env: dict[str, str]) -> None:
-    """Run every tool ``repeats`` times, interleaved, recording each successful run."""
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+def drop_page_cache() -> str | None:
+    """Empty the page cache (``sync; echo 3 > /proc/sys/vm/drop_caches``, root only); returns
+    why it could not, or None."""
+    os.sync()
+    try:
+        DROP_CACHES.write_text("3\n")
+    except OSError as e:
+        return f"cannot drop the page cache ({DROP_CACHES}: {e.strerror}; run as root)"
+    return None
+
+
+def run_tools(tools: list[Tool], repeats: int, env: dict[str, str], cold: bool = False) -> None:
+    """Run every tool ``repeats`` times, interleaved, recording each successful run; with
+    ``cold``, the page cache is dropped before each run (it must be possible: see
+    ``drop_page_cache``)."""
     for r in range(repeats):
         for tool in tools:
             if tool.argv is None:
                 continue
             clean_outputs(tool)
             os.sync()  # the previous run's output is flushed before this one is timed
+            if cold:
+                why = drop_page_cache()
+                if why is not None:
+                    raise SystemExit(f"--cold: {why}")
             measure, status, stderr = run_measured(tool.argv, {**env, **tool.env})
             if status != 0:
                 line = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit {status}"
@@ -476,7 +496,12 @@ def table(tools: Sequence[Tool], input_bytes: int) -> str:
     floor of its own files, and the last column compares its time per input byte with the
     same kind of row (cat, ema-cli) reading safetensors."""
     formats = {t.fmt for t in tools}
-    floors = {t.fmt: t for t in tools if t.name.startswith("cat floor") and t.runs}
+    floors: dict[str, Tool] = {}  # per format, the fastest cat (one, or four in parallel)
+    for t in tools:
+        if not (t.name.startswith("cat floor") and t.runs):
+            continue
+        if t.fmt not in floors or t.median_wall() < floors[t.fmt].median_wall():
+            floors[t.fmt] = t
     head = "| tool | wall s | peak RSS MB | x cat floor | GB/s | CPU s | min wall s |"
     rule = "|---|---:|---:|---:|---:|---:|---:|"
     if len(formats) > 1:
@@ -553,6 +578,9 @@ def make_tools(
     if args.sharded and ema_out.suffix != ".safetensors":
         ema_options += ["--max-shard-size", f"{math.ceil(shard_bytes / 1e6)}MB"]
     tools = [Tool("cat floor", ["cat", *map(str, files)])]
+    if args.cold:  # a disk may read faster with several requests in flight
+        parallel = 'printf "%s\\n" "$@" | xargs -d "\\n" -P4 -n1 cat'
+        tools.append(Tool("cat floor, 4 parallel", ["sh", "-c", parallel, "sh", *map(str, files)]))
     if with_peers and not args.no_peer:
         peer_out = out_dir / "naive.safetensors"
         argv = [
@@ -587,6 +615,10 @@ def make_tools(
             tools.append(Tool("TensorFlow replay", argv, tf_out))
         else:
             tools.append(Tool("TensorFlow replay", None, note=f"skipped: no {args.tf_python}"))
+    for workers in args.workers:
+        out = out_dir / f"ema-w{workers}{ema_out.suffix}"
+        argv = [*ema_cli_command(), "average", *ins, "-o", str(out), *ema_options]
+        tools.append(Tool(f"ema-cli --workers {workers}", [*argv, "--workers", str(workers)], out))
     if args.sweep and not args.sharded:
         # Four averages in one pass, the first the single run's: each output must equal the
         # single run of its average, and the first is compared with the row above.
@@ -669,9 +701,10 @@ def benchmark(
         title += f"; input formats {', '.join(formats)}"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     load_before = os.getloadavg()[0]
-    warm(all_files)
+    if not args.cold:
+        warm(all_files)
     try:
-        run_tools(tools, args.repeats, env)
+        run_tools(tools, args.repeats, env, cold=args.cold)
         checks: dict[str, str] = {}
         by_name = {t.name: t for t in tools}
         ema = by_name.get("ema-cli") or next(t for t in tools if t.name.startswith("ema-cli"))
@@ -955,6 +988,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-peer", action="store_true", help="skip the naive numpy peer")
     parser.add_argument("--tf", action="store_true", help="add the TensorFlow replay")
     parser.add_argument("--tf-python", default=DEFAULT_TF_PYTHON, help="a Python with TensorFlow")
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="drop the page cache before every timed run (root only: sync; echo 3 > "
+        "/proc/sys/vm/drop_caches) and add a 4-parallel-cat floor; the cold floor is the faster "
+        "of the two cats",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        action="append",
+        default=[],
+        metavar="N",
+        help="also run ema-cli with --workers N (repeatable; ema-cli's own row uses its default, "
+        "every CPU)",
+    )
     parser.add_argument(
         "--sweep",
         action="store_true",
