@@ -490,8 +490,9 @@ _AVERAGE_HELP = """Replay CHECKPOINT... (oldest first) through the EMA and write
 def average(checkpoints: tuple[str, ...], as_json: bool, quiet: bool, **options: Any) -> None:
     """``ema-cli average`` (help: ``_AVERAGE_HELP``): the request, the run, its report."""
     from ema_cli import job, report
+    from ema_cli.request import Request
 
-    request = job.Request.from_options(_expand_stdin(checkpoints), options)
+    request = Request.from_options(_expand_stdin(checkpoints), options)
     show_progress = not quiet and sys.stderr.isatty()
     result = job.run(
         request,
