@@ -297,6 +297,8 @@ def _gather(
     saved = None
     if request.state is not None and not request.restart:
         saved = state.load(request.state)
+        if saved is not None:
+            saved.check_output(request.output)  # before a missing output is rebuilt over it
         if saved is not None and not (request.output.exists() or request.dry_run):
             warnings.append(
                 f"{request.output} is missing; rebuilding it and the state from all checkpoints"
@@ -528,14 +530,19 @@ def _workers(request: Request) -> int:
 def _lock(
     stack: contextlib.ExitStack, request: Request, destinations: Sequence[Destination]
 ) -> None:
+    """Lock every file the run will write before its temporaries are cleaned: a run cleans
+    away only what it holds the lock of, so two runs that share any target (one's mapping is
+    the other's, one's trajectory file the other's output) exclude each other instead of
+    deleting each other's live temporaries. The trajectory files are locked by ``_execute``,
+    once the plan says which there are. Locks never wait (exit 75), so their order is free."""
     if request.state is not None:
         stack.enter_context(lock.exclusive(request.state, "state"))
         state.remove_leftovers(request.state)
-    for output in sorted({d.output for d in destinations}):
-        stack.enter_context(lock.exclusive(output, "output"))
-        remove_stale_temporaries(output)
-    for d in destinations:
-        remove_stale_temporaries(d.mapping)
+    targets = {d.output: "output" for d in destinations}
+    targets.update({d.mapping: "mapping file" for d in destinations})
+    for path in sorted(targets):
+        stack.enter_context(lock.exclusive(path, targets[path]))
+        remove_stale_temporaries(path)
 
 
 def _execute(
@@ -549,7 +556,9 @@ def _execute(
         replay_plan = plan.replay
         own: dict[int, CheckpointWriter] = {}
         for i, path in sorted(plan.snapshots.items()):
-            remove_stale_temporaries(path)  # under the output's lock, which covers its trajectory
+            if path != plan.destination.output:  # a trajectory file: locked like the output
+                stack.enter_context(lock.exclusive(path, "trajectory file"))
+            remove_stale_temporaries(path)
             fmt = output_format(path, plan.folder_output, request.folder_format)
             defaults = dict(fmt.metadata_defaults)
             metadata = report.output_metadata(
@@ -622,6 +631,7 @@ def _execute(
         history = list(first.history)
         state.commit(
             request.state,
+            request.output,
             first.destination.settings,
             list(zip(history, facts.fingerprints[: len(history)], digests, strict=True)),
             first.replay,

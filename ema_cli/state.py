@@ -101,10 +101,23 @@ class SavedState:
     checkpoints: list[dict[str, Any]]
     shadows: str
     tensors: dict[str, dict[str, Any]]
+    #: The real path of the output the state was made for (None: a state of ema-cli before
+    #: 2026-12-02, which did not record it).
+    output: str | None = None
 
     @property
     def shadows_path(self) -> Path:
         return self.folder / self.shadows
+
+    def check_output(self, output: Path) -> None:
+        """One state folder keeps one output's average: another output would resume it and
+        then find itself missing, rebuilding (and rewriting the state) on every run."""
+        if self.output is not None and self.output != os.path.realpath(output):
+            raise StateError(
+                self.folder,
+                f"the state keeps the average written to {self.output}, not {output}: give "
+                "each output its own --state folder",
+            )
 
     def check_settings(self, settings: Settings) -> None:
         wanted = binding_settings(settings)
@@ -172,6 +185,7 @@ def load(folder: Path) -> SavedState | None:
             checkpoints=list(data["checkpoints"]),
             shadows=str(data["shadows"]),
             tensors=dict(data["tensors"]),
+            output=None if data.get("output") is None else str(data["output"]),
         )
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(
@@ -334,6 +348,7 @@ def _recorded(record: dict[str, Any]) -> Checkpoint:
 
 def commit(
     folder: Path,
+    output: Path,
     settings: Settings,
     checkpoints: list[tuple[Checkpoint, Fingerprint, str | dict[str, str] | None]],
     plan: ReplayPlan,
@@ -359,6 +374,7 @@ def commit(
             for c, f, digest in checkpoints
         ],
         "format": STATE_FORMAT,
+        "output": os.path.realpath(output),
         "settings": binding_settings(settings),
         "shadows": shadows,
         "tensors": {

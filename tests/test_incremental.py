@@ -295,6 +295,32 @@ def test_a_concurrent_run_exits_75(tmp_path: Path) -> None:
     assert average(*paths, "-o", out, "--decay", "0.9", "-q")[0] == 0  # released
 
 
+def test_runs_sharing_any_target_exclude_each_other(tmp_path: Path) -> None:
+    """A run locks every file it writes, not only its output: -o out/ema.safetensors and
+    -o out/ema (a folder) share out/ema.mapping.json, and one run's trajectory file can be
+    another's output. The second run exits 75 and leaves the first one's live temporaries (and
+    everything else) alone."""
+    paths = make(tmp_path / "run")
+    out = tmp_path / "out"
+    out.mkdir()
+    live = out / ".ema.mapping.json.0123abcd.tmp"  # what the other run is writing
+    live.write_text("{}")
+    with lock.exclusive(out / "ema.mapping.json", "mapping file"):
+        code, _, err = average(*paths, "-o", out / "ema", "--decay", "0.9")
+    assert code == 75 and f"{out / 'ema.mapping.json'}: the mapping file is locked" in err, err
+    assert sorted(p.name for p in out.iterdir()) == [live.name]
+    live.unlink()
+    trajectory = out / f"ema.{paths[0].name}"
+    (out / "ema.safetensors").write_bytes(b"before")
+    with lock.exclusive(trajectory, "output"):
+        code, _, err = average(
+            *paths, "-o", out / "ema.safetensors", "--decay", "0.9", "--every", "1"
+        )
+    assert code == 75 and f"{trajectory}: the trajectory file is locked" in err, err
+    assert (out / "ema.safetensors").read_bytes() == b"before"
+    assert sorted(p.name for p in out.iterdir()) == ["ema.safetensors"]
+
+
 def test_stale_lock_file_from_a_killed_run_does_not_block(tmp_path: Path) -> None:
     paths = make(tmp_path / "run")
     out = tmp_path / "o.safetensors"
@@ -495,3 +521,20 @@ def test_a_rotating_tensorflow_folder_folds_like_one_replay(
     assert average(*prefixes[2:], *fold)[0] == 0
     for suffix in (".index", ".data-00000-of-00001"):
         assert inc.with_suffix(suffix).read_bytes() == full.with_suffix(suffix).read_bytes()
+
+
+def test_one_state_folder_keeps_one_outputs_average(tmp_path: Path) -> None:
+    """Two outputs sharing a --state folder would each find the other's state, rebuild and
+    rewrite it on every run: the second is refused, naming the first, and nothing changes."""
+    paths = make(tmp_path / "run")
+    state = tmp_path / "state"
+    first = ["--decay", "0.9", "--state", state, "--settle", "0"]
+    assert average(*paths[:3], "-o", tmp_path / "a.safetensors", *first, "-q")[0] == 0
+    before = {p.name: p.read_bytes() for p in state.iterdir()}
+    code, _, err = average(*paths, "-o", tmp_path / "b.safetensors", *first)
+    assert code == 2, err
+    assert f"keeps the average written to {(tmp_path / 'a.safetensors').resolve()}" in err
+    assert {p.name: p.read_bytes() for p in state.iterdir()} == before
+    assert not (tmp_path / "b.safetensors").exists()
+    # --restart makes the folder b's
+    assert average(*paths, "-o", tmp_path / "b.safetensors", *first, "--restart", "-q")[0] == 0
