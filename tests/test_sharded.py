@@ -237,6 +237,41 @@ def test_index_that_is_not_json(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        (
+            '{"weight_map": {"a": "model-00001-of-00002.safetensors", '
+            '"a": "model-00002-of-00002.safetensors", "c": "model-00002-of-00002.safetensors"}}',
+            "lists the key 'a' twice",
+        ),
+        ('{"metadata": {"total_size": ' + "9" * 5000 + "}}", "not JSON"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deep"),
+        ('{"weight_map": {"\\ud800": "x.safetensors"}}', "weight_map"),
+    ],
+    ids=["duplicate-tensor", "huge-integer", "deep", "lone-surrogate"],
+)
+def test_hostile_index_json_is_one_checkpoint_error(tmp_path: Path, text: str, says: str) -> None:
+    """A tensor listed twice (json would keep the last silently), an integer longer than
+    Python's digit limit, nesting 100,000 deep: each a CheckpointError naming the index."""
+    folder = broken(tmp_path)
+    (folder / INDEX_NAME).write_text(text)
+    with pytest.raises(CheckpointError, match=says) as e:
+        ShardedReader(folder)
+    assert e.value.path == str(folder / INDEX_NAME)
+
+
+def test_the_index_total_size_is_not_trusted(tmp_path: Path) -> None:
+    """``metadata.total_size`` is informational (from_pretrained does not check it): a wrong
+    one is read like a right one, and the sizes come from the shards' headers."""
+    folder = broken(tmp_path)
+    index = json.loads((folder / INDEX_NAME).read_text())
+    index["metadata"] = {"total_size": 1}
+    (folder / INDEX_NAME).write_text(json.dumps(index))
+    with ShardedReader(folder) as reader:
+        assert sum(t.nbytes for t in reader.tensors.values()) == 56
+
+
+@pytest.mark.parametrize(
     "index", [{"metadata": {}}, {"weight_map": []}, [1, 2], {"weight_map": {}}]
 )
 def test_index_without_a_weight_map(tmp_path: Path, index: object) -> None:
