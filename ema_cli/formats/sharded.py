@@ -475,7 +475,7 @@ def _read_index(index_path: Path, layout: FolderLayout = SAFETENSORS_LAYOUT) -> 
             if isinstance(text, str) and not _encodable(text):
                 raise CheckpointError(
                     index_path,
-                    f"weight_map holds {ascii(text)}, which is not valid Unicode (a lone "
+                    f"weight_map holds {text!a}, which is not valid Unicode (a lone "
                     "surrogate escape)",
                 )
         if not isinstance(shard, str) or not shard.endswith(suffix):
