@@ -437,7 +437,7 @@ def _output_error(path: Path, error: OSError) -> OutputError:
     """An HDF5 write failure as one short line: HDF5's own message carries the time, the file
     descriptor and a buffer address; its ``errno = N`` is what the user needs."""
     found = re.search(r"errno = (\d+)", str(error))
-    if found and not error.errno:
+    if found:
         code = int(found[1])
         error = OSError(code, os.strerror(code))
     return OutputError(path, error)
