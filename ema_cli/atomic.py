@@ -9,16 +9,72 @@ removed by the next run, under the destination's lock.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from ema_cli.errors import OutputError
+from ema_cli.errors import CheckpointError, OutputError
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISFIFO, "a fifo (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def open_regular(path: Path, kind: str, missing: str = "no such file") -> int:
+    """Open a checkpoint file for reading; refuse, with one line naming it, anything that is
+    not a regular file (``kind``: what it should have been).
+
+    A fifo would block ``open`` until a writer comes, and a device (``/dev/zero``) or a pipe
+    has no size and no end: a checkpoint must be a file whose size its header can be checked
+    against. The type is checked before opening, and again on the open file (opened
+    non-blocking, so a fifo swapped in between cannot block either)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointError(path, missing) from None
+    except OSError as e:
+        raise CheckpointError(path, f"cannot open: {e.strerror or e}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise CheckpointError(path, f"is a directory, not {kind}")
+    if not stat.S_ISREG(info.st_mode):
+        raise CheckpointError(path, f"is {_file_kind(info.st_mode)}, not {kind}")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CheckpointError(path, missing) from None
+    except IsADirectoryError:
+        raise CheckpointError(path, f"is a directory, not {kind}") from None
+    except OSError as e:
+        raise CheckpointError(path, f"cannot open: {e.strerror or e}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise CheckpointError(path, f"is {_file_kind(mode)}, not {kind}")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_regular(path: Path, kind: str, missing: str = "no such file") -> None:
+    """``open_regular``'s checks, for a file a library opens by its name (HDF5)."""
+    os.close(open_regular(path, kind, missing))
 
 
 def temporary_sibling(path: Path) -> tuple[BinaryIO, Path]:
@@ -191,17 +247,38 @@ class StagedFile:
     anything else is written. Use as a context manager; leaving without ``publish`` removes the
     temporary file."""
 
+    #: Disk space reserved when the file is staged: a mapping or index written after the
+    #: outputs were renamed into place cannot then fail for want of space (a full disk is
+    #: found before any work, and the outputs are not replaced by a run that then fails).
+    RESERVE_BYTES = 256 << 10
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self._file, self._tmp = temporary_sibling(path)
         self._done = False
+        try:
+            os.posix_fallocate(self._file.fileno(), 0, self.RESERVE_BYTES)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                self._file.close()
+                with contextlib.suppress(FileNotFoundError):
+                    self._tmp.unlink()
+                raise OutputError(path, e) from None
+            # a file system without preallocation: write at publish time, as before
+        except AttributeError:  # no posix_fallocate on this platform
+            pass
 
     def publish(self, data: bytes, durable: bool = True) -> None:
         """Write ``data`` and rename the file into place (flushed first if ``durable``)."""
         try:
             with self._file:
                 self._file.write(data)
+                self._file.truncate(len(data))  # the reserve's end
         except OSError as e:
+            self._file.close()
+            with contextlib.suppress(FileNotFoundError):
+                self._tmp.unlink()
+            self._done = True  # nothing left to remove
             raise OutputError(self.path, e) from None
         publish(self._tmp, self.path, durable)
         self._done = True

@@ -53,7 +53,7 @@ class EmaCliGroup(click.Group):
         debug = os.environ.get("EMA_CLI_DEBUG", "") not in ("", "0") or "--debug" in argv
         status = 0
         failure = None  # the one line that explains a non-zero status
-        previous_handler = _catch_sigterm()
+        previous_handlers = _catch_signals()
         try:
             rv = super().main(
                 argv, prog_name or "ema-cli", complete_var, standalone_mode=False, **extra
@@ -71,11 +71,9 @@ class EmaCliGroup(click.Group):
         except EmaCliError as e:
             failure, status = str(e), e.exit_code
         except _Terminated:
-            click.echo("ema-cli: terminated; nothing was written", err=True)
             failure, status = "terminated; nothing was written", 128 + signal.SIGTERM
-        except (KeyboardInterrupt, click.Abort):
-            click.echo("ema-cli: interrupted; nothing was written", err=True)
-            failure, status = "interrupted; nothing was written", 130
+        except (_Interrupted, KeyboardInterrupt, click.Abort):
+            failure, status = "interrupted; nothing was written", 128 + signal.SIGINT
         except BrokenPipeError:
             # The reader of our stdout went away (`ema-cli ... --json | head`): not an error.
             with contextlib.suppress(OSError):
@@ -93,33 +91,101 @@ class EmaCliGroup(click.Group):
             )
             status = 1
         finally:
-            if previous_handler is not None:
-                signal.signal(signal.SIGTERM, previous_handler)
+            # From here a signal ends the process at once, quietly: what it interrupted has
+            # been unwound (temporaries removed), and only the last message is left to print.
+            _restore_signals(previous_handlers)
+        signalled = status in (128 + signal.SIGINT, 128 + signal.SIGTERM)
         if failure is not None:
-            if status not in (130, 128 + signal.SIGTERM):  # those printed their own line
-                _error(failure)
+            if signalled:
+                click.echo(f"ema-cli: {failure}", err=True)
+            else:
+                _error(_printable(failure))
             if "--json" in argv:  # scripts reading stdout get an answer on failure too
-                record = {"error": _one_line(failure), "exit_status": status, "status": "error"}
+                record = {"error": _printable(failure), "exit_status": status, "status": "error"}
                 import json
 
                 with contextlib.suppress(OSError):
                     click.echo(json.dumps(record, sort_keys=True))
+        if signalled and _console_script and _is_main_thread():
+            # Do not wait for worker threads at exit: one may be stuck in a read or a library
+            # call, and the run's outcome is decided and reported.
+            with contextlib.suppress(OSError, ValueError):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(status)
         sys.exit(status)
 
 
-class _Terminated(Exception):
-    """SIGTERM arrived: unwind like Ctrl-C so temporary files are removed."""
+#: Set by ``main`` (the console script and ``python -m ema_cli``): the process is ours to end.
+_console_script = False
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived: unwind like Ctrl-C so temporary files are removed. A BaseException,
+    so no ``except Exception`` on the way swallows it."""
+
+
+class _Interrupted(BaseException):
+    """SIGINT (Ctrl-C) arrived. Not a KeyboardInterrupt: click would print a blank line for
+    one before its own handling."""
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
     raise _Terminated
 
 
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise _Interrupted
+
+
+def _is_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _quit_quietly(signum: int, frame: object) -> None:
+    """A signal outside the run (start-up, the last message): one line, no unwinding."""
+    what = "terminated" if signum == signal.SIGTERM else "interrupted"
+    with contextlib.suppress(OSError):
+        os.write(2, f"ema-cli: {what}; nothing was written\n".encode())
+    os._exit(128 + signum)
+
+
+def _catch_signals() -> dict[int, Any] | None:
+    """Turn SIGTERM (what cron wrappers and CI runners send) and SIGINT into exceptions the
+    run unwinds from, removing its temporaries. Returns the previous handlers."""
+    if not _is_main_thread():
+        return None
+    return {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated),
+        signal.SIGINT: signal.signal(signal.SIGINT, _raise_interrupted),
+    }
+
+
 def _catch_sigterm() -> Any:
-    """Turn SIGTERM (what cron wrappers and CI runners send) into an exception we clean up after."""
-    if threading.current_thread() is not threading.main_thread():
+    """SIGTERM alone, as ``_catch_signals`` handles it (kept for callers of the old name)."""
+    if not _is_main_thread():
         return None
     return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def _restore_signals(previous: dict[int, Any] | None) -> None:
+    if previous is None:
+        return
+    for signum, handler in previous.items():
+        # The console script's handlers quit quietly; a library caller gets its own back.
+        signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+def _printable(text: str) -> str:
+    """One line, printable as UTF-8 whatever the names in it: bytes a file name smuggled in
+    (``surrogateescape``) shown as ``\\xff``, lone surrogates from a JSON header as
+    ``\\ud800``."""
+    line = _one_line(text)
+    try:
+        data = line.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        data = line.encode("utf-8", "backslashreplace")
+    return data.decode("utf-8", "backslashreplace")
 
 
 def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
@@ -168,11 +234,48 @@ class NumUpdatesType(click.ParamType):  # type: ignore[type-arg]
     ) -> NumUpdates:
         if value in ("step", "index") or value is None:
             return value  # type: ignore[no-any-return]
+        text = str(value).strip()
+        shown = repr(text) if len(text) <= 40 else f"'{text[:20]}...' ({len(text)} characters)"
+        if len(text.lstrip("+-")) > 19:  # int() would refuse over 4300 digits; floats overflow
+            self.fail(f"{shown} is too large (num_updates is a 64-bit count)", param, ctx)
         try:
-            n = int(str(value))
+            n = int(text)
         except ValueError:
-            self.fail(f"{value!r} is not a whole number, 'step' or 'index'", param, ctx)
+            self.fail(f"{shown} is not a whole number, 'step' or 'index'", param, ctx)
+        if n >= 2**63:
+            self.fail(f"{shown} is too large (num_updates is a 64-bit count)", param, ctx)
         return n  # a negative count is refused with the other settings (plan.Settings)
+
+
+#: Standard input lists paths: a longer line (Linux's PATH_MAX is 4096) or more lines than this
+#: is something else (``- < /dev/zero``, a binary file) and is refused before memory runs out.
+MAX_STDIN_LINE = 4096
+MAX_STDIN_PATHS = 1_000_000
+
+
+def _read_stdin_paths() -> list[str]:
+    stream = getattr(sys.stdin, "buffer", None)
+    paths: list[str] = []
+    for number in range(1, MAX_STDIN_PATHS + 2):
+        raw = stream.readline(MAX_STDIN_LINE + 1) if stream is not None else None
+        line = raw.decode("utf-8", "surrogateescape") if raw is not None else sys.stdin.readline()
+        if not line:
+            return paths
+        if len(line) > MAX_STDIN_LINE or "\0" in line:
+            raise OptionError(
+                f"standard input line {number} is "
+                + (
+                    "longer than any path"
+                    if len(line) > MAX_STDIN_LINE
+                    else "not a path (it holds NUL bytes)"
+                )
+                + ": '-' reads checkpoint paths, one per line"
+            )
+        if number > MAX_STDIN_PATHS:
+            raise OptionError(f"standard input lists more than {MAX_STDIN_PATHS} paths")
+        if line.strip():
+            paths.append(line.strip())
+    return paths
 
 
 def _expand_stdin(arguments: Sequence[str]) -> list[str]:
@@ -181,7 +284,7 @@ def _expand_stdin(arguments: Sequence[str]) -> list[str]:
         raise OptionError("'-' (read checkpoint paths from standard input) can be given once")
     for arg in arguments:
         if arg == "-":
-            paths.extend(line.strip() for line in sys.stdin if line.strip())
+            paths.extend(_read_stdin_paths())
         else:
             paths.append(arg)
     if not paths:
@@ -575,5 +678,11 @@ def formats_command(as_json: bool) -> None:
 
 
 def main() -> NoReturn:
-    """Console-script entry point."""
+    """Console-script entry point. Signals quit quietly (``_quit_quietly``) until the run
+    installs its own handlers, and again once it has unwound."""
+    global _console_script
+    _console_script = True
+    if _is_main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _quit_quietly)
     cli.main(prog_name="ema-cli")

@@ -33,7 +33,7 @@ from ema_cli.atomic import remove_stale_temporaries as remove_stale_temporaries
 from ema_cli.atomic import temporary_sibling as temporary_sibling
 from ema_cli.atomic import write_file_atomically as write_file_atomically
 from ema_cli.checkpoint import TensorInfo
-from ema_cli.errors import CheckpointError, OutputError
+from ema_cli.errors import OutputError
 
 #: The plain numeric dtypes every format here stores natively (bfloat16 and float8 come from
 #: ml_dtypes and each format marks them its own way).
@@ -63,16 +63,12 @@ def check_range(info: TensorInfo, start: int, stop: int) -> None:
 
 
 def open_for_reading(path: Path, kind: str, missing: str = "no such file") -> int:
-    """``os.open(path, O_RDONLY)``, failing with one line naming the file (``kind``: what it
-    should have been, for a directory given in its place)."""
-    try:
-        return os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise CheckpointError(path, missing) from None
-    except IsADirectoryError:
-        raise CheckpointError(path, f"is a directory, not {kind}") from None
-    except OSError as e:
-        raise CheckpointError(path, f"cannot open: {e.strerror}") from None
+    """Open a checkpoint file, failing with one line naming it: missing, a directory, or not a
+    regular file at all (a fifo would block the open; ``kind``: what it should have been).
+    See ``atomic.open_regular``."""
+    from ema_cli.atomic import open_regular
+
+    return open_regular(path, kind, missing)
 
 
 def read_exact(fd: int, view: memoryview, offset: int) -> int:

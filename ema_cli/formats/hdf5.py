@@ -43,6 +43,7 @@ import numpy as np
 import numpy.typing as npt
 from h5py import h5a, h5d, h5f, h5g, h5o, h5p, h5s, h5t
 
+from ema_cli.atomic import check_regular
 from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import CheckpointError, OptionError, OutputError, TruncatedCheckpointError
 from ema_cli.formats.base import (
@@ -191,7 +192,7 @@ def _describe_type(dataset: h5py.Dataset) -> str:
         return "a dataset of a type numpy cannot express"
 
 
-def _open_error(path: Path, prefix: str, error: OSError) -> CheckpointError:
+def _open_error(path: Path, prefix: str, error: OSError | ValueError) -> CheckpointError:
     """One line naming the file for an h5py open failure."""
     text = str(error)
     if isinstance(error, FileNotFoundError):
@@ -236,10 +237,11 @@ class HDF5Reader(CheckpointReader):
         self._fileobj = file
         try:
             if file is None:
+                check_regular(path, "an HDF5 file")  # HDF5 would block on a fifo
                 self.file = h5py.File(path, "r", locking=False)
             else:
                 self.file = h5py.File(file, "r")
-        except OSError as e:
+        except (OSError, ValueError) as e:  # ValueError: a wild address, through a file object
             raise self._classify_open_error(e, file) from None
         try:
             self._scan()
@@ -252,7 +254,9 @@ class HDF5Reader(CheckpointReader):
             self.file.close()
             raise
 
-    def _classify_open_error(self, error: OSError, file: IO[bytes] | None) -> CheckpointError:
+    def _classify_open_error(
+        self, error: OSError | ValueError, file: IO[bytes] | None
+    ) -> CheckpointError:
         # A file cut inside its 8-byte signature has none to find, but is still a truncation.
         try:
             if file is None:
@@ -311,6 +315,14 @@ class HDF5Reader(CheckpointReader):
 
     def _walk(self, group: h5py.Group, prefix: str, seen: dict[tuple[int, int], str]) -> None:
         for name in group:
+            if not isinstance(name, str) or not _is_unicode(name):
+                raw = name if isinstance(name, bytes) else name.encode("utf-8", "surrogateescape")
+                shown = raw.decode("utf-8", "backslashreplace")
+                raise CheckpointError(
+                    self.path,
+                    f"{self._prefix}corrupt HDF5 file: the name '{shown}' in group "
+                    f"'/{prefix}' is not UTF-8",
+                )
             path = prefix + name
             link = group.get(name, getlink=True)
             if isinstance(link, h5py.SoftLink | h5py.ExternalLink):
@@ -342,6 +354,12 @@ class HDF5Reader(CheckpointReader):
         dtype = _tensor_dtype(dataset)
         if dtype is None or dataset.shape is None:
             self._non_tensors.append(f"dataset '{name}' ({_describe_type(dataset)})")
+            return
+        if _never_written(dataset, dtype):
+            # No data is stored, only a fill value: replaying it would read and write its
+            # whole size (2^60 bytes for a (2^40, 2^20) dataset) block by block. An HDF5
+            # output copies it as it is, unwritten; other formats refuse it.
+            self._non_tensors.append(f"dataset '{name}' (never written: no data stored)")
             return
         self._tensors[name] = TensorInfo(name, dtype, tuple(int(d) for d in dataset.shape))
         self._memory_types[name] = _memory_type(dataset.id.get_type(), dtype)
@@ -413,6 +431,34 @@ class HDF5Reader(CheckpointReader):
         with contextlib.suppress(Exception):
             self._datasets.clear()
             self.file.close()
+
+
+def _output_error(path: Path, error: OSError) -> OutputError:
+    """An HDF5 write failure as one short line: HDF5's own message carries the time, the file
+    descriptor and a buffer address; its ``errno = N`` is what the user needs."""
+    found = re.search(r"errno = (\d+)", str(error))
+    if found:
+        code = int(found[1])
+        error = OSError(code, os.strerror(code))
+    return OutputError(path, error)
+
+
+def _never_written(dataset: h5py.Dataset, dtype: np.dtype[Any]) -> bool:
+    """A dataset with elements whose storage HDF5 never allocated (not virtual or external,
+    whose data lives elsewhere)."""
+    shape = dataset.shape or ()
+    if not all(shape) or dataset.id.get_storage_size() != 0:
+        return False
+    dcpl = dataset.id.get_create_plist()
+    return dcpl.get_layout() != h5d.VIRTUAL and not dcpl.get_external_count()
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @runtime_checkable
@@ -529,14 +575,17 @@ class HDF5Writer(CheckpointWriter):
         self._memory_types: dict[str, h5t.TypeID] = {}
         handle, self._tmp = self.stage_file()
         handle.close()  # HDF5 opens the file itself
-        self._file = self._create_file()
-        self._datasets = _OpenDatasets(self._file)
-        if self._source is not None:
-            self._copy_group(self._source.file, self._file, "", {})
-        for info in self.tensors:
-            if info.name not in self._memory_types:
-                self._create_fresh_tensor(info)
-        self._write_metadata()
+        try:
+            self._file = self._create_file()
+            self._datasets = _OpenDatasets(self._file)
+            if self._source is not None:
+                self._copy_group(self._source.file, self._file, "", {})
+            for info in self.tensors:
+                if info.name not in self._memory_types:
+                    self._create_fresh_tensor(info)
+            self._write_metadata()
+        except OSError as e:  # a full disk while the structure is laid out
+            raise _output_error(self.path, e) from None
 
     @classmethod
     def check(
@@ -704,7 +753,7 @@ class HDF5Writer(CheckpointWriter):
                 )
                 dataset.write(memory_space, file_space, data, self._memory_types[name])
             except OSError as e:
-                raise OutputError(self.path, e) from None
+                raise _output_error(self.path, e) from None
         self._wrote(data.nbytes)
 
     def complete(self) -> Path:
@@ -719,7 +768,7 @@ class HDF5Writer(CheckpointWriter):
                 with open(self._tmp, "r+b") as f:
                     f.write(userblock)
         except OSError as e:
-            raise OutputError(self.path, e) from None
+            raise _output_error(self.path, e) from None
         return self._tmp
 
     def finish(self) -> list[tuple[Path, Path]]:

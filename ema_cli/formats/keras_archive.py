@@ -31,11 +31,13 @@ from ema_cli.formats.base import (
 )
 from ema_cli.formats.hdf5 import HDF5Reader, HDF5Writer
 from ema_cli.formats.zipfiles import (
+    ZIP_ERRORS,
     copy_member,
     copy_zip_info,
     open_zip,
     stored_data_offset,
     stream_member,
+    verify_member,
 )
 
 WEIGHTS_MEMBER = "model.weights.h5"
@@ -62,7 +64,8 @@ class _Window(io.RawIOBase):
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: self._size}[whence]
-        self._position = max(0, base + offset)
+        # A damaged file can ask for any address: past the end is simply nothing to read.
+        self._position = min(max(0, base + offset), self._size)
         return self._position
 
     def tell(self) -> int:
@@ -84,6 +87,12 @@ class KerasArchiveReader(CheckpointReader):
         self._raw, self.archive = open_zip(path, ".keras archive", "a .keras archive")
         self._weights_file: IO[bytes] | None = None
         try:
+            # The members a .keras output copies are checked now, CRC included, so a damaged
+            # config.json fails before the replay rather than when the output is committed.
+            # (The weights are read in place when stored; HDF5 checks their structure.)
+            for info in self.archive.infolist():
+                if info.filename != WEIGHTS_MEMBER and not info.is_dir():
+                    verify_member(path, self.archive, info, ".keras archive")
             self.weights = self._open_weights()
         except BaseException:
             self.close()
@@ -122,7 +131,7 @@ class KerasArchiveReader(CheckpointReader):
                 self._weights_file = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
                 with self.archive.open(info) as member:
                     shutil.copyfileobj(member, self._weights_file, 1 << 20)
-        except (zipfile.BadZipFile, EOFError, OSError, RuntimeError) as e:
+        except (*ZIP_ERRORS, RuntimeError) as e:
             raise CheckpointError(self.path, f"corrupt {WEIGHTS_MEMBER} member ({e})") from None
         return HDF5Reader(self.path, file=self._weights_file, member=WEIGHTS_MEMBER)
 

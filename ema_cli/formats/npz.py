@@ -20,9 +20,11 @@ land at their offsets in a staging file beside the output; ``commit()`` streams 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import threading
+import tokenize
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -48,6 +50,7 @@ from ema_cli.formats.zipfiles import (
     open_zip,
     stored_data_offset,
     stream_member,
+    verify_member,
 )
 
 #: Zip timestamps of written members that have no template member: the earliest zip date.
@@ -124,6 +127,25 @@ def _tensor_dtype(dtype: np.dtype[Any]) -> np.dtype[Any] | None:
     return native if native in NUMERIC_DTYPES else None
 
 
+#: What numpy's ``.npy`` header parser raises on a damaged header (it evaluates a Python
+#: literal: unbalanced brackets are a SyntaxError, zeroed bytes a ValueError, ...).
+_NPY_HEADER_ERRORS = (
+    ValueError,
+    tokenize.TokenError,  # numpy tokenizes the header to upgrade old ones
+    SyntaxError,
+    TypeError,
+    KeyError,
+    IndexError,
+    RecursionError,
+    MemoryError,
+    OverflowError,
+)
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().split("\n", 1)[0]
+
+
 class NpzReader(CheckpointReader):
     format_name = "npz"
 
@@ -151,6 +173,8 @@ class NpzReader(CheckpointReader):
     def _scan_member(self, info: zipfile.ZipInfo, size: int) -> str | None:
         filename = info.filename
         if info.is_dir() or not filename.endswith(".npy"):
+            # copied as it is into an npz output: checked (CRC included) before the replay
+            verify_member(self.path, self.archive, info, "npz file")
             self._non_tensors.append(f"zip member '{filename}' (not a .npy array)")
             return None
         name = filename[: -len(".npy")]
@@ -166,15 +190,23 @@ class NpzReader(CheckpointReader):
                 elif version == (2, 0):
                     shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
                 else:  # 3.0 only adds UTF-8 field names of structured dtypes: not a tensor
-                    self._non_tensors.append(f"zip member '{filename}' (.npy format {version})")
-                    return None
+                    shape, fortran, dtype = (), False, None
                 header_size = stream.tell()
-        except ValueError as e:
-            raise CheckpointError(self.path, f"corrupt .npy header ({e})", tensor=name) from None
+        except _NPY_HEADER_ERRORS as e:
+            # numpy evaluates the header's Python literal: a damaged one fails in many ways
+            reason = _first_line(e) or type(e).__name__
+            raise CheckpointError(
+                self.path, f"corrupt .npy header ({reason})", tensor=name
+            ) from None
         except ZIP_ERRORS as e:
             raise CheckpointError(self.path, f"corrupt zip member ({e})", tensor=name) from None
+        if dtype is None:
+            verify_member(self.path, self.archive, info, "npz file")  # copied as it is
+            self._non_tensors.append(f"zip member '{filename}' (.npy format {version})")
+            return None
         tensor_dtype = None if dtype.hasobject else _tensor_dtype(dtype)
         if tensor_dtype is None:
+            verify_member(self.path, self.archive, info, "npz file")  # copied as it is
             what = "Python objects" if dtype.hasobject else f"dtype {dtype}"
             self._non_tensors.append(f"array '{name}' ({what}, not a tensor)")
             return None
@@ -323,7 +355,10 @@ class NpzWriter(CheckpointWriter):
             self._offsets[info.name] = position
             position += info.nbytes
         self._staging, _ = self.stage_file()
-        self._staging.truncate(self._expected)
+        try:
+            self._staging.truncate(self._expected)
+        except OSError as e:
+            raise OutputError(self.path, e) from None
 
     @classmethod
     def check(
@@ -388,7 +423,8 @@ class NpzWriter(CheckpointWriter):
     def _discard(self) -> None:
         staging = getattr(self, "_staging", None)
         if staging is not None:
-            staging.close()
+            with contextlib.suppress(OSError):  # thrown away; the first error is reported
+                staging.close()
 
 
 class _Slice:

@@ -10,6 +10,7 @@ memory stays at its block buffers however large the file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -21,12 +22,12 @@ import numpy as np
 import numpy.typing as npt
 
 from ema_cli import dtypes
+from ema_cli.atomic import open_regular
 from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import CheckpointError, OptionError, OutputError, TruncatedCheckpointError
 from ema_cli.formats.base import (
     CheckpointReader,
     CheckpointWriter,
-    open_for_reading,
     read_exact,
     write_exact,
 )
@@ -54,6 +55,10 @@ _DTYPES: dict[str, str] = {
     "I64": "int64",
     "U64": "uint64",
 }
+#: The most digits a header integer may have: offsets and dimensions are 64-bit (20 digits).
+#: A longer one is corrupt, and Python would refuse to convert one over 4300 digits anyway.
+MAX_INTEGER_DIGITS = 20
+
 _DTYPE_NAMES = {numpy_name: name for name, numpy_name in _DTYPES.items()}
 _DTYPE_RANK = {name: rank for rank, name in enumerate(_DTYPES)}
 
@@ -75,6 +80,17 @@ def check_dtypes(path: Path, tensors: Sequence[TensorInfo]) -> None:
             )
 
 
+def check_names(path: Path, names: Sequence[str]) -> None:
+    """Refuse tensor names UTF-8 cannot encode (a ``--name`` holding a byte that is not UTF-8,
+    ``--name $'\\xff'``): the header is UTF-8 JSON."""
+    for name in names:
+        if not is_unicode(name):
+            raise OptionError(
+                f"{path}: tensor name '{escape_text(name)}' is not valid UTF-8, which a "
+                "safetensors header needs (check --name)"
+            )
+
+
 def dtype_name(dtype: np.dtype[Any]) -> str:
     """The safetensors name of a numpy dtype (``F32``, ``BF16``, ...)."""
     name = _safetensors_name(dtype)
@@ -88,7 +104,7 @@ class SafetensorsReader(CheckpointReader):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        self._fd = open_for_reading(path, "a safetensors file")
+        self._fd = open_regular(path, "a safetensors file")
         try:
             self._parse_header()
         except BaseException:
@@ -118,12 +134,7 @@ class SafetensorsReader(CheckpointReader):
                 f"truncated: the header should be {header_len} bytes but the file ends after "
                 f"{len(raw)}",
             )
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(
-                path, f"not a safetensors file (header is not JSON: {e})"
-            ) from None
+        header = parse_json_header(path, raw, "header")
         if not isinstance(header, dict):
             raise CheckpointError(path, "not a safetensors file (header is not a JSON object)")
         self.data_start = 8 + header_len
@@ -134,11 +145,24 @@ class SafetensorsReader(CheckpointReader):
             isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
         ):
             raise CheckpointError(path, "corrupt header: __metadata__ must map strings to strings")
+        for key, value in meta.items():
+            if not is_unicode(key) or not is_unicode(value):
+                raise CheckpointError(
+                    path,
+                    f"corrupt header: __metadata__ entry '{escape_text(key)}' is not valid "
+                    "Unicode (a lone surrogate escape such as \\ud800)",
+                )
         self._metadata: dict[str, str] = meta
 
         tensors: dict[str, TensorInfo] = {}
         spans: dict[str, tuple[int, int]] = {}
         for name, entry in header.items():
+            if not is_unicode(name):
+                raise CheckpointError(
+                    path,
+                    f"corrupt header: tensor name '{escape_text(name)}' is not valid Unicode "
+                    "(a lone surrogate escape such as \\ud800)",
+                )
             info, span = _parse_entry(path, name, entry)
             tensors[name] = info
             spans[name] = span
@@ -215,6 +239,77 @@ class SafetensorsReader(CheckpointReader):
             self._fd = -1
 
 
+class _HeaderProblem(ValueError):
+    """Raised from inside ``json.loads`` hooks: what makes a header unacceptable."""
+
+
+def _refuse_constant(text: str) -> None:
+    raise _HeaderProblem(f"{text} is not JSON")
+
+
+def _bounded_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INTEGER_DIGITS:
+        raise _HeaderProblem(
+            f"an integer of {digits} digits (at most {MAX_INTEGER_DIGITS} fit 64 bits)"
+        )
+    return int(text)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise _HeaderProblem(f"'{escape_text(key)}' is listed twice")
+        found[key] = value
+    return found
+
+
+def parse_json_header(path: Path, raw: bytes, what: str) -> Any:
+    """A JSON header parsed with bounds, before anything is allocated from it: UTF-8, no
+    duplicate keys (the reference parser keeps the last one silently; which one a writer meant
+    is unknowable, so the file is refused, naming the key), integers of at most 20 digits, no
+    NaN or Infinity, and nesting no deeper than the interpreter's recursion limit. Every
+    failure is a ``CheckpointError`` naming ``path``."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(path, f"not a safetensors file ({what} is not JSON: {e})") from None
+    try:
+        return json.loads(
+            text,
+            object_pairs_hook=_unique_keys,
+            parse_int=_bounded_int,
+            parse_constant=_refuse_constant,
+        )
+    except _HeaderProblem as e:
+        raise CheckpointError(path, f"corrupt {what}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(path, f"not a safetensors file ({what} is not JSON: {e})") from None
+    except RecursionError:
+        raise CheckpointError(path, f"corrupt {what}: JSON nested too deeply") from None
+
+
+def is_unicode(text: str) -> bool:
+    """False for strings holding lone surrogates (a JSON ``\\ud800`` escape, or a command-line
+    byte that is not UTF-8), which no UTF-8 file can store."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def escape_text(text: str) -> str:
+    """``text`` printable as UTF-8: bytes smuggled in by ``surrogateescape`` shown as ``\\xff``,
+    other lone surrogates as ``\\ud800``."""
+    try:
+        data = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        data = text.encode("utf-8", "backslashreplace")
+    return data.decode("utf-8", "backslashreplace")
+
+
 def _parse_entry(path: Path, name: str, entry: object) -> tuple[TensorInfo, tuple[int, int]]:
     if not isinstance(entry, dict):
         raise CheckpointError(path, "corrupt header: entry is not an object", tensor=name)
@@ -268,7 +363,16 @@ def build_header(
             "data_offsets": [position, position + t.nbytes],
         }
         position += t.nbytes
-    text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    try:
+        text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        bad = next(
+            (n for n in (*relative, *metadata, *metadata.values()) if not is_unicode(n)), "?"
+        )
+        raise OptionError(
+            f"a safetensors header cannot store the name '{escape_text(bad)}' (a tensor name or "
+            "metadata, --name included): it is not valid UTF-8"
+        ) from None
     text += b" " * (-len(text) % 8)
     start = 8 + len(text)
     return struct.pack("<Q", len(text)) + text, {n: start + o for n, o in relative.items()}
@@ -280,15 +384,19 @@ class SafetensorsWriter(CheckpointWriter):
     def begin(self) -> None:
         header, self._offsets = build_header(self.tensors, self.metadata)
         self._file, self._tmp = self.stage_file()
-        self._file.write(header)
-        self._file.flush()
-        self._file.truncate(len(header) + self._expected)
+        try:
+            self._file.write(header)
+            self._file.flush()
+            self._file.truncate(len(header) + self._expected)
+        except OSError as e:  # a full disk, a quota
+            raise OutputError(self.path, e) from None
 
     @classmethod
     def check(
         cls, path: Path, tensors: Sequence[TensorInfo], template: CheckpointReader | None
     ) -> None:
         check_dtypes(path, tensors)
+        check_names(path, [t.name for t in tensors])
 
     def write(self, name: str, start: int, values: npt.NDArray[np.generic]) -> None:
         data = self._block_bytes(name, start, values)
@@ -306,4 +414,7 @@ class SafetensorsWriter(CheckpointWriter):
     def _discard(self) -> None:
         file = getattr(self, "_file", None)
         if file is not None:
-            file.close()
+            # Closing flushes what is buffered, which fails again on a full disk: the file is
+            # being thrown away, and the error that led here is the one to report.
+            with contextlib.suppress(OSError):
+                file.close()

@@ -66,6 +66,7 @@ from ema_cli.formats.base import (
     CheckpointReader,
     CheckpointWriter,
     check_range,
+    open_for_reading,
     read_exact,
     write_exact,
 )
@@ -427,8 +428,9 @@ class TorchZipReader(CheckpointReader):
 
 
 def _refuse_legacy(path: Path) -> None:
+    fd = open_for_reading(path, "a torch checkpoint")  # not a fifo: it would block
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(fd, "rb") as f:
             head = f.read(len(_LEGACY_PREFIX))
     except OSError:
         return  # open_zip reports it

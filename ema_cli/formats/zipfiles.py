@@ -7,6 +7,7 @@ positioned reads), and copying or streaming members with their metadata kept.
 from __future__ import annotations
 
 import lzma
+import os
 import shutil
 import struct
 import zipfile
@@ -14,6 +15,7 @@ import zlib
 from pathlib import Path
 from typing import IO, Protocol
 
+from ema_cli.atomic import open_regular
 from ema_cli.errors import CheckpointError, TruncatedCheckpointError
 
 _COPY_BYTES = 1 << 20
@@ -21,29 +23,111 @@ _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., file name length, e
 
 
 def open_zip(path: Path, kind: str, a_kind: str) -> tuple[IO[bytes], zipfile.ZipFile]:
-    """Open a zip-based checkpoint (``kind`` "npz file", ``a_kind`` "an npz file"); every
-    failure is one line naming ``path``."""
+    """Open a zip-based checkpoint (``kind`` "npz file", ``a_kind`` "an npz file") and check
+    every member's directory entry (``check_members``); every failure is one line naming
+    ``path``."""
+    fd = open_regular(path, a_kind)
+    raw = os.fdopen(fd, "rb")
     try:
-        raw = open(path, "rb")  # noqa: SIM115 - closed by the reader
-    except FileNotFoundError:
-        raise CheckpointError(path, "no such file") from None
-    except IsADirectoryError:
-        raise CheckpointError(path, f"is a directory, not {a_kind}") from None
-    except OSError as e:
-        raise CheckpointError(path, f"cannot open: {e.strerror}") from None
-    try:
-        return raw, zipfile.ZipFile(raw)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as e:
+        archive = zipfile.ZipFile(raw)
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        OSError,
+        EOFError,
+        ValueError,
+        NotImplementedError,  # a "version needed" zipfile refuses before reading on
+    ) as e:
         raw.seek(0)
         head = raw.read(4)
         raw.close()
         if not head:
             raise TruncatedCheckpointError(path, f"truncated: empty, not {a_kind}") from None
+        if isinstance(e, NotImplementedError):
+            raise CheckpointError(path, f"unsupported {kind} ({e})") from None
         if head == b"PK\x03\x04":  # a zip that lost its end, where the directory is
             raise TruncatedCheckpointError(
                 path, f"truncated {kind} (the zip directory at its end is missing)"
             ) from None
         raise CheckpointError(path, f"not {a_kind} (not a zip archive: {e})") from None
+    archive.filename = os.fspath(path)  # opened from a descriptor: name it for messages
+    try:
+        check_members(path, raw, archive, kind)
+    except BaseException:
+        archive.close()
+        raw.close()
+        raise
+    return raw, archive
+
+
+#: Compression methods zipfile can read here (bzip2 and lzma only when Python has them).
+_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}
+if getattr(zipfile, "bz2", None) is not None:
+    _METHODS[zipfile.ZIP_BZIP2] = "bzip2"
+if getattr(zipfile, "lzma", None) is not None:
+    _METHODS[zipfile.ZIP_LZMA] = "lzma"
+
+
+_METHOD_NAMES = {9: "deflate64", 12: "bzip2", 14: "lzma", 93: "zstd", 95: "xz", 98: "ppmd"}
+_METHOD_NAMES.update({99: "AES encryption"})
+
+
+def check_members(path: Path, raw: IO[bytes], archive: zipfile.ZipFile, kind: str) -> None:
+    """Refuse, before anything is read from it, a member that zipfile could only fail on
+    later: a "version needed to extract" beyond what it supports, a compression method it has
+    no decoder for, encryption, a local header that is not where the directory says or that
+    names another file, data beyond the end of the file."""
+    size = os.fstat(raw.fileno()).st_size
+    for info in archive.infolist():
+        where = f"zip member '{info.filename}'"
+        if info.extract_version > zipfile.MAX_EXTRACT_VERSION:
+            version = f"{info.extract_version // 10}.{info.extract_version % 10}"
+            raise CheckpointError(
+                path, f"{where} needs zip version {version} to extract, which is not supported"
+            )
+        if info.compress_type not in _METHODS:
+            method = _METHOD_NAMES.get(info.compress_type, "unknown")
+            raise CheckpointError(
+                path,
+                f"{where} uses compression method {info.compress_type} ({method}), which is "
+                "not supported",
+            )
+        if info.flag_bits & 0x1:
+            raise CheckpointError(path, f"{where} is encrypted; ema-cli cannot read it")
+        try:
+            start = stored_data_offset(raw, info)
+            head = os.pread(raw.fileno(), _LOCAL_HEADER.size, info.header_offset)
+            name_length = _LOCAL_HEADER.unpack(head)[1]
+            local_name = os.pread(
+                raw.fileno(), name_length, info.header_offset + _LOCAL_HEADER.size
+            )
+        except (zipfile.BadZipFile, EOFError, OSError) as e:
+            raise CheckpointError(path, f"corrupt {kind}: {e}") from None
+        try:
+            expected = info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
+        except UnicodeEncodeError:
+            expected = b""
+        if local_name != expected:
+            raise CheckpointError(
+                path, f"corrupt {kind}: {where}: its local header names another file"
+            )
+        if start + info.compress_size > size:
+            raise TruncatedCheckpointError(
+                path,
+                f"truncated {kind}: {where} ends at byte {start + info.compress_size} but the "
+                f"file has {size}",
+            )
+
+
+def verify_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo, kind: str) -> None:
+    """Read a member to its end, so zipfile checks its CRC-32: for members that are copied
+    into the output, found bad now rather than when the output is committed."""
+    try:
+        with archive.open(info) as stream:
+            while stream.read(_COPY_BYTES):
+                pass
+    except ZIP_ERRORS as e:
+        raise CheckpointError(path, f"corrupt {kind}: zip member '{info.filename}': {e}") from None
 
 
 def stored_data_offset(raw: IO[bytes], info: zipfile.ZipInfo) -> int:
@@ -69,11 +153,28 @@ def copy_zip_info(info: zipfile.ZipInfo) -> zipfile.ZipInfo:
 
 
 def copy_member(source: zipfile.ZipFile, info: zipfile.ZipInfo, target: zipfile.ZipFile) -> None:
-    """Copy one member's content unchanged (re-compressed the same way), streaming."""
+    """Copy one member's content unchanged (re-compressed the same way), streaming. A damaged
+    source member (readers verify the ones they copy when they open the archive, so only a
+    file changed since) is a ``CheckpointError`` naming the source archive."""
     new = copy_zip_info(info)
     new.file_size = info.file_size
-    with source.open(info) as src, target.open(new, "w") as dst:
-        shutil.copyfileobj(src, dst, _COPY_BYTES)
+    try:
+        src = source.open(info)
+    except ZIP_ERRORS as e:
+        raise CheckpointError(
+            str(source.filename or "zip archive"), f"zip member '{info.filename}': {e}"
+        ) from None
+    with src, target.open(new, "w") as dst:
+        while True:
+            try:
+                chunk = src.read(_COPY_BYTES)
+            except ZIP_ERRORS as e:
+                raise CheckpointError(
+                    str(source.filename or "zip archive"), f"zip member '{info.filename}': {e}"
+                ) from None
+            if not chunk:
+                break
+            dst.write(chunk)
 
 
 class Readable(Protocol):
