@@ -252,12 +252,13 @@ class StagedFile:
     #: found before any work, and the outputs are not replaced by a run that then fails).
     RESERVE_BYTES = 256 << 10
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, reserve: int = 0) -> None:
+        """``reserve``: the most bytes the file will hold, if more than ``RESERVE_BYTES``."""
         self.path = path
         self._file, self._tmp = temporary_sibling(path)
         self._done = False
         try:
-            os.posix_fallocate(self._file.fileno(), 0, self.RESERVE_BYTES)
+            os.posix_fallocate(self._file.fileno(), 0, max(reserve, self.RESERVE_BYTES))
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 self._file.close()

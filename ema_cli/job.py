@@ -517,6 +517,30 @@ def run(request: Request, progress: Progress, warn: Callable[[str], None]) -> Re
         return _execute(stack, plans, facts, progress)
 
 
+def _state_record(
+    run: RunPlan, facts: Facts, shadows: str, digests: Sequence[Any]
+) -> dict[str, Any]:
+    history = list(run.history)
+    return state.record(
+        run.request.output,
+        run.destination.settings,
+        list(zip(history, facts.fingerprints[: len(history)], digests, strict=True)),
+        run.replay,
+        shadows,
+    )
+
+
+def _mapping_bound(run: RunPlan, facts: Facts, unhashed: Sequence[Any]) -> int:
+    """The most bytes ``run``'s mapping file can take: its record now, plus each output's size
+    and digests and each checkpoint's digests, which only writing tells."""
+    content = {**run.record, "checkpoints": _checkpoint_records(run, facts, unhashed)}
+    per_file = 64  # an output's size
+    if run.request.hash:
+        per_file += len(', "sha256": ""') + 64 + 2 * 4096  # a folder: one digest per file
+    extra = per_file * (len(run.history) + len(run.outputs)) + 4096
+    return len(report.to_json(content).encode()) + extra
+
+
 def _workers(request: Request) -> int:
     """``--workers``, or the CPUs this process may run on (its affinity: taskset, cpusets)."""
     if request.workers is not None:
@@ -592,7 +616,17 @@ def _execute(
     # Opened before the replay, written last: a mapping that cannot be written fails the
     # run before any output appears. (After the writers: they clean their output's stale
     # temporaries, and a folder output "ema" shares the ".ema." prefix with the mapping's.)
-    mapping_files = [stack.enter_context(StagedFile(p.mapping_path)) for p in plans]
+    # Space for every small file is taken before the replay too (a full disk fails the run
+    # here, before any output is replaced), sized for what each will hold.
+    unhashed = [None] * len(first.history)
+    mapping_files = [
+        stack.enter_context(StagedFile(p.mapping_path, reserve=_mapping_bound(p, facts, unhashed)))
+        for p in plans
+    ]
+    state_file = None
+    if request.state is not None:
+        bound = state.size_bound(_state_record(first, facts, shadows_name, unhashed), request.hash)
+        state_file = stack.enter_context(StagedFile(request.state / state.STATE_FILE, bound))
     averages = [
         Average.of(
             plan.replay,
@@ -628,15 +662,11 @@ def _execute(
         records.append(record)
     if state_writer is not None and request.state is not None:
         state_writer.commit(request.durable)
-        history = list(first.history)
         state.commit(
             request.state,
-            request.output,
-            first.destination.settings,
-            list(zip(history, facts.fingerprints[: len(history)], digests, strict=True)),
-            first.replay,
-            shadows_name,
+            _state_record(first, facts, shadows_name, digests),
             request.durable,
+            state_file,
         )
     return Result(
         "written", records, [p.mapping_path for p in plans], [p.replay for p in plans], folded

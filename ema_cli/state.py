@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ema_cli import __version__, engine, profiles, report
-from ema_cli.atomic import write_file_atomically
+from ema_cli.atomic import StagedFile, write_file_atomically
 from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import CheckpointError, EmaCliError
 from ema_cli.formats import CheckpointReader, CheckpointWriter, checkpoint_stats, registry
@@ -346,20 +346,17 @@ def _recorded(record: dict[str, Any]) -> Checkpoint:
     )
 
 
-def commit(
-    folder: Path,
+def record(
     output: Path,
     settings: Settings,
     checkpoints: list[tuple[Checkpoint, Fingerprint, str | dict[str, str] | None]],
     plan: ReplayPlan,
     shadows: str,
-    durable: bool = True,
-) -> None:
-    """Make ``shadows`` (already in place) the current state, then drop older shadows files.
-
-    Each checkpoint comes with its fingerprint and, when ``--hash`` computed it, its sha256,
-    which later runs reuse while the fingerprint still matches."""
-    record = {
+) -> dict[str, Any]:
+    """``state.json``'s content: the checkpoints folded in (each with its fingerprint and, when
+    ``--hash`` computed it, its sha256, which later runs reuse while the fingerprint still
+    matches), the output, the binding settings, the shadows file and the tensors it holds."""
+    return {
         "checkpoints": [
             {
                 "decay": None if c.decay is None else float(c.decay),
@@ -382,12 +379,31 @@ def commit(
         },
         "tool": f"ema-cli {__version__}",
     }
-    write_file_atomically(
-        folder / STATE_FILE,
-        report.to_json(record).encode(),
-        durable,
-    )
-    remove_leftovers(folder, keep=shadows)
+
+
+def size_bound(content: dict[str, Any], hashed: bool) -> int:
+    """Bytes ``content`` (a ``record`` made without digests) can take once the digests
+    (``--hash``; a folder has one per file) are added: what a run reserves for ``state.json``
+    before it replaces any output."""
+    digest = len(', "sha256": ""') + 64 + 2 * 4096 if hashed else 0
+    return len(report.to_json(content).encode()) + digest * len(content["checkpoints"]) + 4096
+
+
+def commit(
+    folder: Path,
+    content: dict[str, Any],
+    durable: bool = True,
+    staged: StagedFile | None = None,
+) -> None:
+    """Make ``content`` (``record``; its shadows file already in place) the current state,
+    then drop older shadows files. ``staged``: the ``state.json`` temporary the run made (and
+    reserved space for) before it replaced any output."""
+    data = report.to_json(content).encode()
+    if staged is not None:
+        staged.publish(data, durable)
+    else:
+        write_file_atomically(folder / STATE_FILE, data, durable)
+    remove_leftovers(folder, keep=content["shadows"])
 
 
 def remove_leftovers(folder: Path, keep: str | None = None) -> None:

@@ -258,6 +258,35 @@ def test_state_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path) -> 
         assert not out.exists()
 
 
+@pytest.mark.parametrize("room_kib", [300, 700, 1000, 1300, 1600, 2000, 2600])
+def test_a_state_run_on_a_nearly_full_disk_replaces_all_or_nothing(
+    tmp_path: Path, room_kib: int
+) -> None:
+    """The output, the mapping and the state share one disk with little room: either the run
+    fits and everything is new, or it fails in one line before any of them is replaced (the
+    mapping and state.json have their space reserved before the replay; they were written
+    after the output had been renamed into place)."""
+    inputs = run_of(tmp_path / "run", ".safetensors")
+    with tmpfs(tmp_path / "disk", f"{room_kib + 64}k") as disk:
+        out, state = disk / "ema.safetensors", disk / "state"
+        common = ["-o", out, "--state", state, "--settle", "0", "--decay", "0.9", "-q"]
+        first = ema_cli(["average", *inputs[:2], *common])
+        if first.returncode != 0:
+            assert_one_line(first, "No space left on device")
+            assert snapshot(disk) == {} and hidden(disk) == []
+            return
+        (disk / "filler").write_bytes(b"\0" * (60 << 10))
+        before = snapshot(disk)
+        proc = ema_cli(["average", *inputs, *common])
+        if proc.returncode == 0:
+            assert hidden(disk) == [] and hidden(state) == []
+            assert out.read_bytes() != before["ema.safetensors"]
+            return
+        assert_one_line(proc, "No space left on device")
+        assert snapshot(disk) == before
+        assert hidden(disk) == [] and hidden(state) == []
+
+
 def test_a_read_only_output_folder_is_one_line(tmp_path: Path) -> None:
     inputs = run_of(tmp_path / "run", ".safetensors")
     with tmpfs(tmp_path / "ro", "64k", read_only=True) as folder:
