@@ -1,7 +1,7 @@
 """Where checkpoint formats meet the engine: a tensor-major, block-wise replay.
 
 Each block of each tensor is run through every checkpoint before the next block is read, so
-memory holds a few blocks, not a model; blocks are independent, so two worker threads (numpy and
+memory holds a few blocks, not a model; blocks are independent, so worker threads (``--workers``; numpy and
 positioned file I/O release the GIL) process them side by side and every writer stores each block
 at its own offset. One pass can feed several outputs: the final average, snapshots of the
 average after chosen checkpoints (a trajectory), and the engine state for a later incremental
