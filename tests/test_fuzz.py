@@ -392,3 +392,27 @@ def test_a_never_written_huge_optimizer_dataset_is_copied_unwritten(tmp_path: Pa
     proc = run(tmp_path / "o.safetensors")
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.splitlines()) == 1 and "never written" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("seed", "index", "says"),
+    [(4242, 517, "libhdf5 crashed (SIGSEGV)"), (777, 57, "libhdf5 did not finish reading")],
+    ids=["segfault", "hang"],
+)
+def test_libhdf5_crashing_or_looping_on_a_template_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int, index: int, says: str
+) -> None:
+    """Two mutants from fresh campaigns on which libhdf5 itself crashes (H5Ocopy of a damaged
+    object) or loops for ever (a damaged global heap under a string attribute) while the
+    HDF5 writer copies the template: neither can be caught in-process, so the copy is
+    rehearsed in a forked child first (formats.hdf5.rehearse_copy)."""
+    from ema_cli.formats import hdf5
+    from tests.conftest import assert_fails, run_cli
+
+    monkeypatch.setattr(hdf5, "REHEARSAL_SECONDS", 2.0)
+    case = fuzz.make_case(
+        seed, index, fuzz.Seeds(tmp_path / "seeds"), tmp_path / "case", tuple(fuzz.FAMILIES)
+    )
+    before = sorted(p.name for p in case.out.iterdir())
+    assert_fails(run_cli(case.args), says)
+    assert sorted(p.name for p in case.out.iterdir()) == before

@@ -562,6 +562,104 @@ def _allocate_now(dcpl: Any) -> None:
         dcpl.set_fill_time(h5d.FILL_TIME_NEVER)
 
 
+#: How long the rehearsal of a template's copy may take (``rehearse_copy``); a sound file's
+#: takes milliseconds.
+REHEARSAL_SECONDS = 10.0
+#: Objects copied whole above this size are not rehearsed (they would be copied into memory).
+REHEARSAL_MAX_BYTES = 64 << 20
+
+
+def _rehearse(source: HDF5Reader, report: int) -> None:
+    """What ``HDF5Writer`` does with libhdf5 to a template, minus the tensors' data: read every
+    attribute and copy every non-tensor object, into a file in memory. Writes each object's
+    path to the pipe ``report`` before touching it."""
+    scratch = h5py.File("rehearsal", "w", driver="core", backing_store=False)
+    counter = 0
+
+    def visit(group: h5py.Group, prefix: str) -> None:
+        nonlocal counter
+        os.write(report, (prefix or "/").encode("utf-8", "backslashreplace") + b"\n")
+        counter += 1
+        _copy_attributes(group, scratch.create_group(f"g{counter}").id)
+        for name in group:
+            link = group.get(name, getlink=True)
+            if not isinstance(link, h5py.HardLink):
+                continue
+            path = prefix + name
+            obj = group[name]
+            if isinstance(obj, h5py.Group):
+                visit(obj, path + "/")
+                continue
+            os.write(report, path.encode("utf-8", "backslashreplace") + b"\n")
+            counter += 1
+            if isinstance(obj, h5py.Dataset) and path in source.tensors:
+                _copy_attributes(obj, scratch.create_group(f"g{counter}").id)
+            elif (
+                not isinstance(obj, h5py.Dataset)
+                or obj.id.get_storage_size() <= REHEARSAL_MAX_BYTES
+            ):
+                h5o.copy(group.id, name.encode("utf-8"), scratch.id, f"o{counter}".encode())
+
+    visit(source.file, "")
+
+
+def rehearse_copy(source: HDF5Reader, what: Path | str) -> None:
+    """Run ``_rehearse`` in a forked child first: libhdf5 can crash (SIGSEGV) or loop for ever
+    on some damaged files while copying an object or reading a variable-length attribute, and
+    neither can be caught in this process. A child that dies or overruns
+    ``REHEARSAL_SECONDS`` is a ``CheckpointError`` naming the object it was at; the real copy
+    then never starts. Where there is no ``fork`` (Windows) nothing is rehearsed."""
+    if not hasattr(os, "fork"):
+        return
+    import signal
+    import time
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: rehearse, then leave without running any cleanup of the parent's
+        status = 0
+        try:
+            os.close(read_end)
+            with contextlib.suppress(Exception):
+                _rehearse(source, write_end)
+        except BaseException:
+            status = 1
+        os._exit(status)
+    os.close(write_end)
+    os.set_blocking(read_end, False)
+    seen = b""
+    deadline = time.monotonic() + REHEARSAL_SECONDS
+    try:
+        while True:
+            with contextlib.suppress(BlockingIOError):
+                while chunk := os.read(read_end, 1 << 16):
+                    seen = (seen + chunk)[-4096:]
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise CheckpointError(
+                    what,
+                    f"libhdf5 did not finish reading '{_last(seen)}' in {REHEARSAL_SECONDS:g} s: "
+                    "the file is damaged",
+                )
+            time.sleep(0.005)
+    finally:
+        os.close(read_end)
+    if os.WIFSIGNALED(status):
+        name = signal.Signals(os.WTERMSIG(status)).name
+        raise CheckpointError(
+            what, f"libhdf5 crashed ({name}) reading '{_last(seen)}': the file is damaged"
+        )
+
+
+def _last(seen: bytes) -> str:
+    lines = seen.decode("utf-8", "replace").splitlines()
+    return lines[-1] if lines else "/"
+
+
 class HDF5Writer(CheckpointWriter):
     """Builds the output in a hidden temporary HDF5 file beside ``path``.
 
@@ -571,6 +669,8 @@ class HDF5Writer(CheckpointWriter):
 
     def begin(self) -> None:
         self._source = _hdf5_source(self.template)
+        if self._source is not None and self.template is not None:
+            rehearse_copy(self._source, self.template.path)
         self._lock = threading.Lock()
         self._memory_types: dict[str, h5t.TypeID] = {}
         handle, self._tmp = self.stage_file()

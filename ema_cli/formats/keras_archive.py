@@ -86,6 +86,7 @@ class KerasArchiveReader(CheckpointReader):
         super().__init__(path)
         self._raw, self.archive = open_zip(path, ".keras archive", "a .keras archive")
         self._weights_file: IO[bytes] | None = None
+        self._inflated: IO[bytes] | None = None  # a deflated weights member, inflated
         try:
             # The members a .keras output copies are checked now, CRC included, so a damaged
             # config.json fails before the replay rather than when the output is committed.
@@ -128,9 +129,15 @@ class KerasArchiveReader(CheckpointReader):
                     _Window(self._raw.fileno(), start, info.file_size)
                 )
             else:
-                self._weights_file = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
+                self._inflated = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
                 with self.archive.open(info) as member:
-                    shutil.copyfileobj(member, self._weights_file, 1 << 20)
+                    shutil.copyfileobj(member, self._inflated, 1 << 20)
+                self._inflated.flush()
+                # Read by position too, never through the file's shared offset: a forked
+                # child (hdf5.rehearse_copy) reads the same open file.
+                self._weights_file = io.BufferedReader(
+                    _Window(self._inflated.fileno(), 0, info.file_size)
+                )
         except (*ZIP_ERRORS, RuntimeError) as e:
             raise CheckpointError(self.path, f"corrupt {WEIGHTS_MEMBER} member ({e})") from None
         return HDF5Reader(self.path, file=self._weights_file, member=WEIGHTS_MEMBER)
@@ -175,6 +182,8 @@ class KerasArchiveReader(CheckpointReader):
             weights.close()
         if self._weights_file is not None:
             self._weights_file.close()
+        if self._inflated is not None:
+            self._inflated.close()
         self.archive.close()
         self._raw.close()
 
