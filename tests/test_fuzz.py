@@ -396,16 +396,20 @@ def test_a_never_written_huge_optimizer_dataset_is_copied_unwritten(tmp_path: Pa
 
 @pytest.mark.parametrize(
     ("seed", "index", "says"),
-    [(4242, 517, "libhdf5 crashed (SIGSEGV)"), (777, 57, "libhdf5 did not finish reading")],
-    ids=["segfault", "hang"],
+    [
+        (4242, 517, "libhdf5 crashed (SIGSEGV)"),
+        (777, 57, "libhdf5 did not finish reading"),
+        (9090, 560, "libhdf5 did not finish reading '/'"),
+    ],
+    ids=["copy-segfault", "copy-hang", "read-hang"],
 )
 def test_libhdf5_crashing_or_looping_on_a_template_is_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int, index: int, says: str
 ) -> None:
-    """Two mutants from fresh campaigns on which libhdf5 itself crashes (H5Ocopy of a damaged
+    """Mutants from fresh campaigns on which libhdf5 itself crashes (H5Ocopy of a damaged
     object) or loops for ever (a damaged global heap under a string attribute) while the
-    HDF5 writer copies the template: neither can be caught in-process, so the copy is
-    rehearsed in a forked child first (formats.hdf5.rehearse_copy)."""
+    HDF5 writer copies the template or the reader reads an input's attributes: none can be
+    caught in-process, so both are rehearsed in a forked child first (formats.hdf5)."""
     from ema_cli.formats import hdf5
     from tests.conftest import assert_fails, run_cli
 

@@ -33,7 +33,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol, runtime_checkable
 
@@ -244,6 +244,11 @@ class HDF5Reader(CheckpointReader):
         except (OSError, ValueError) as e:  # ValueError: a wild address, through a file object
             raise self._classify_open_error(e, file) from None
         try:
+            identity = None
+            if file is None:
+                st = os.stat(path)
+                identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            rehearse_reading(self.file, path, identity)
             self._scan()
         except (KeyError, OSError, RuntimeError, ValueError) as e:
             self.file.close()
@@ -604,11 +609,55 @@ def _rehearse(source: HDF5Reader, report: int) -> None:
 
 
 def rehearse_copy(source: HDF5Reader, what: Path | str) -> None:
-    """Run ``_rehearse`` in a forked child first: libhdf5 can crash (SIGSEGV) or loop for ever
-    on some damaged files while copying an object or reading a variable-length attribute, and
-    neither can be caught in this process. A child that dies or overruns
-    ``REHEARSAL_SECONDS`` is a ``CheckpointError`` naming the object it was at; the real copy
-    then never starts. Where there is no ``fork`` (Windows) nothing is rehearsed."""
+    """Rehearse the HDF5 writer's copy of ``source`` (``_rehearse``) in a forked child first
+    (``_in_child``): the real copy starts only if libhdf5 survived it."""
+    _in_child(what, lambda report: _rehearse(source, report))
+
+
+def _rehearse_reading(file: h5py.File, report: int) -> None:
+    """Every object and every attribute value of ``file``, as ``HDF5Reader._scan`` and
+    ``inspect`` read them."""
+
+    def visit(group: h5py.Group, prefix: str) -> None:
+        os.write(report, (prefix or "/").encode("utf-8", "backslashreplace") + b"\n")
+        for key in group.attrs:
+            group.attrs[key]
+        for name in group:
+            if not isinstance(group.get(name, getlink=True), h5py.HardLink):
+                continue
+            obj = group[name]
+            if isinstance(obj, h5py.Group):
+                visit(obj, prefix + name + "/")
+                continue
+            os.write(report, (prefix + name).encode("utf-8", "backslashreplace") + b"\n")
+            for key in obj.attrs:
+                obj.attrs[key]
+
+    visit(file, "")
+
+
+#: Files whose reading was rehearsed without harm in this process, by identity (device, inode,
+#: size, mtime, ctime): the replay's workers open every checkpoint again.
+_REHEARSED: set[tuple[int, ...]] = set()
+
+
+def rehearse_reading(file: h5py.File, what: Path | str, identity: tuple[int, ...] | None) -> None:
+    """Rehearse reading ``file``'s objects and attributes in a forked child (``_in_child``)
+    once per file: libhdf5 loops for ever on some damaged global heaps."""
+    if identity is not None and identity in _REHEARSED:
+        return
+    _in_child(what, lambda report: _rehearse_reading(file, report))
+    if identity is not None:
+        _REHEARSED.add(identity)
+
+
+def _in_child(what: Path | str, work: Callable[[int], None]) -> None:
+    """Run ``work`` (given a pipe to write the path of each object it touches) in a forked
+    child first: libhdf5 can crash (SIGSEGV) or loop for ever on some damaged files while
+    copying an object or reading a variable-length attribute, and neither can be caught in
+    this process. A child that dies or overruns ``REHEARSAL_SECONDS`` is a ``CheckpointError``
+    naming the object it was at; a Python exception in the child is left for the real work to
+    meet. Where there is no ``fork`` (Windows) nothing is rehearsed."""
     if not hasattr(os, "fork"):
         return
     import signal
@@ -621,7 +670,7 @@ def rehearse_copy(source: HDF5Reader, what: Path | str) -> None:
         try:
             os.close(read_end)
             with contextlib.suppress(Exception):
-                _rehearse(source, write_end)
+                work(write_end)
         except BaseException:
             status = 1
         os._exit(status)
@@ -645,7 +694,7 @@ def rehearse_copy(source: HDF5Reader, what: Path | str) -> None:
                     f"libhdf5 did not finish reading '{_last(seen)}' in {REHEARSAL_SECONDS:g} s: "
                     "the file is damaged",
                 )
-            time.sleep(0.005)
+            time.sleep(0.002)
     finally:
         os.close(read_end)
     if os.WIFSIGNALED(status):
