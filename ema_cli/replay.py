@@ -23,7 +23,7 @@ import numpy.typing as npt
 
 from ema_cli import engine, fpmode, kernels, profiles
 from ema_cli.checkpoint import TensorInfo
-from ema_cli.errors import CheckpointError
+from ema_cli.errors import CheckpointError, OutputError
 from ema_cli.formats.base import CheckpointReader, CheckpointWriter, iter_blocks
 from ema_cli.plan import ReplayPlan, TensorJob
 from ema_cli.state import accumulator_names as state_accumulator_names
@@ -310,7 +310,7 @@ class _Replayer:
             raw = self.read_buffer(reader, job, start, stop - start)
             reader.read(job.name, start, stop, out=raw)
             for writer in writers:
-                writer.write(job.output_name, start, raw)
+                _store(writer, job.output_name, start, raw)
         return job.info.dtype.itemsize * (stop - start) * len(self._snapshot_writers)
 
     def _average(self, block: Block) -> int:
@@ -345,14 +345,14 @@ class _Replayer:
             outputs = self.averages[a].outputs
             if outputs.state is not None and state is not None:
                 shadow_name, step_name = state_tensor_names(job.name)
-                outputs.state.write(shadow_name, start, state.value)
+                _store(outputs.state, shadow_name, start, state.value)
                 if state.local_step is not None and start == 0:
-                    outputs.state.write(step_name, 0, state.local_step.reshape(1))
+                    _store(outputs.state, step_name, 0, state.local_step.reshape(1))
         for a in linear:
             outputs = self.averages[a].outputs
             if outputs.state is not None:
                 for name, lane in zip(state_accumulator_names(job.name), sums[a], strict=False):
-                    outputs.state.write(name, start, lane)
+                    _store(outputs.state, name, start, lane)
         return info.dtype.itemsize * size * len(self.sources)
 
     def _apply(
@@ -397,7 +397,7 @@ class _Replayer:
                 rounded = self.buffer("out", info.dtype, size)
                 kernels.convert(result, rounded)  # round once, to nearest even
                 result = rounded
-            writer.write(job.output_name, start, result)
+            _store(writer, job.output_name, start, result)
         return state
 
     def _accumulate(
@@ -421,8 +421,11 @@ class _Replayer:
             size = state.shape[1]
             out = self.buffer("out", job.info.dtype, size)
             spare = scratch[0] if scratch is not None else None
-            writer.write(
-                job.output_name, start, accumulator.finish(state, job.info.dtype, out, spare)
+            _store(
+                writer,
+                job.output_name,
+                start,
+                accumulator.finish(state, job.info.dtype, out, spare),
             )
 
     def _initial_state(
@@ -455,6 +458,15 @@ class _Replayer:
         for name, lane in zip(state_accumulator_names(job.name), state, strict=False):
             resume.read(name, start, stop, out=lane)
         return state
+
+
+def _store(writer: CheckpointWriter, name: str, start: int, values: Array) -> None:
+    """``writer.write``, a failing disk (full, a quota, an I/O error) being one line naming
+    the output, whatever the format's writer raises it as."""
+    try:
+        writer.write(name, start, values)
+    except OSError as e:
+        raise OutputError(writer.path, e) from None
 
 
 def total_bytes(plan: ReplayPlan, snapshots: int = 1) -> int:

@@ -224,6 +224,39 @@ def test_an_output_on_a_full_disk_is_one_line_and_leaves_the_earlier_one(
         assert hidden(disk) == []
 
 
+@pytest.mark.parametrize("output", ["ema.index", "ema.pt", "ema.keras", "ema"])
+@pytest.mark.parametrize("room_kib", [0, 16, 128, 300, 600])
+def test_other_outputs_on_a_full_disk_are_one_line_and_leave_the_earlier_one(
+    tmp_path: Path, output: str, room_kib: int
+) -> None:
+    """TensorBundle (two files), torch, .keras (an archive) and a sharded folder output (shards
+    and an index, published together) on a disk that cannot take them."""
+    if output == "ema.keras":  # a .keras output needs a .keras template
+        from tests import fuzz
+
+        run = fuzz.Seeds(tmp_path / "seeds").run(fuzz.FAMILIES["keras"])
+        inputs = sorted(run.glob("*.keras"))
+    else:
+        inputs = run_of(tmp_path / "run", ".safetensors")
+    extra = ["--max-shard-size", "300KB"] if output == "ema" else []
+    with tmpfs(tmp_path / "disk", f"{room_kib + 64}k") as disk:
+        out = disk / output
+        earlier = disk / "earlier"  # an earlier run's output, under another name
+        earlier.write_bytes(b"the earlier output")
+        if room_kib == 0:
+            fill(disk)
+        else:
+            (disk / "filler").write_bytes(b"\0" * (60 << 10))
+        before = snapshot(disk)
+        proc = ema_cli(["average", *inputs, "-o", out, "--decay", "0.9", "-q", *extra])
+        if proc.returncode == 0:
+            assert hidden(disk) == [], proc.stderr
+            return
+        assert_one_line(proc, "No space left on device")
+        assert snapshot(disk) == before
+        assert hidden(disk) == []
+
+
 def test_the_mapping_on_a_full_disk_leaves_every_earlier_output(tmp_path: Path) -> None:
     inputs = run_of(tmp_path / "run", ".safetensors")
     out = tmp_path / "out" / "ema.safetensors"
