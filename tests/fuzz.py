@@ -1041,9 +1041,13 @@ def run_isolated(args: list[str], folder: Path) -> Outcome:
 
 
 _WORKER_SOURCE = r"""
-import json, os, resource, sys
+import ctypes, json, os, resource, signal, sys
 limit = int(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+try:  # die with the campaign: a worker stuck in a case must not outlive a killed run (Linux)
+    ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+except (OSError, AttributeError):
+    pass
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 replies = os.fdopen(os.dup(1), "w")
 requests = os.fdopen(os.dup(0), "r")
