@@ -231,7 +231,7 @@ def broken(tmp_path: Path) -> Path:
 def test_index_that_is_not_json(tmp_path: Path) -> None:
     folder = broken(tmp_path)
     (folder / INDEX_NAME).write_text("{not json")
-    with pytest.raises(CheckpointError, match="not a safetensors index \\(not JSON") as e:
+    with pytest.raises(CheckpointError, match="not a safetensors index \\(index is not JSON") as e:
         ShardedReader(folder)
     assert e.value.path == str(folder / INDEX_NAME)
 
@@ -242,10 +242,10 @@ def test_index_that_is_not_json(tmp_path: Path) -> None:
         (
             '{"weight_map": {"a": "model-00001-of-00002.safetensors", '
             '"a": "model-00002-of-00002.safetensors", "c": "model-00002-of-00002.safetensors"}}',
-            "lists the key 'a' twice",
+            "corrupt index: 'a' is listed twice",
         ),
-        ('{"metadata": {"total_size": ' + "9" * 5000 + "}}", "not JSON"),
-        ("[" * 100_000 + "]" * 100_000, "nested too deep"),
+        ('{"metadata": {"total_size": ' + "9" * 5000 + "}}", "an integer of 5000 digits"),
+        ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply"),
         ('{"weight_map": {"\\ud800": "x.safetensors"}}', "weight_map"),
     ],
     ids=["duplicate-tensor", "huge-integer", "deep", "lone-surrogate"],
@@ -850,7 +850,7 @@ def test_torch_index_errors_name_the_file_and_tensor(tmp_path: Path) -> None:
         f"({TORCH_INDEX} maps it here)"
     )
     (folder / TORCH_INDEX).write_text("{")
-    with pytest.raises(CheckpointError, match="not a torch index \\(not JSON"):
+    with pytest.raises(CheckpointError, match="not a torch index \\(index is not JSON"):
         TorchShardedReader(folder)
 
 

@@ -265,16 +265,17 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return found
 
 
-def parse_json_header(path: Path, raw: bytes, what: str) -> Any:
+def parse_json_header(path: Path, raw: bytes, what: str, kind: str = "safetensors file") -> Any:
     """A JSON header parsed with bounds, before anything is allocated from it: UTF-8, no
     duplicate keys (the reference parser keeps the last one silently; which one a writer meant
     is unknowable, so the file is refused, naming the key), integers of at most 20 digits, no
     NaN or Infinity, and nesting no deeper than the interpreter's recursion limit. Every
-    failure is a ``CheckpointError`` naming ``path``."""
+    failure is a ``CheckpointError`` naming ``path`` (``kind``: what it should have been; the
+    sharded folders' index files are parsed so too)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise CheckpointError(path, f"not a safetensors file ({what} is not JSON: {e})") from None
+        raise CheckpointError(path, f"not a {kind} ({what} is not JSON: {e})") from None
     try:
         return json.loads(
             text,
@@ -285,7 +286,7 @@ def parse_json_header(path: Path, raw: bytes, what: str) -> Any:
     except _HeaderProblem as e:
         raise CheckpointError(path, f"corrupt {what}: {e}") from None
     except json.JSONDecodeError as e:
-        raise CheckpointError(path, f"not a safetensors file ({what} is not JSON: {e})") from None
+        raise CheckpointError(path, f"not a {kind} ({what} is not JSON: {e})") from None
     except RecursionError:
         raise CheckpointError(path, f"corrupt {what}: JSON nested too deeply") from None
 

@@ -36,7 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path, PurePosixPath
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import ClassVar, Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -50,7 +50,13 @@ from ema_cli.formats.base import (
     CheckpointWriter,
     write_exact,
 )
-from ema_cli.formats.safetensors import SafetensorsReader, build_header, check_dtypes
+from ema_cli.formats.safetensors import (
+    SafetensorsReader,
+    build_header,
+    check_dtypes,
+    is_unicode,
+    parse_json_header,
+)
 
 
 @dataclass(frozen=True)
@@ -417,30 +423,6 @@ class ShardedReader(CheckpointReader):
         return len(self._shards)
 
 
-class _DuplicateKey(Exception):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``json``'s object hook that refuses a key given twice (json keeps the last silently)."""
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise _DuplicateKey(key)
-        seen[key] = value
-    return seen
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 #: An index bigger than this is not an index (Hugging Face's are KBs to a few MB).
 MAX_INDEX_BYTES = 64 << 20
 
@@ -454,17 +436,10 @@ def _read_index(index_path: Path, layout: FolderLayout = SAFETENSORS_LAYOUT) -> 
     try:
         if index_path.stat().st_size > MAX_INDEX_BYTES:
             raise CheckpointError(index_path, f"not a {kind} index (over {MAX_INDEX_BYTES} bytes)")
-        index = json.loads(index_path.read_bytes().decode("utf-8"), object_pairs_hook=_unique_keys)
+        raw = index_path.read_bytes()
     except OSError as e:
         raise CheckpointError(index_path, f"cannot read: {e.strerror}") from None
-    except _DuplicateKey as e:
-        raise CheckpointError(
-            index_path, f"lists the key {e.key!r} twice (which one is meant?)"
-        ) from None
-    except RecursionError:
-        raise CheckpointError(index_path, f"not a {kind} index (JSON nested too deep)") from None
-    except ValueError as e:  # bad UTF-8, bad JSON, an integer beyond Python's digit limit
-        raise CheckpointError(index_path, f"not a {kind} index (not JSON: {e})") from None
+    index = parse_json_header(index_path, raw, "index", f"{kind} index")
     if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
         raise CheckpointError(
             index_path, f'not a {kind} index (no "weight_map" object mapping tensors to shards)'
@@ -472,7 +447,7 @@ def _read_index(index_path: Path, layout: FolderLayout = SAFETENSORS_LAYOUT) -> 
     weight_map: dict[str, str] = {}
     for name, shard in index["weight_map"].items():
         for text in (name, shard):
-            if isinstance(text, str) and not _encodable(text):
+            if isinstance(text, str) and not is_unicode(text):
                 raise CheckpointError(
                     index_path,
                     f"weight_map holds {text!a}, which is not valid Unicode (a lone "
