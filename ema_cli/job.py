@@ -274,6 +274,7 @@ class RunPlan:
     folder_output: bool
     record: dict[str, Any]  # the mapping file's content, less what only writing tells
     outputs: list[dict[str, Any]]
+    weights: tuple[float, ...]  # each checkpoint's share of the average (report.weights)
     warnings: tuple[str, ...] = ()
 
     @property
@@ -398,6 +399,7 @@ def decide(
         folder_output,
         record,
         outputs,
+        tuple(weights),
         () if warning is None else (warning,),
     )
 
@@ -417,11 +419,9 @@ def _digests(run: RunPlan, facts: Facts, hashed: bool) -> list[Any]:
 
 def _checkpoint_records(run: RunPlan, facts: Facts, digests: Sequence[Any]) -> list[dict[str, Any]]:
     """Each replayed checkpoint's record: path, step, decay, weight in this average, size."""
-    history = run.history
-    weights = report.weights(history, run.destination.settings)
     records = [
         report.checkpoint_record(c, w, facts.fingerprints[i].size, digests[i])
-        for i, (c, w) in enumerate(zip(history, weights, strict=True))
+        for i, (c, w) in enumerate(zip(run.history, run.weights, strict=True))
     ]
     for i in facts.gone:
         records[i]["gone"] = True

@@ -141,7 +141,7 @@ class Request:
         settings = [Settings(d, num_updates, zero_debias, **common) for d in decays]
         built: list[tuple[str, Callable[[], profiles.Profile]]] = [
             *(
-                (f"--decay-per-step {d}", functools.partial(_per_step, d, num_updates))
+                (f"--decay-per-step {d}", functools.partial(profiles.DecayPerStep, d, num_updates))
                 for d in per_step
             ),
             *(("--mean", profiles.Mean) for _ in range(1 if mean else 0)),
@@ -185,10 +185,6 @@ class Request:
             )
             settings.append(dataclasses.replace(self.settings, decay=None, profile=profile))
         return settings
-
-
-def _per_step(decay: float, num_updates: Any) -> profiles.DecayPerStep:
-    return profiles.DecayPerStep(decay, num_updates)
 
 
 def _read_weights(path: str) -> WeightsFile:
