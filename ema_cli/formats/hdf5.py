@@ -574,38 +574,49 @@ REHEARSAL_SECONDS = 10.0
 REHEARSAL_MAX_BYTES = 64 << 20
 
 
+def _walk(
+    file: h5py.File,
+    report: int,
+    touch: Callable[[h5py.Group, str, h5py.HLObject, str], None],
+) -> None:
+    """Every hard-linked object of ``file``, groups first, each path written to the pipe
+    ``report`` before ``touch(parent, name, object, path)`` (the root: ``(file, "", file, "")``)."""
+
+    def visit(group: h5py.Group, prefix: str) -> None:
+        for name in group:
+            if not isinstance(group.get(name, getlink=True), h5py.HardLink):
+                continue
+            obj, path = group[name], prefix + name
+            os.write(report, path.encode("utf-8", "backslashreplace") + b"\n")
+            touch(group, name, obj, path)
+            if isinstance(obj, h5py.Group):
+                visit(obj, path + "/")
+
+    os.write(report, b"/\n")
+    touch(file, "", file, "")
+    visit(file, "")
+
+
 def _rehearse(source: HDF5Reader, report: int) -> None:
-    """What ``HDF5Writer`` does with libhdf5 to a template, minus the tensors' data: read every
-    attribute and copy every non-tensor object, into a file in memory. Writes each object's
-    path to the pipe ``report`` before touching it."""
+    """What ``HDF5Writer`` does with libhdf5 to a template, minus the tensors' data: copy
+    every attribute and every non-tensor object into a file in memory."""
     scratch = h5py.File("rehearsal", "w", driver="core", backing_store=False)
     counter = 0
 
-    def visit(group: h5py.Group, prefix: str) -> None:
+    def touch(parent: h5py.Group, name: str, obj: h5py.HLObject, path: str) -> None:
         nonlocal counter
-        os.write(report, (prefix or "/").encode("utf-8", "backslashreplace") + b"\n")
         counter += 1
-        _copy_attributes(group, scratch.create_group(f"g{counter}").id)
-        for name in group:
-            link = group.get(name, getlink=True)
-            if not isinstance(link, h5py.HardLink):
-                continue
-            path = prefix + name
-            obj = group[name]
-            if isinstance(obj, h5py.Group):
-                visit(obj, path + "/")
-                continue
-            os.write(report, path.encode("utf-8", "backslashreplace") + b"\n")
-            counter += 1
-            if isinstance(obj, h5py.Dataset) and path in source.tensors:
-                _copy_attributes(obj, scratch.create_group(f"g{counter}").id)
-            elif (
-                not isinstance(obj, h5py.Dataset)
-                or obj.id.get_storage_size() <= REHEARSAL_MAX_BYTES
-            ):
-                h5o.copy(group.id, name.encode("utf-8"), scratch.id, f"o{counter}".encode())
+        copied_whole = isinstance(obj, h5py.Datatype) or (
+            isinstance(obj, h5py.Dataset)
+            and path not in source.tensors
+            and obj.id.get_storage_size() <= REHEARSAL_MAX_BYTES
+        )
+        if copied_whole:
+            h5o.copy(parent.id, name.encode("utf-8"), scratch.id, f"o{counter}".encode())
+        else:  # a group or a tensor: only its attributes are copied as they are
+            _copy_attributes(obj, scratch.create_group(f"g{counter}").id)
 
-    visit(source.file, "")
+    _walk(source.file, report, touch)
 
 
 def rehearse_copy(source: HDF5Reader, what: Path | str) -> None:
@@ -618,22 +629,11 @@ def _rehearse_reading(file: h5py.File, report: int) -> None:
     """Every object and every attribute value of ``file``, as ``HDF5Reader._scan`` and
     ``inspect`` read them."""
 
-    def visit(group: h5py.Group, prefix: str) -> None:
-        os.write(report, (prefix or "/").encode("utf-8", "backslashreplace") + b"\n")
-        for key in group.attrs:
-            group.attrs[key]
-        for name in group:
-            if not isinstance(group.get(name, getlink=True), h5py.HardLink):
-                continue
-            obj = group[name]
-            if isinstance(obj, h5py.Group):
-                visit(obj, prefix + name + "/")
-                continue
-            os.write(report, (prefix + name).encode("utf-8", "backslashreplace") + b"\n")
-            for key in obj.attrs:
-                obj.attrs[key]
+    def touch(parent: h5py.Group, name: str, obj: h5py.HLObject, path: str) -> None:
+        for key in obj.attrs:
+            obj.attrs[key]
 
-    visit(file, "")
+    _walk(file, report, touch)
 
 
 #: Files whose reading was rehearsed without harm in this process, by identity (device, inode,
