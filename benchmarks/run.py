@@ -137,6 +137,16 @@ def write_safetensors(
     tmp.replace(path)
 
 
+def cached_count(folder: Path, stamp: object) -> int:
+    """How many checkpoints ``folder``'s cache holds for ``stamp`` (its ``spec.json``; 0 when
+    there is none or it was made from something else)."""
+    try:
+        meta = json.loads((folder / "spec.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    return int(meta["count"]) if meta.get("stamp") == stamp else 0
+
+
 @dataclass
 class Dataset:
     """One cached set of synthetic checkpoints (a prefix of it is used for smaller counts)."""
@@ -192,11 +202,7 @@ class Dataset:
         return out
 
     def cached_count(self) -> int:
-        try:
-            meta = json.loads((self.folder / "spec.json").read_text())
-        except (OSError, ValueError):
-            return 0
-        return int(meta["count"]) if meta.get("stamp") == self.stamp() else 0
+        return cached_count(self.folder, self.stamp())
 
     def ensure(self, count: int) -> None:
         have = self.cached_count()
@@ -309,11 +315,7 @@ class Converted:
         self.data.ensure(count)
         stamp = {"source": self.data.stamp(), "format": self.fmt}
         meta_path = self.folder / "spec.json"
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
-            meta = {}
-        have = int(meta["count"]) if meta.get("stamp") == stamp else 0
+        have = cached_count(self.folder, stamp)
         if have >= count:
             return
         if have == 0 and self.folder.exists():
