@@ -19,11 +19,21 @@ from tests.conftest import write_checkpoint
 
 HEAVY = ("ml_dtypes", "h5py", "rich", "numpy", "safetensors")
 
+# The console script ends with os._exit (no interpreter teardown), so the probe reports from
+# there as well as from atexit (a path that exits normally).
 PROBE = """
-import atexit, json, sys
+import atexit, json, os, sys
 heavy = {heavy!r}
-atexit.register(lambda: print("LOADED " + json.dumps(sorted(
-    {{m.split(".")[0] for m in sys.modules if m.split(".")[0] in heavy}})), file=sys.stderr))
+def report():
+    print("LOADED " + json.dumps(sorted(
+        {{m.split(".")[0] for m in sys.modules if m.split(".")[0] in heavy}})), file=sys.stderr)
+    sys.stderr.flush()
+atexit.register(report)
+real_exit = os._exit
+def exit_reporting(status):
+    report()
+    real_exit(status)
+os._exit = exit_reporting
 sys.argv = ["ema-cli", *{args!r}]
 from ema_cli._entry import main
 main()
