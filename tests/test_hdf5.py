@@ -349,6 +349,73 @@ def truncated_after_header(tmp_path: Path, chunked: bool) -> Path:
     return path
 
 
+def test_contiguous_native_tensors_are_read_without_libhdf5(
+    rich: tuple[Path, dict[str, np.ndarray]],
+) -> None:
+    """The fast path (one positioned read at the dataset's file offset) is taken exactly for
+    contiguous data stored in the buffer's own type and byte order, and reads the same values
+    as libhdf5 (test_reader_lists_tensors_with_numpy_dtypes reads them all)."""
+    path, tensors = rich
+    with HDF5Reader(path) as reader, h5py.File(path, "r", locking=False) as f:
+        raw = {name for name in tensors if reader.file_offset(name, 0) is not None}
+        assert raw == {
+            "model_weights/bn/gamma",  # opaque bytes (bfloat16) are their own bytes
+            "model_weights/dense/kernel",
+            "model_weights/dense/scale",
+            "optimizer_weights/iteration",
+            "optimizer_weights/m",
+            "mask",
+            "counts",
+        }  # not: chunked (gzip or plain), big-endian, or empty
+        for name in raw:
+            offset = reader.file_offset(name, 1)
+            assert offset == f[name].id.get_offset() + tensors[name].dtype.itemsize
+            flat = tensors[name].reshape(-1)
+            if flat.size > 1:
+                assert np.array_equal(reader.read(name, 1, flat.size), flat[1:]), name
+
+
+def test_a_file_cut_after_it_was_opened_is_one_line_on_the_fast_path(tmp_path: Path) -> None:
+    path = tmp_path / "x.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=np.arange(1000, dtype=np.float32))
+        offset = f["x"].id.get_offset()
+    with HDF5Reader(path) as reader:
+        assert reader.file_offset("x", 0) == offset
+        with open(path, "r+b") as f:
+            f.truncate(offset + 400)
+        assert np.array_equal(reader.read("x", 0, 100), np.arange(100, dtype=np.float32))
+        with pytest.raises(TruncatedCheckpointError, match="tensor 'x': truncated"):
+            reader.read("x")
+
+
+def test_a_file_is_rehearsed_once_not_in_every_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libhdf5's reading is rehearsed in a forked child at the first open (the plan's, in the
+    main thread); the replay's workers reopen the file and must not fork again: a fork from a
+    worker thread deadlocked when another thread's garbage collection needed h5py's lock."""
+    import os
+
+    from ema_cli.formats import open_checkpoint
+
+    path = tmp_path / "x.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=np.arange(10, dtype=np.float32))
+    archive = next((Path(__file__).parent / "fixtures" / "keras").glob("*/keras/*.keras"))
+    for first in (path, archive):  # an HDF5 file, and one inside a .keras archive
+        open_checkpoint(first).close()
+
+    def no_fork() -> int:
+        raise AssertionError("forked again")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    with HDF5Reader(path) as reader:
+        assert reader.read("x")[-1] == 9
+    with open_checkpoint(archive) as again:
+        assert again.tensors
+
+
 def test_truncated_data_behind_a_valid_header(tmp_path: Path) -> None:
     path = truncated_after_header(tmp_path, chunked=True)
     with HDF5Reader(path) as reader:

@@ -34,6 +34,7 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol, runtime_checkable
 
@@ -50,6 +51,7 @@ from ema_cli.formats.base import (
     NUMERIC_DTYPES,
     CheckpointReader,
     CheckpointWriter,
+    read_exact,
 )
 
 #: The attribute Keras 3 puts on datasets whose numpy dtype HDF5 cannot name.
@@ -220,6 +222,24 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+@dataclass(frozen=True)
+class _Scan:
+    """What ``HDF5Reader._scan`` found in a file (shared by its readers, never changed)."""
+
+    tensors: dict[str, TensorInfo]
+    memory_types: dict[str, h5t.TypeID]
+    non_tensors: list[str]
+    metadata: dict[str, str]
+    optimizer_prefixes: tuple[str, ...]
+    format_name: str
+    raw: dict[str, int]
+
+
+#: File identity -> [its scan, the readers of it now open].
+_SCANS: dict[tuple[int, ...], list[Any]] = {}
+_SCANS_LOCK = threading.Lock()
+
+
 class HDF5Reader(CheckpointReader):
     """An HDF5 file, from a path or (inside a ``.keras`` archive) an open binary file.
 
@@ -227,6 +247,12 @@ class HDF5Reader(CheckpointReader):
     """
 
     format_name = "HDF5"
+
+    _tensors: dict[str, TensorInfo]
+    _memory_types: dict[str, h5t.TypeID]
+    _non_tensors: list[str]
+    _metadata: dict[str, str]
+    _optimizer_prefixes: tuple[str, ...]
 
     def __init__(
         self, path: Path, file: IO[bytes] | None = None, member: str | None = None
@@ -244,20 +270,95 @@ class HDF5Reader(CheckpointReader):
         except (OSError, ValueError) as e:  # ValueError: a wild address, through a file object
             raise self._classify_open_error(e, file) from None
         try:
-            identity = None
-            if file is None:
-                st = os.stat(path)
-                identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-            rehearse_reading(self.file, path, identity)
-            self._scan()
+            # The file (a .keras archive for a member) as it is now: rehearsed once, by the
+            # first open, which the plan makes in the main thread. The replay's workers reopen
+            # it; a fork from a worker thread could deadlock on a lock another thread holds.
+            st = os.fstat(self.file.id.get_vfd_handle()) if file is None else os.stat(path)
+            identity: tuple[int, ...] = (
+                st.st_dev,
+                st.st_ino,
+                st.st_size,
+                st.st_mtime_ns,
+                st.st_ctime_ns,
+            )
+            identity += (0,) if file is None else (1, hash(member))
+            self._identity: tuple[int, ...] | None = None
+            self._share_scan(identity, file is None)
         except (KeyError, OSError, RuntimeError, ValueError) as e:
-            self.file.close()
+            self.close()
             raise CheckpointError(
                 path, f"{self._prefix}corrupt HDF5 file ({_first_line(e)})"
             ) from None
         except BaseException:
-            self.file.close()
+            self.close()
             raise
+
+    def _share_scan(self, identity: tuple[int, ...], by_path: bool) -> None:
+        """What the file holds, found by the first reader of this file (as it is now) and
+        shared by every reader of it opened while one is open: the replay's workers each open
+        every checkpoint again, and h5py's walk of a file's objects costs 50-100 ms (under its
+        global lock) for a few hundred datasets."""
+        with _SCANS_LOCK:
+            held = _SCANS.get(identity)
+            if held is not None:
+                held[1] += 1
+                self._identity = identity
+        if held is None:
+            rehearse_reading(self.file, self.path, identity)
+            self._scan()
+            raw = self._raw_extents() if by_path else {}
+            made = _Scan(
+                self._tensors,
+                self._memory_types,
+                self._non_tensors,
+                self._metadata,
+                self._optimizer_prefixes,
+                self.format_name,
+                raw,
+            )
+            with _SCANS_LOCK:
+                held = _SCANS.setdefault(identity, [made, 0])
+                held[1] += 1
+                self._identity = identity
+        scan: _Scan = held[0]
+        self._tensors = scan.tensors
+        self._memory_types = scan.memory_types
+        self._non_tensors = scan.non_tensors
+        self._metadata = scan.metadata
+        self._optimizer_prefixes = scan.optimizer_prefixes
+        self.format_name = scan.format_name
+        self._raw = scan.raw
+        self._datasets = _OpenDatasets(self.file)
+        if self._raw:
+            self._fd = self.file.id.get_vfd_handle()  # the file libhdf5 reads: same bytes
+
+    def _raw_extents(self) -> dict[str, int]:
+        """Tensors whose elements HDF5 keeps as they are in one contiguous piece of the file
+        (contiguous layout, nothing external, stored in our buffers' own type and byte order,
+        entirely inside the file), by the file offset of their first byte. ``read`` fetches
+        these with one positioned read of the file's own descriptor, as the safetensors reader
+        does, instead of through libhdf5 (which serialises every call behind h5py's lock and
+        copied 4x slower per byte, benchmarks/RESULTS.md); every other tensor goes through
+        libhdf5, which also reports a truncated one."""
+        if self.file.id.get_create_plist().get_userblock():
+            return {}  # keep offsets simple: HDF5 addresses then start after the user block
+        file_size = os.fstat(self.file.id.get_vfd_handle()).st_size
+        extents = {}
+        for name, info in self._tensors.items():
+            dataset = self._datasets.get(name)
+            plist = dataset.get_create_plist()
+            if plist.get_layout() != h5d.CONTIGUOUS or plist.get_external_count():
+                continue
+            file_type = dataset.get_type()
+            if file_type.get_class() == h5t.OPAQUE:
+                same = file_type.get_size() == info.dtype.itemsize  # raw bytes either way
+            else:
+                same = file_type.dtype == info.dtype  # native order (info's), same kind
+            offset = dataset.get_offset()
+            if same and offset is not None and 0 < offset <= file_size - info.nbytes:
+                extents[name] = int(offset)
+        self._datasets.clear()
+        return extents
 
     def _classify_open_error(
         self, error: OSError | ValueError, file: IO[bytes] | None
@@ -280,10 +381,10 @@ class HDF5Reader(CheckpointReader):
         return _open_error(self.path, self._prefix, error)
 
     def _scan(self) -> None:
-        self._tensors: dict[str, TensorInfo] = {}
+        self._tensors = {}
         self._datasets = _OpenDatasets(self.file)
-        self._memory_types: dict[str, h5t.TypeID] = {}
-        self._non_tensors: list[str] = []
+        self._memory_types = {}
+        self._non_tensors = []
         seen: dict[tuple[int, int], str] = {}
         self._walk(self.file, "", seen)
         self._metadata = {
@@ -406,6 +507,23 @@ class HDF5Reader(CheckpointReader):
         info, stop, out = self._block(name, start, stop, out)
         if stop == start:
             return out
+        extent = self._raw.get(name)
+        if extent is not None:  # the hot path: no libhdf5, no lock
+            itemsize = info.dtype.itemsize
+            data = out.reshape(-1).view(np.uint8).data
+            try:
+                got = read_exact(self._fd, data, extent + start * itemsize)
+            except OSError as e:
+                raise CheckpointError(
+                    self.path, f"{self._prefix}read error: {e.strerror}", tensor=name
+                ) from None
+            if got != len(data):
+                raise TruncatedCheckpointError(
+                    self.path,
+                    f"{self._prefix}truncated: the file ended while reading this tensor",
+                    tensor=name,
+                )
+            return out
         with self._lock:
             try:
                 dataset = self._datasets.get(name)
@@ -420,6 +538,10 @@ class HDF5Reader(CheckpointReader):
                 ) from None
         return out
 
+    def file_offset(self, name: str, start: int) -> int | None:
+        extent = self._raw.get(name)
+        return None if extent is None else extent + start * self._tensors[name].dtype.itemsize
+
     def userblock(self) -> bytes:
         """The bytes before the HDF5 superblock (usually none)."""
         size = self.file.id.get_create_plist().get_userblock()
@@ -433,8 +555,17 @@ class HDF5Reader(CheckpointReader):
                 return f.read(size)
 
     def close(self) -> None:
+        identity, self._identity = getattr(self, "_identity", None), None
+        if identity is not None:
+            with _SCANS_LOCK:
+                held = _SCANS.get(identity)
+                if held is not None:
+                    held[1] -= 1
+                    if held[1] <= 0:
+                        del _SCANS[identity]
         with contextlib.suppress(Exception):
             self._datasets.clear()
+        with contextlib.suppress(Exception):
             self.file.close()
 
 
