@@ -531,11 +531,17 @@ def replay_averages(
     work = (  # generated as the executor takes them: a model's blocks are never all listed
         Block(job, start, stop)
         for job in first.tensors
-        for start, stop in iter_blocks(
-            job.info.size, max(1, block_bytes // job.info.dtype.itemsize)
-        )
+        for start, stop in iter_blocks(job.info.size, _block_elements(job, block_bytes))
     )
     return _run(replayer, work, executor or ThreadExecutor(workers))
+
+
+def _block_elements(job: TensorJob, block_bytes: int) -> int:
+    """Elements per block: ``block_bytes`` of the wider of the tensor and its float32 shadow,
+    so a float16 or bfloat16 block's shadow takes no more cache than a float32 one's
+    (measured: 1 MiB blocks of float16, a 2 MiB shadow each, cost 0.15-0.25 s more CPU per
+    3.8 GB than 512 KiB ones, benchmarks/RESULTS.md)."""
+    return max(1, block_bytes // max(job.info.dtype.itemsize, 4))
 
 
 def _run(replayer: _Replayer, work: Iterable[Block], executor: Executor) -> Iterator[int]:
