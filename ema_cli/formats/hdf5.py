@@ -343,22 +343,11 @@ class HDF5Reader(CheckpointReader):
         if self.file.id.get_create_plist().get_userblock():
             return {}  # keep offsets simple: HDF5 addresses then start after the user block
         file_size = os.fstat(self.file.id.get_vfd_handle()).st_size
-        extents = {}
-        for name, info in self._tensors.items():
-            dataset = self._datasets.get(name)
-            plist = dataset.get_create_plist()
-            if plist.get_layout() != h5d.CONTIGUOUS or plist.get_external_count():
-                continue
-            file_type = dataset.get_type()
-            if file_type.get_class() == h5t.OPAQUE:
-                same = file_type.get_size() == info.dtype.itemsize  # raw bytes either way
-            else:
-                same = file_type.dtype == info.dtype  # native order (info's), same kind
-            offset = dataset.get_offset()
-            if same and offset is not None and 0 < offset <= file_size - info.nbytes:
-                extents[name] = int(offset)
-        self._datasets.clear()
-        return extents
+        return {
+            name: offset
+            for name, offset in self._contiguous.items()
+            if 0 < offset <= file_size - self._tensors[name].nbytes
+        }
 
     def _classify_open_error(
         self, error: OSError | ValueError, file: IO[bytes] | None
@@ -385,6 +374,7 @@ class HDF5Reader(CheckpointReader):
         self._datasets = _OpenDatasets(self.file)
         self._memory_types = {}
         self._non_tensors = []
+        self._contiguous: dict[str, int] = {}
         seen: dict[tuple[int, int], str] = {}
         self._walk(self.file, "", seen)
         self._metadata = {
@@ -468,7 +458,17 @@ class HDF5Reader(CheckpointReader):
             self._non_tensors.append(f"dataset '{name}' (never written: no data stored)")
             return
         self._tensors[name] = TensorInfo(name, dtype, tuple(int(d) for d in dataset.shape))
-        self._memory_types[name] = _memory_type(dataset.id.get_type(), dtype)
+        file_type = dataset.id.get_type()
+        self._memory_types[name] = _memory_type(file_type, dtype)
+        plist = dataset.id.get_create_plist()
+        if plist.get_layout() == h5d.CONTIGUOUS and not plist.get_external_count():
+            if file_type.get_class() == h5t.OPAQUE:
+                same = file_type.get_size() == dtype.itemsize  # raw bytes either way
+            else:
+                same = file_type.dtype == dtype  # native order (dtype's), same kind
+            offset = dataset.id.get_offset()
+            if same and offset is not None:
+                self._contiguous[name] = int(offset)  # checked against the file's size later
 
     @property
     def tensors(self) -> Mapping[str, TensorInfo]:
