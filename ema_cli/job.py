@@ -44,6 +44,7 @@ from ema_cli.formats import (
     lost_in_conversion,
     open_checkpoint,
     output_format,
+    rehearsing_ahead,
     strip_suffix,
 )
 from ema_cli.plan import Checkpoint, ReplayPlan, Settings, build_plan, order_checkpoints
@@ -314,6 +315,24 @@ def _gather(
         folded, gone = resumed.folded, resumed.gone
     readers: list[CheckpointReader] = []
     now = time.time()
+    with rehearsing_ahead(files[folded:]):
+        _open_inputs(stack, request, ordered, files, fingerprints, folded, now, readers, warnings)
+    return Facts(ordered, files, fingerprints, saved, folded, readers, warnings, gone)
+
+
+def _open_inputs(
+    stack: contextlib.ExitStack,
+    request: Request,
+    ordered: list[Checkpoint],
+    files: list[Path],
+    fingerprints: list[state.Fingerprint],
+    folded: int,
+    now: float,
+    readers: list[CheckpointReader],
+    warnings: list[str],
+) -> None:
+    """Open the checkpoints not folded in yet into ``readers``; a newest one that is still
+    being written is skipped with a warning under ``--state``."""
     for i in range(folded, len(ordered)):
         newest = i == len(ordered) - 1
         if (
@@ -332,7 +351,6 @@ def _gather(
             if request.state is None or not newest:
                 raise
             warnings.append(f"skipping {e}; the next run picks it up once it is complete")
-    return Facts(ordered, files, fingerprints, saved, folded, readers, warnings, gone)
 
 
 def decide(

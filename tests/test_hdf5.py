@@ -416,6 +416,82 @@ def test_a_file_is_rehearsed_once_not_in_every_worker(
         assert again.tensors
 
 
+@pytest.fixture
+def forks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts this process's forks (the libhdf5 rehearsals' children)."""
+    import os
+
+    counted: list[int] = []
+    real_fork = os.fork
+
+    def fork() -> int:
+        pid = real_fork()
+        if pid:
+            counted.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", fork)
+    return counted
+
+
+def test_hdf5_inputs_are_rehearsed_by_one_child_ahead_of_the_opens(
+    tmp_path: Path, forks: list[int]
+) -> None:
+    files = [keras_like(tmp_path / f"ckpt-{s}.weights.h5", s) for s in (1, 2, 3)]
+    result = run_cli(
+        ["average", *map(str, files), "-o", str(tmp_path / "o.npz"), "--decay", "0.9", "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    assert len(forks) == 1  # not one per file
+
+
+def test_an_input_changed_after_its_rehearsal_ahead_is_rehearsed_again(
+    tmp_path: Path, forks: list[int]
+) -> None:
+    from ema_cli.formats.hdf5 import rehearsing_ahead
+
+    files = [keras_like(tmp_path / f"ckpt-{s}.weights.h5", s) for s in (1, 2)]
+    with rehearsing_ahead(files):
+        HDF5Reader(files[0]).close()
+        keras_like(files[1], 7.0)  # rewritten: another identity than the child saw
+        with HDF5Reader(files[1]) as reader:
+            assert reader.read("layers/dense/vars/1")[0] == 7.0
+    assert len(forks) == 2  # the child ahead, then the changed file's own rehearsal
+
+
+@pytest.mark.parametrize("failure", ["hang", "crash"])
+def test_a_damaged_input_rehearsed_ahead_is_its_own_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, forks: list[int], failure: str
+) -> None:
+    """libhdf5 looping or crashing in the middle input, as it does on some damaged files
+    (tests/test_fuzz.py has real ones): the error names that file, and nothing is written."""
+    import os
+    import signal
+    import time
+
+    from ema_cli.formats import hdf5
+
+    files = [keras_like(tmp_path / f"ckpt-{s}.weights.h5", s) for s in (1, 2, 3)]
+    real = hdf5._rehearse_reading
+
+    def damaged(file: h5py.File, report: int) -> None:
+        if file.filename.endswith("ckpt-2.weights.h5"):
+            os.write(report, b"layers/dense/vars\n")
+            if failure == "hang":
+                time.sleep(60)
+            os.kill(os.getpid(), signal.SIGSEGV)
+        real(file, report)
+
+    monkeypatch.setattr(hdf5, "_rehearse_reading", damaged)
+    monkeypatch.setattr(hdf5, "REHEARSAL_SECONDS", 1.0)
+    out = tmp_path / "o.npz"
+    says = "did not finish reading" if failure == "hang" else "libhdf5 crashed (SIGSEGV)"
+    result = run_cli(["average", *map(str, files), "-o", str(out), "--decay", "0.9", "-q"])
+    assert_fails(result, says, str(files[1]), "layers/dense/vars")
+    assert not out.exists()
+    assert len(forks) == 1  # the verdict is the child ahead's
+
+
 def test_truncated_data_behind_a_valid_header(tmp_path: Path) -> None:
     path = truncated_after_header(tmp_path, chunked=True)
     with HDF5Reader(path) as reader:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -142,6 +144,25 @@ def open_checkpoint(path: Path) -> CheckpointReader:
         raise CheckpointError(path, f"unsupported checkpoint format (ema-cli reads {known})")
     reader: CheckpointReader = fmt.reader_class()(path)
     return reader
+
+
+def rehearsing_ahead(paths: Sequence[Path]) -> AbstractContextManager[None]:
+    """Around opening ``paths`` one by one (a run's inputs, in that order): the HDF5 files
+    among them have their libhdf5 rehearsal done ahead, by one child beside this process
+    (``hdf5.rehearsing_ahead``), instead of each open waiting for its own."""
+    found = []
+    for path in paths:
+        try:
+            fmt = format_of(path)
+        except (CheckpointError, OSError):
+            continue  # the open itself reports it
+        if fmt is not None and fmt.reader == "hdf5:HDF5Reader":
+            found.append(path)
+    if len(found) < 2:
+        return contextlib.nullcontext()
+    from ema_cli.formats import hdf5
+
+    return hdf5.rehearsing_ahead(found)
 
 
 def checkpoint_files(path: Path) -> list[Path]:

@@ -718,7 +718,8 @@ def _walk(
             if not isinstance(group.get(name, getlink=True), h5py.HardLink):
                 continue
             obj, path = group[name], prefix + name
-            os.write(report, path.encode("utf-8", "backslashreplace") + b"\n")
+            line = path.encode("utf-8", "backslashreplace").replace(b"\n", b"\\n")
+            os.write(report, line + b"\n")
             touch(group, name, obj, path)
             if isinstance(obj, h5py.Group):
                 visit(obj, path + "/")
@@ -774,12 +775,178 @@ _REHEARSED: set[tuple[int, ...]] = set()
 
 def rehearse_reading(file: h5py.File, what: Path | str, identity: tuple[int, ...] | None) -> None:
     """Rehearse reading ``file``'s objects and attributes in a forked child (``_in_child``)
-    once per file: libhdf5 loops for ever on some damaged global heaps."""
+    once per file: libhdf5 loops for ever on some damaged global heaps. A file that
+    ``rehearsing_ahead`` is rehearsing takes that child's verdict instead."""
     if identity is not None and identity in _REHEARSED:
         return
-    _in_child(what, lambda report: _rehearse_reading(file, report))
+    if identity is None or not _AHEAD.verdict(Path(what), identity):
+        _in_child(what, lambda report: _rehearse_reading(file, report))
     if identity is not None:
         _REHEARSED.add(identity)
+
+
+_CONTROL = b"\x00"  # starts the ahead child's control lines; no HDF5 name holds a NUL
+
+
+class _Ahead:
+    """One forked child rehearsing the reading of a run's HDF5 inputs, one after the other,
+    while this process opens and scans the ones already rehearsed (so each file's rehearsal
+    and scan overlap on two cores instead of following each other). The child reports each
+    file's start (``NUL B k``), the path of every object it touches, and each file's end with
+    the identity it saw (``NUL D k dev ino size mtime ctime``) or that it could not open it
+    (``NUL S k``). Anything unexpected (a file the child skipped, one changed since, the child
+    gone) leaves that file to its own rehearsal; only a crash or an overrun in the file being
+    asked about is that file's error, as ``_in_child`` reports it."""
+
+    def __init__(self) -> None:
+        self.pid = 0
+        self.read_end = -1
+        self.paths: dict[str, int] = {}
+        self.done: dict[int, tuple[int, ...] | None] = {}
+        self.current = -1
+        self.started = 0.0
+        self.seen = b""
+        self.pending = b""
+
+    def start(self, paths: Sequence[Path]) -> None:
+        import time
+
+        self.stop()
+        if not hasattr(os, "fork") or len(paths) < 2:
+            return
+        self.paths = {os.path.realpath(p): k for k, p in enumerate(paths)}
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: rehearse each file, then leave without the parent's cleanup
+            status = 0
+            try:
+                os.close(read_end)
+                _rehearse_all(paths, write_end)
+            except BaseException:
+                status = 1
+            os._exit(status)
+        os.close(write_end)
+        os.set_blocking(read_end, False)
+        self.pid, self.read_end = pid, read_end
+        self.started = time.monotonic()
+
+    def verdict(self, path: Path, identity: tuple[int, ...]) -> bool:
+        """True once the child rehearsed ``path`` as it is now, without harm; False for a file
+        left to its own rehearsal. A crash or an overrun in ``path`` is its error."""
+        import select
+        import time
+
+        k = self.paths.get(os.path.realpath(path), -1)
+        if k < 0:
+            return False
+        while k not in self.done:
+            if self.pid == 0:
+                return False
+            poller = select.poll()
+            poller.register(self.read_end, select.POLLIN)
+            poller.poll(5)
+            self._read()
+            if k in self.done:
+                break
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                self._read()
+                self.pid = 0
+                if os.WIFSIGNALED(status) and self.current == k and k not in self.done:
+                    self.stop()
+                    raise _crashed(path, status, self.seen)
+                continue
+            if time.monotonic() - self.started > REHEARSAL_SECONDS:
+                current = self.current
+                self.stop()
+                if current == k:
+                    raise CheckpointError(
+                        path,
+                        f"libhdf5 did not finish reading '{_last(self.seen)}' in "
+                        f"{REHEARSAL_SECONDS:g} s: the file is damaged",
+                    )
+                return False
+        return self.done.get(k) == identity
+
+    def _read(self) -> None:
+        import time
+
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(self.read_end, 1 << 16):
+                self.pending += chunk
+        *lines, self.pending = self.pending.split(b"\n")
+        for line in lines:
+            if not line.startswith(_CONTROL):
+                self.seen = (self.seen + line + b"\n")[-4096:]
+                continue
+            kind, *fields = line[1:].split(b" ")
+            k = int(fields[0])
+            if kind == b"B":
+                self.current, self.started, self.seen = k, time.monotonic(), b""
+            elif kind == b"D":
+                self.done[k] = tuple(int(f) for f in fields[1:])
+            else:
+                self.done[k] = None
+
+    def stop(self) -> None:
+        """End the child (if it still runs) and forget the files it has not reported."""
+        import signal
+
+        if self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+            self.pid = 0
+        if self.read_end >= 0:
+            os.close(self.read_end)
+            self.read_end = -1
+        self.paths, self.current, self.pending = {}, -1, b""
+
+
+_AHEAD = _Ahead()
+
+
+@contextlib.contextmanager
+def rehearsing_ahead(paths: Sequence[Path]) -> Iterator[None]:
+    """While open: ``paths`` (HDF5 files a run is about to open, in that order) are rehearsed
+    by one child running ahead of the opens (``_Ahead``); the child is ended on exit."""
+    _AHEAD.start(paths)
+    try:
+        yield
+    finally:
+        _AHEAD.stop()
+        _AHEAD.done = {}
+
+
+def _rehearse_all(paths: Sequence[Path], report: int) -> None:
+    """The ahead child's work: each file opened as ``HDF5Reader`` opens it, then rehearsed."""
+    for k, path in enumerate(paths):
+        try:
+            file = h5py.File(path, "r", locking=False)
+        except Exception:
+            os.write(report, _CONTROL + b"S %d\n" % k)
+            continue
+        st = os.fstat(file.id.get_vfd_handle())
+        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, 0)
+        os.write(report, _CONTROL + b"B %d\n" % k)
+        try:
+            _rehearse_reading(file, report)
+        except Exception:
+            os.write(report, _CONTROL + b"S %d\n" % k)  # the real open meets the error
+            continue
+        finally:
+            file.close()
+        os.write(report, _CONTROL + b"D %d %s\n" % (k, " ".join(map(str, identity)).encode()))
+
+
+def _crashed(what: Path | str, status: int, seen: bytes) -> CheckpointError:
+    import signal
+
+    name = signal.Signals(os.WTERMSIG(status)).name
+    return CheckpointError(
+        what, f"libhdf5 crashed ({name}) reading '{_last(seen)}': the file is damaged"
+    )
 
 
 def _in_child(what: Path | str, work: Callable[[int], None]) -> None:
@@ -829,10 +996,7 @@ def _in_child(what: Path | str, work: Callable[[int], None]) -> None:
     finally:
         os.close(read_end)
     if os.WIFSIGNALED(status):
-        name = signal.Signals(os.WTERMSIG(status)).name
-        raise CheckpointError(
-            what, f"libhdf5 crashed ({name}) reading '{_last(seen)}': the file is damaged"
-        )
+        raise _crashed(what, status, seen)
 
 
 def _last(seen: bytes) -> str:
