@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import struct
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -490,6 +492,64 @@ def test_a_damaged_input_rehearsed_ahead_is_its_own_one_line_error(
     assert_fails(result, says, str(files[1]), "layers/dense/vars")
     assert not out.exists()
     assert len(forks) == 1  # the verdict is the child ahead's
+
+
+HANGING_RUN = """
+import os, sys, time
+from ema_cli.formats import hdf5
+real = hdf5._rehearse_reading
+marker = sys.argv[1]
+def hang(file, report):
+    if file.filename.endswith("ckpt-2.weights.h5"):
+        with open(marker, "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(600)
+    real(file, report)
+hdf5._rehearse_reading = hang
+hdf5.REHEARSAL_SECONDS = 600.0
+sys.argv = ["ema-cli", "average", *sys.argv[2:]]
+from ema_cli._entry import main
+main()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_rehearsal_child_ends_with_a_killed_run(tmp_path: Path) -> None:
+    """A child stuck in libhdf5 must not outlive a run killed with SIGKILL: it holds the run's
+    inherited output locks, and the next run would find them taken."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    files = [keras_like(tmp_path / f"ckpt-{s}.weights.h5", s) for s in (1, 2, 3)]
+    marker = tmp_path / "child.pid"
+    args = [*map(str, files), "-o", str(tmp_path / "o.npz"), "--decay", "0.9", "-q"]
+    run = subprocess.Popen([sys.executable, "-c", HANGING_RUN, str(marker), *args])
+    try:
+        deadline = time.monotonic() + 60
+        while not (marker.exists() and marker.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child = int(marker.read_text())
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+
+        def alive() -> bool:
+            try:
+                state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except FileNotFoundError:
+                return False
+            return state != "Z"
+
+        deadline = time.monotonic() + 10
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(), "the rehearsal child outlived the killed run"
+    finally:
+        run.kill()
+        if marker.exists() and marker.read_text():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(marker.read_text()), signal.SIGKILL)
 
 
 def test_truncated_data_behind_a_valid_header(tmp_path: Path) -> None:

@@ -816,10 +816,12 @@ class _Ahead:
             return
         self.paths = {os.path.realpath(p): k for k, p in enumerate(paths)}
         read_end, write_end = os.pipe()
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the child: rehearse each file, then leave without the parent's cleanup
             status = 0
             try:
+                _child_dies_with(parent)
                 os.close(read_end)
                 _rehearse_all(paths, write_end)
             except BaseException:
@@ -940,6 +942,20 @@ def _rehearse_all(paths: Sequence[Path], report: int) -> None:
         os.write(report, _CONTROL + b"D %d %s\n" % (k, " ".join(map(str, identity)).encode()))
 
 
+def _child_dies_with(parent: int) -> None:
+    """In a rehearsal child: be killed when the process that forked it ends (Linux), and end
+    now if it already has. A child stuck in libhdf5 would otherwise outlive a killed run,
+    holding the run's inherited output locks, so the next run found them taken."""
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def _crashed(what: Path | str, status: int, seen: bytes) -> CheckpointError:
     import signal
 
@@ -962,10 +978,12 @@ def _in_child(what: Path | str, work: Callable[[int], None]) -> None:
     import time
 
     read_end, write_end = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # the child: rehearse, then leave without running any cleanup of the parent's
         status = 0
         try:
+            _child_dies_with(parent)
             os.close(read_end)
             with contextlib.suppress(Exception):
                 work(write_end)
