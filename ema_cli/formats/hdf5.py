@@ -227,7 +227,6 @@ class _Scan:
     """What ``HDF5Reader._scan`` found in a file (shared by its readers, never changed)."""
 
     tensors: dict[str, TensorInfo]
-    memory_types: dict[str, h5t.TypeID]
     non_tensors: list[str]
     metadata: dict[str, str]
     optimizer_prefixes: tuple[str, ...]
@@ -309,7 +308,6 @@ class HDF5Reader(CheckpointReader):
             raw = self._raw_extents() if by_path else {}
             made = _Scan(
                 self._tensors,
-                self._memory_types,
                 self._non_tensors,
                 self._metadata,
                 self._optimizer_prefixes,
@@ -321,8 +319,10 @@ class HDF5Reader(CheckpointReader):
                 held[1] += 1
                 self._identity = identity
         scan: _Scan = held[0]
+        if scan.tensors is not getattr(self, "_tensors", None):
+            # Each file's own types: one read through another file's may outlive that file.
+            self._memory_types = {}
         self._tensors = scan.tensors
-        self._memory_types = scan.memory_types
         self._non_tensors = scan.non_tensors
         self._metadata = scan.metadata
         self._optimizer_prefixes = scan.optimizer_prefixes
@@ -527,8 +527,12 @@ class HDF5Reader(CheckpointReader):
         with self._lock:
             try:
                 dataset = self._datasets.get(name)
+                memory_type = self._memory_types.get(name)
+                if memory_type is None:
+                    memory_type = _memory_type(dataset.get_type(), info.dtype)
+                    self._memory_types[name] = memory_type
                 file_space, memory_space = _select_flat_range(dataset, info.shape, start, stop)
-                dataset.read(memory_space, file_space, out, self._memory_types[name])
+                dataset.read(memory_space, file_space, out, memory_type)
             except (OSError, RuntimeError, ValueError) as e:
                 raise TruncatedCheckpointError(
                     self.path,
