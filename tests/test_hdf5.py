@@ -555,16 +555,20 @@ def test_a_rehearsal_child_ends_with_a_killed_run(tmp_path: Path) -> None:
 def test_readers_sharing_a_scan_outlive_each_other(tmp_path: Path) -> None:
     """Readers of one file share its scan; each still reads through its own file's handles and
     types (a chunked bfloat16 dataset goes through libhdf5 with its file's opaque type)."""
+    from ema_cli.formats import hdf5
+
     path = tmp_path / "x.h5"
     value = np.arange(20, dtype=np.float32).astype(BF16)
     with h5py.File(path, "w") as f:
         f.create_dataset("x", data=value, chunks=(5,)).attrs["dtype"] = "bfloat16"
+    held = len(hdf5._SCANS)  # other tests' readers may still be open
     first, second = HDF5Reader(path), HDF5Reader(path)
     assert second.tensors is first.tensors  # shared
     first.close()
     assert second.file_offset("x", 0) is None  # chunked: through libhdf5
     assert np.array_equal(second.read("x"), value)
     second.close()
+    assert len(hdf5._SCANS) == held  # released with the last reader
 
 
 def test_truncated_data_behind_a_valid_header(tmp_path: Path) -> None:

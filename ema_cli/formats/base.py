@@ -14,10 +14,10 @@ import secrets
 import shutil
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import Any, BinaryIO, Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -34,6 +34,8 @@ from ema_cli.atomic import temporary_sibling as temporary_sibling
 from ema_cli.atomic import write_file_atomically as write_file_atomically
 from ema_cli.checkpoint import TensorInfo
 from ema_cli.errors import OutputError
+
+ScanT = TypeVar("ScanT")
 
 #: The plain numeric dtypes every format here stores natively (bfloat16 and float8 come from
 #: ml_dtypes and each format marks them its own way).
@@ -69,6 +71,49 @@ def open_for_reading(path: Path, kind: str, missing: str = "no such file") -> in
     from ema_cli.atomic import open_regular
 
     return open_regular(path, kind, missing)
+
+
+def file_identity(st: os.stat_result) -> tuple[int, ...]:
+    """A file as it is now: device, inode, size, mtime and ctime (a file written in place
+    changes its mtime and ctime; one replaced gets another inode)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class SharedScans(Generic[ScanT]):
+    """What readers found in files, by file identity, shared by every reader of a file while
+    one is open (the replay's workers each reopen every checkpoint). A scan is kept only while
+    a reader holding it is open, so its file cannot have been replaced by another with the
+    same identity meanwhile. Shared by all threads."""
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[int, ...], list[Any]] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, identity: tuple[int, ...], scan: Callable[[], ScanT]) -> ScanT:
+        """The scan of the file ``identity`` names, made by ``scan()`` if no reader of it is
+        open; the caller ``release``s it when it closes."""
+        with self._lock:
+            held = self._held.get(identity)
+            if held is not None:
+                held[1] += 1
+                return held[0]  # type: ignore[no-any-return]
+        made = scan()
+        with self._lock:
+            held = self._held.setdefault(identity, [made, 0])  # another thread's, if first
+            held[1] += 1
+            return held[0]  # type: ignore[no-any-return]
+
+    def __len__(self) -> int:
+        """The files whose scans are held now."""
+        return len(self._held)
+
+    def release(self, identity: tuple[int, ...]) -> None:
+        with self._lock:
+            held = self._held.get(identity)
+            if held is not None:
+                held[1] -= 1
+                if held[1] <= 0:
+                    del self._held[identity]
 
 
 def read_exact(fd: int, view: memoryview, offset: int) -> int:

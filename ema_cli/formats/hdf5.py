@@ -51,6 +51,8 @@ from ema_cli.formats.base import (
     NUMERIC_DTYPES,
     CheckpointReader,
     CheckpointWriter,
+    SharedScans,
+    file_identity,
     read_exact,
 )
 
@@ -234,9 +236,8 @@ class _Scan:
     raw: dict[str, int]
 
 
-#: File identity -> [its scan, the readers of it now open].
-_SCANS: dict[tuple[int, ...], list[Any]] = {}
-_SCANS_LOCK = threading.Lock()
+#: The scans of the HDF5 files open now (``SharedScans``).
+_SCANS: SharedScans[_Scan] = SharedScans()
 
 
 class HDF5Reader(CheckpointReader):
@@ -273,14 +274,7 @@ class HDF5Reader(CheckpointReader):
             # first open, which the plan makes in the main thread. The replay's workers reopen
             # it; a fork from a worker thread could deadlock on a lock another thread holds.
             st = os.fstat(self.file.id.get_vfd_handle()) if file is None else os.stat(path)
-            identity: tuple[int, ...] = (
-                st.st_dev,
-                st.st_ino,
-                st.st_size,
-                st.st_mtime_ns,
-                st.st_ctime_ns,
-            )
-            identity += (0,) if file is None else (1, hash(member))
+            identity = file_identity(st) + ((0,) if file is None else (1, hash(member)))
             self._identity: tuple[int, ...] | None = None
             self._share_scan(identity, file is None)
         except (KeyError, OSError, RuntimeError, ValueError) as e:
@@ -297,37 +291,33 @@ class HDF5Reader(CheckpointReader):
         shared by every reader of it opened while one is open: the replay's workers each open
         every checkpoint again, and h5py's walk of a file's objects costs 50-100 ms (under its
         global lock) for a few hundred datasets."""
-        with _SCANS_LOCK:
-            held = _SCANS.get(identity)
-            if held is not None:
-                held[1] += 1
-                self._identity = identity
-        if held is None:
+        made: list[_Scan] = []
+
+        def scan() -> _Scan:
             rehearse_reading(self.file, self.path, identity)
             self._scan()
-            raw = self._raw_extents() if by_path else {}
-            made = _Scan(
-                self._tensors,
-                self._non_tensors,
-                self._metadata,
-                self._optimizer_prefixes,
-                self.format_name,
-                raw,
+            made.append(
+                _Scan(
+                    self._tensors,
+                    self._non_tensors,
+                    self._metadata,
+                    self._optimizer_prefixes,
+                    self.format_name,
+                    self._raw_extents() if by_path else {},
+                )
             )
-            with _SCANS_LOCK:
-                held = _SCANS.setdefault(identity, [made, 0])
-                held[1] += 1
-                self._identity = identity
-        scan: _Scan = held[0]
-        if scan.tensors is not getattr(self, "_tensors", None):
-            # Each file's own types: one read through another file's may outlive that file.
-            self._memory_types = {}
-        self._tensors = scan.tensors
-        self._non_tensors = scan.non_tensors
-        self._metadata = scan.metadata
-        self._optimizer_prefixes = scan.optimizer_prefixes
-        self.format_name = scan.format_name
-        self._raw = scan.raw
+            return made[0]
+
+        shared = _SCANS.acquire(identity, scan)
+        self._identity = identity
+        if not made or shared is not made[0]:
+            self._memory_types = {}  # another reader's scan: its file's types, on first read
+        self._tensors = shared.tensors
+        self._non_tensors = shared.non_tensors
+        self._metadata = shared.metadata
+        self._optimizer_prefixes = shared.optimizer_prefixes
+        self.format_name = shared.format_name
+        self._raw = shared.raw
         self._datasets = _OpenDatasets(self.file)
         if self._raw:
             self._fd = self.file.id.get_vfd_handle()  # the file libhdf5 reads: same bytes
@@ -561,12 +551,7 @@ class HDF5Reader(CheckpointReader):
     def close(self) -> None:
         identity, self._identity = getattr(self, "_identity", None), None
         if identity is not None:
-            with _SCANS_LOCK:
-                held = _SCANS.get(identity)
-                if held is not None:
-                    held[1] -= 1
-                    if held[1] <= 0:
-                        del _SCANS[identity]
+            _SCANS.release(identity)
         with contextlib.suppress(Exception):
             self._datasets.clear()
         with contextlib.suppress(Exception):
@@ -866,11 +851,7 @@ class _Ahead:
                 current = self.current
                 self.stop()
                 if current == k:
-                    raise CheckpointError(
-                        path,
-                        f"libhdf5 did not finish reading '{_last(self.seen)}' in "
-                        f"{REHEARSAL_SECONDS:g} s: the file is damaged",
-                    )
+                    raise _overran(path, self.seen)
                 return False
         return self.done.get(k) == identity
 
@@ -907,7 +888,7 @@ class _Ahead:
         if self.read_end >= 0:
             os.close(self.read_end)
             self.read_end = -1
-        self.paths, self.current, self.pending = {}, -1, b""
+        self.paths, self.done, self.current, self.pending = {}, {}, -1, b""
 
 
 _AHEAD = _Ahead()
@@ -922,7 +903,6 @@ def rehearsing_ahead(paths: Sequence[Path]) -> Iterator[None]:
         yield
     finally:
         _AHEAD.stop()
-        _AHEAD.done = {}
 
 
 def _rehearse_all(paths: Sequence[Path], report: int) -> None:
@@ -934,7 +914,7 @@ def _rehearse_all(paths: Sequence[Path], report: int) -> None:
             os.write(report, _CONTROL + b"S %d\n" % k)
             continue
         st = os.fstat(file.id.get_vfd_handle())
-        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, 0)
+        identity = (*file_identity(st), 0)  # as HDF5Reader names a file it opens by path
         os.write(report, _CONTROL + b"B %d\n" % k)
         try:
             _rehearse_reading(file, report)
@@ -958,6 +938,14 @@ def _child_dies_with(parent: int) -> None:
         ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
     if os.getppid() != parent:
         os._exit(1)
+
+
+def _overran(what: Path | str, seen: bytes) -> CheckpointError:
+    return CheckpointError(
+        what,
+        f"libhdf5 did not finish reading '{_last(seen)}' in {REHEARSAL_SECONDS:g} s: "
+        "the file is damaged",
+    )
 
 
 def _crashed(what: Path | str, status: int, seen: bytes) -> CheckpointError:
@@ -1009,11 +997,7 @@ def _in_child(what: Path | str, work: Callable[[int], None]) -> None:
             if time.monotonic() > deadline:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
-                raise CheckpointError(
-                    what,
-                    f"libhdf5 did not finish reading '{_last(seen)}' in {REHEARSAL_SECONDS:g} s: "
-                    "the file is damaged",
-                )
+                raise _overran(what, seen)
             time.sleep(0.002)
     finally:
         os.close(read_end)

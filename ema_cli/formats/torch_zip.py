@@ -65,7 +65,9 @@ from ema_cli.errors import CheckpointError, OptionError, OutputError, TruncatedC
 from ema_cli.formats.base import (
     CheckpointReader,
     CheckpointWriter,
+    SharedScans,
     check_range,
+    file_identity,
     open_for_reading,
     read_exact,
     write_exact,
@@ -157,17 +159,8 @@ class _Scan:
     shared_storages: dict[str, tuple[str, ...]]
 
 
-#: Scans of the files open now, by file identity (device, inode, size, mtime, ctime), with
-#: the count of readers holding each: a scan is shared only while a reader that made or took
-#: it is open, so its file cannot have been replaced by another with the same inode (a file
-#: written in place changes its mtime and ctime). Shared by all threads.
-_SCANS: dict[tuple[int, ...], list[Any]] = {}
-_SCANS_LOCK = threading.Lock()
-
-
-def _identity(fd: int) -> tuple[int, ...]:
-    st = os.fstat(fd)
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+#: The scans of the torch files open now (``SharedScans``).
+_SCANS: SharedScans[_Scan] = SharedScans()
 
 
 class TorchZipReader(CheckpointReader):
@@ -190,19 +183,9 @@ class TorchZipReader(CheckpointReader):
 
     def _scan(self) -> None:
         self.file_size = os.fstat(self._fd).st_size
-        identity = _identity(self._fd)
-        with _SCANS_LOCK:
-            held = _SCANS.get(identity)
-            if held is not None:
-                held[1] += 1
-                self._identity: tuple[int, ...] | None = identity
-        if held is None:
-            made = self._scan_file()
-            with _SCANS_LOCK:
-                held = _SCANS.setdefault(identity, [made, 0])
-                held[1] += 1
-                self._identity = identity
-        scan: _Scan = held[0]
+        identity = file_identity(os.fstat(self._fd))
+        scan = _SCANS.acquire(identity, self._scan_file)
+        self._identity: tuple[int, ...] | None = identity
         self.top, self._members, self._offsets = scan.top, scan.members, scan.offsets
         named = scan.named
         self.structure = TorchStructure(scan.root, named.tensors, self)
@@ -415,12 +398,7 @@ class TorchZipReader(CheckpointReader):
         self._cache = None
         identity = self.__dict__.pop("_identity", None)
         if identity is not None:
-            with _SCANS_LOCK:
-                held = _SCANS.get(identity)
-                if held is not None:
-                    held[1] -= 1
-                    if held[1] <= 0:
-                        del _SCANS[identity]
+            _SCANS.release(identity)
         with contextlib.suppress(AttributeError):
             self.archive.close()
         with contextlib.suppress(AttributeError):
