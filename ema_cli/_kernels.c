@@ -262,23 +262,25 @@ __attribute__((target("avx2,f16c"))) static inline __m256 widen_bf16(__m128i h)
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
+/* Elements i..i+7 of a float32, float16 or bfloat16 source, widened exactly to float32 (F16C
+ * quiets a float16 signalling NaN: the arithmetic that follows would too). */
+__attribute__((target("avx2,f16c"))) static inline __m256
+load8(const void *x, Py_ssize_t i, int kind)
+{
+    if (kind == SOURCE_FLOAT32) {
+        return _mm256_loadu_ps((const float *)x + i);
+    }
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)x + i));
+    return kind == SOURCE_FLOAT16 ? _mm256_cvtph_ps(h) : widen_bf16(h);
+}
+
 __attribute__((target("avx2,f16c"))) static void
 ema_avx2(float *s, const void *x, int kind, float c, Py_ssize_t n)
 {
     const __m256 vc = _mm256_set1_ps(c);
     Py_ssize_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        __m256 vx;
-        if (kind == SOURCE_FLOAT32) {
-            vx = _mm256_loadu_ps((const float *)x + i);
-        } else {
-            __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)x + i));
-            if (kind == SOURCE_FLOAT16) {
-                vx = _mm256_cvtph_ps(h); /* quiets signalling NaNs: the subtraction would too */
-            } else {
-                vx = widen_bf16(h);
-            }
-        }
+        __m256 vx = load8(x, i, kind);
         __m256 vs = _mm256_loadu_ps(s + i);
         __m256 t = _mm256_sub_ps(vs, vx);
         t = _mm256_mul_ps(t, vc);
@@ -343,13 +345,7 @@ sum_avx2(double *a, const void *x, int kind, double w, int mode, Py_ssize_t n)
     const __m256d vw = _mm256_set1_pd(w);
     Py_ssize_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        __m256 vx;
-        if (kind == SOURCE_FLOAT32) {
-            vx = _mm256_loadu_ps((const float *)x + i);
-        } else {
-            __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)x + i));
-            vx = kind == SOURCE_FLOAT16 ? _mm256_cvtph_ps(h) : widen_bf16(h);
-        }
+        __m256 vx = load8(x, i, kind);
         __m256d halves[2] = {_mm256_cvtps_pd(_mm256_castps256_ps128(vx)),
                              _mm256_cvtps_pd(_mm256_extractf128_ps(vx, 1))};
         __m256d out[2];

@@ -315,42 +315,26 @@ def _gather(
         folded, gone = resumed.folded, resumed.gone
     readers: list[CheckpointReader] = []
     now = time.time()
-    with rehearsing_ahead(files[folded:]):
-        _open_inputs(stack, request, ordered, files, fingerprints, folded, now, readers, warnings)
+    with rehearsing_ahead(files[folded:]):  # HDF5 inputs: libhdf5 rehearsed ahead of the opens
+        for i in range(folded, len(ordered)):
+            newest = i == len(ordered) - 1
+            if (
+                request.state is not None
+                and newest
+                and _still_settling(fingerprints[i], request.settle, now)
+            ):
+                warnings.append(
+                    f"skipping {ordered[i].path}: modified less than {request.settle:g}s ago, it "
+                    "may still be being written (next run picks it up; --settle 0 turns this off)"
+                )
+                break
+            try:
+                readers.append(stack.enter_context(open_checkpoint(files[i])))
+            except TruncatedCheckpointError as e:
+                if request.state is None or not newest:
+                    raise
+                warnings.append(f"skipping {e}; the next run picks it up once it is complete")
     return Facts(ordered, files, fingerprints, saved, folded, readers, warnings, gone)
-
-
-def _open_inputs(
-    stack: contextlib.ExitStack,
-    request: Request,
-    ordered: list[Checkpoint],
-    files: list[Path],
-    fingerprints: list[state.Fingerprint],
-    folded: int,
-    now: float,
-    readers: list[CheckpointReader],
-    warnings: list[str],
-) -> None:
-    """Open the checkpoints not folded in yet into ``readers``; a newest one that is still
-    being written is skipped with a warning under ``--state``."""
-    for i in range(folded, len(ordered)):
-        newest = i == len(ordered) - 1
-        if (
-            request.state is not None
-            and newest
-            and _still_settling(fingerprints[i], request.settle, now)
-        ):
-            warnings.append(
-                f"skipping {ordered[i].path}: modified less than {request.settle:g}s ago, it "
-                "may still be being written (next run picks it up; --settle 0 turns this off)"
-            )
-            break
-        try:
-            readers.append(stack.enter_context(open_checkpoint(files[i])))
-        except TruncatedCheckpointError as e:
-            if request.state is None or not newest:
-                raise
-            warnings.append(f"skipping {e}; the next run picks it up once it is complete")
 
 
 def decide(

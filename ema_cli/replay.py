@@ -192,6 +192,10 @@ class _Replayer:
             for index, writer in average.outputs.snapshots.items():
                 snapshot_writers.setdefault(index, []).append(writer)
         self._snapshot_writers = dict(sorted(snapshot_writers.items()))
+        #: The averages TF's recurrence computes (``engine``), and the linear profiles'.
+        linear = [average.accumulator is not None for average in self.averages]
+        self._engines = [a for a, is_linear in enumerate(linear) if not is_linear]
+        self._linear = [a for a, is_linear in enumerate(linear) if is_linear]
 
     @property
     def plan(self) -> ReplayPlan:
@@ -316,8 +320,7 @@ class _Replayer:
     def _average(self, block: Block) -> int:
         job, start, stop = block.job, block.start, block.stop
         info, size = job.info, stop - start
-        engines = [a for a, average in enumerate(self.averages) if average.accumulator is None]
-        linear = [a for a, average in enumerate(self.averages) if average.accumulator is not None]
+        engines, linear = self._engines, self._linear
         states: dict[int, engine.ShadowState | None] = {
             a: self._initial_state(a, job, start, stop) for a in engines
         }
@@ -539,8 +542,8 @@ def replay_averages(
 def _block_elements(job: TensorJob, block_bytes: int) -> int:
     """Elements per block: ``block_bytes`` of the wider of the tensor and its float32 shadow,
     so a float16 or bfloat16 block's shadow takes no more cache than a float32 one's
-    (measured: 1 MiB blocks of float16, a 2 MiB shadow each, cost 0.15-0.25 s more CPU per
-    3.8 GB than 512 KiB ones, benchmarks/RESULTS.md)."""
+    (measured on 3.8 GB: bfloat16 replays took 0.18 s less CPU with 512 KiB blocks than with
+    1 MiB ones, float16 the same, benchmarks/RESULTS.md)."""
     return max(1, block_bytes // max(job.info.dtype.itemsize, 4))
 
 

@@ -158,20 +158,22 @@ def copy_member(source: zipfile.ZipFile, info: zipfile.ZipInfo, target: zipfile.
     file changed since) is a ``CheckpointError`` naming the source archive."""
     new = copy_zip_info(info)
     new.file_size = info.file_size
+
+    def damaged(e: Exception) -> CheckpointError:
+        return CheckpointError(
+            str(source.filename or "zip archive"), f"zip member '{info.filename}': {e}"
+        )
+
     try:
         src = source.open(info)
     except ZIP_ERRORS as e:
-        raise CheckpointError(
-            str(source.filename or "zip archive"), f"zip member '{info.filename}': {e}"
-        ) from None
+        raise damaged(e) from None
     with src, target.open(new, "w") as dst:
         while True:
             try:
                 chunk = src.read(_COPY_BYTES)
-            except ZIP_ERRORS as e:
-                raise CheckpointError(
-                    str(source.filename or "zip archive"), f"zip member '{info.filename}': {e}"
-                ) from None
+            except ZIP_ERRORS as e:  # only the source's reads: a failing target is not damage
+                raise damaged(e) from None
             if not chunk:
                 break
             dst.write(chunk)
