@@ -3,8 +3,9 @@ shown with a toy two-file format: ``X.index`` names and checksums its data file.
 
 The toy names its data file either ``X.data`` every time (as a TensorFlow bundle must: its
 index does not name its data files) or ``X.data-<generation>`` (a format free to name them).
-A kill between the two renames is simulated by raising from ``os.replace`` when it is about to
-rename the index into place.
+A kill between the two renames is simulated by raising from ``atomic.put_in_place`` (the one
+place a finished file is renamed or swapped into place) when it is about to put the index in
+place.
 """
 
 from __future__ import annotations
@@ -99,18 +100,18 @@ def hidden(folder: Path) -> list[str]:
 
 
 def kill_at(monkeypatch: pytest.MonkeyPatch, victim: Path, error: BaseException) -> list[Path]:
-    """Make ``os.replace`` raise ``error`` instead of renaming onto ``victim``; returns every
-    destination renamed onto, in order."""
+    """Make ``atomic.put_in_place`` raise ``error`` instead of putting a file in place at
+    ``victim``; returns every destination put in place, in order."""
     renamed: list[Path] = []
-    real = os.replace
+    real = atomic.put_in_place
 
-    def replace(src: Any, dst: Any) -> None:
+    def put_in_place(src: Any, dst: Any) -> None:
         if Path(dst) == victim:
             raise error
         real(src, dst)
         renamed.append(Path(dst))
 
-    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(atomic, "put_in_place", put_in_place)
     return renamed
 
 
@@ -213,3 +214,112 @@ def test_stale_temporaries_are_recognised_by_their_exact_names(tmp_path: Path) -
         other.write_bytes(b"")
     assert sorted(atomic.remove_stale_temporaries(tmp_path / "ema")) == sorted(ours)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in others)
+
+
+# --- putting one file in place: a swap where a file is replaced ---------------------------------
+
+
+def swaps_here(folder: Path) -> bool:
+    """Whether this system and file system swap files (``renameat2(RENAME_EXCHANGE)``)."""
+    a, b = folder / "swap-probe-a", folder / "swap-probe-b"
+    a.write_bytes(b"a")
+    b.write_bytes(b"b")
+    try:
+        return atomic._exchange(a, b) and a.read_bytes() == b"b" and b.read_bytes() == b"a"
+    finally:
+        a.unlink()
+        b.unlink()
+
+
+def test_a_replaced_file_is_swapped_out_not_renamed_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not swaps_here(tmp_path):
+        pytest.skip("no RENAME_EXCHANGE on this system or file system")
+    final = tmp_path / "out.bin"
+    final.write_bytes(b"old")
+    reader = final.open("rb")  # a reader of the old output keeps reading the old bytes
+    renames: list[Any] = []
+    monkeypatch.setattr(os, "replace", lambda *args: renames.append(args))
+    handle, tmp = atomic.temporary_sibling(final)
+    with handle:
+        handle.write(b"new")
+    atomic.publish(tmp, final, durable=False)
+    assert renames == []  # the swap, not a rename over the old file (ext4's auto_da_alloc)
+    assert final.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]  # the old one is gone
+    assert reader.read() == b"old"
+    reader.close()
+
+
+def test_putting_in_place_over_a_symlink_a_folder_or_nothing_is_os_replace(tmp_path: Path) -> None:
+    target = tmp_path / "target.bin"
+    target.write_bytes(b"target")
+    link = tmp_path / "link.bin"
+    link.symlink_to(target)
+    for final, content in ((link, b"over a link"), (tmp_path / "fresh.bin", b"fresh")):
+        tmp = tmp_path / f".{final.name}.abcdefgh.tmp"
+        tmp.write_bytes(content)
+        atomic.put_in_place(tmp, final)
+        assert not final.is_symlink() and final.read_bytes() == content and not tmp.exists()
+    assert target.read_bytes() == b"target"  # the link is replaced, not what it points to
+    folder = tmp_path / "folder"
+    (folder / "inside").mkdir(parents=True)
+    tmp = tmp_path / ".folder.abcdefgh.tmp"
+    tmp.write_bytes(b"file")
+    with pytest.raises(OSError):  # as os.replace: a file does not replace a folder
+        atomic.put_in_place(tmp, folder)
+    assert (folder / "inside").is_dir() and tmp.read_bytes() == b"file"
+
+
+def test_without_the_swap_a_file_is_renamed_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(atomic, "_exchange", lambda tmp, final: False)
+    out = tmp_path / "ckpt"
+    save(ToyWriter, out, [1, 2, 3])
+    save(ToyWriter, out, [4, 5, 6])
+    assert read_toy(out).tolist() == [4, 5, 6]
+    assert hidden(tmp_path) == []
+
+
+def test_a_kill_between_the_swap_and_the_unlink_leaves_a_temporary_not_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not swaps_here(tmp_path):
+        pytest.skip("no RENAME_EXCHANGE on this system or file system")
+    out = tmp_path / "ckpt"
+    save(ToyWriter, out, [1, 2, 3])
+    real_unlink = os.unlink
+    swapped: list[Path] = []
+
+    def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        name = Path(path).name
+        if name.startswith(".ckpt.") and name.endswith(".tmp") and not swapped:
+            swapped.append(Path(path))
+            raise Killed  # the data file was swapped in; the old one is still at the temporary
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.raises(Killed):
+        save(ToyWriter, out, [4, 5, 6])
+    monkeypatch.undo()
+    assert len(swapped) == 1 and swapped[0].is_file()  # the old data, under the temporary's name
+    assert np.frombuffer(swapped[0].read_bytes(), np.float32).tolist() == [1, 2, 3]
+    # The next run finishes the publication from the journal; it knows the old data by its
+    # inode, so it neither swaps it back over the new data nor keeps it.
+    ToyWriter.clean_up(out)
+    assert read_toy(out).tolist() == [4, 5, 6]
+    assert hidden(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "ckpt.data"]
+
+
+def test_a_journal_without_inodes_is_still_recovered(tmp_path: Path) -> None:
+    """A journal an earlier version wrote: [temporary, final] pairs."""
+    out = tmp_path / "ckpt"
+    tmp = tmp_path / ".ckpt.abcdefgh.tmp"
+    tmp.write_bytes(b"new")
+    out.write_bytes(b"old")
+    atomic.journal_path(out).write_text(json.dumps({"renames": [[tmp.name, out.name]]}))
+    assert atomic.recover_publication(out) == [out]
+    assert out.read_bytes() == b"new" and hidden(tmp_path) == []
