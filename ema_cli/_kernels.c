@@ -224,6 +224,15 @@ static void sum_scalar(double *a, const void *x, int kind, double w, int mode, P
     }
 }
 
+/* A linear profile's result: float64 a / d rounded once to float32 (to nearest, ties to even, as
+ * numpy's divide and cast). Division does not commute: the NaN is a's (or d's), as numpy's. */
+static void finish_scalar(const double *a, float *out, double d, Py_ssize_t start, Py_ssize_t n)
+{
+    for (Py_ssize_t i = start; i < n; i++) {
+        out[i] = (float)(a[i] / d);
+    }
+}
+
 /* --- x86: F16C and AVX2 ---------------------------------------------------------------- */
 
 #if KERNELS_X86
@@ -379,6 +388,19 @@ sum_avx2(double *a, const void *x, int kind, double w, int mode, Py_ssize_t n)
         _mm256_storeu_pd(a + i + 4, out[1]);
     }
     sum_scalar(a, x, kind, w, mode, i, n);
+}
+
+__attribute__((target("avx2,f16c"))) static void
+finish_avx2(const double *a, float *out, double d, Py_ssize_t n)
+{
+    const __m256d vd = _mm256_set1_pd(d);
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m128 low = _mm256_cvtpd_ps(_mm256_div_pd(_mm256_loadu_pd(a + i), vd));
+        __m128 high = _mm256_cvtpd_ps(_mm256_div_pd(_mm256_loadu_pd(a + i + 4), vd));
+        _mm256_storeu_ps(out + i, _mm256_set_m128(high, low));
+    }
+    finish_scalar(a, out, d, i, n);
 }
 
 static int have_simd(void)
@@ -556,6 +578,33 @@ static PyObject *py_sum_update(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* sum_finish(a, out, d): float32 out = a / d, a float64, each element rounded once. */
+static PyObject *py_sum_finish(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *a_object, *out_object;
+    double d;
+    Py_buffer a, out;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "OOd:sum_finish", &a_object, &out_object, &d)) {
+        return NULL;
+    }
+    if (get_buffers("sum_finish", a_object, 8, out_object, 4, &a, &out, &n) < 0) {
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+#if KERNELS_X86
+    if (use_simd) {
+        finish_avx2((const double *)a.buf, (float *)out.buf, d, n);
+    } else
+#endif
+        finish_scalar((const double *)a.buf, (float *)out.buf, d, 0, n);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&out);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_set_hardware(PyObject *self, PyObject *arg)
 {
     (void)self;
@@ -581,6 +630,8 @@ static PyMethodDef methods[] = {
     {"sum_update", py_sum_update, METH_VARARGS,
      "sum_update(a, x, kind, w, mode): float64 a = a + x (mode 0), a + x * w (1) or "
      "x + (a - x) * w (2), in place; x is float32 (kind 0), float16 (1) or bfloat16 (2) bits."},
+    {"sum_finish", py_sum_finish, METH_VARARGS,
+     "sum_finish(a, out, d): float32 out = float64 a / d, each element rounded once to nearest."},
     {"set_hardware", py_set_hardware, METH_O,
      "set_hardware(flag) -> bool: use AVX2 and F16C when flag is true and the CPU has both; "
      "returns whether they are used."},

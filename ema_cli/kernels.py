@@ -125,6 +125,10 @@ def updater(shadow: np.dtype[np.generic], source: np.dtype[np.generic]) -> Updat
 SUM_ADD, SUM_MUL_ADD, SUM_RECURRENCE = 0, 1, 2
 
 
+#: ``summer``'s closures, one per source dtype (``dtype.name`` costs microseconds a call).
+_summers: dict[np.dtype[np.generic], Callable[[Array, Array, float, int], None] | None] = {}
+
+
 def summer(source: np.dtype[np.generic]) -> Callable[[Array, Array, float, int], None] | None:
     """The one-pass C accumulation of ``source``-dtype blocks (float32, float16 or bfloat16)
     into a float64 array, or None without kernels. ``add(a, x, w, mode)`` does in place, each
@@ -133,12 +137,32 @@ def summer(source: np.dtype[np.generic]) -> Callable[[Array, Array, float, int],
     floating-point mode."""
     if not _enabled or _kernels is None:
         return None
+    try:
+        return _summers[source]
+    except KeyError:
+        pass
     kind = _SOURCE_KINDS.get(source.name)
-    if kind is None:
-        return None
-    kernel = _kernels.sum_update
+    add = None
+    if kind is not None:
+        kernel = _kernels.sum_update
 
-    def add(a: Array, x: Array, w: float, mode: int) -> None:
-        kernel(a, x, kind, w, mode)
+        def add(a: Array, x: Array, w: float, mode: int) -> None:
+            kernel(a, x, kind, w, mode)
 
+    _summers[source] = add
     return add
+
+
+def finish_float32(value: npt.NDArray[np.float64], out: Array, divisor: float) -> bool:
+    """``out[...] = value / divisor`` rounded once to float32, as numpy's divide and cast give
+    it, in one pass; False (nothing done) where the C kernel does not apply: no kernels, an
+    ``out`` of another dtype, or arrays that are not C-contiguous."""
+    if (
+        not _enabled
+        or _kernels is None
+        or out.dtype != _F32
+        or not (value.flags.c_contiguous and out.flags.c_contiguous)
+    ):
+        return False
+    _kernels.sum_finish(value, out, divisor)
+    return True

@@ -815,27 +815,36 @@ class Accumulator:
     ) -> None:
         """Fold in checkpoint ``k``'s block ``x`` (any averageable dtype; float64 for a
         two-lane state). ``scratch`` (``new_scratch``) saves allocations on the hot path."""
+        if state.shape[0] == 1 and self._fused(state[0], x, k):
+            return
         if scratch is None:
             scratch = self.new_scratch(x.shape)
         with np.errstate(all="ignore"):  # inf - inf is a silent NaN, as in TF
             self._update(state, x, k, scratch)
+
+    def _fused(self, value: Float64Array, x: npt.NDArray[np.generic], k: int) -> bool:
+        """``_update`` of a one-lane state through the C kernel, if it applies (it raises no
+        floating-point warnings, so it needs no ``np.errstate``)."""
+        fused = kernels.summer(x.dtype)
+        if fused is None or not (value.flags.c_contiguous and x.flags.c_contiguous):
+            return False
+        if self.kind == "recurrence":
+            if k == 0:
+                np.copyto(value, x, casting="unsafe")  # widening: exact, no warnings
+            else:
+                fused(value, x, self.coefficients[k], kernels.SUM_RECURRENCE)
+        elif self.coefficients[k] == 1.0:
+            fused(value, x, 1.0, kernels.SUM_ADD)
+        else:
+            fused(value, x, self.coefficients[k], kernels.SUM_MUL_ADD)
+        return True
 
     def _update(
         self, state: Float64Array, x: npt.NDArray[np.generic], k: int, scratch: Float64Array
     ) -> None:
         value = state[0]
         if state.shape[0] == 1:
-            fused = kernels.summer(x.dtype) if value.flags.c_contiguous else None
-            if fused is not None and x.flags.c_contiguous:
-                if self.kind == "recurrence":
-                    if k == 0:
-                        np.copyto(value, x, casting="unsafe")
-                    else:
-                        fused(value, x, self.coefficients[k], kernels.SUM_RECURRENCE)
-                elif self.coefficients[k] == 1.0:
-                    fused(value, x, 1.0, kernels.SUM_ADD)
-                else:
-                    fused(value, x, self.coefficients[k], kernels.SUM_MUL_ADD)
+            if self._fused(value, x, k):
                 return
             if x.dtype.name == "float64":
                 x64 = x.view(np.float64)
@@ -898,6 +907,10 @@ class Accumulator:
 
         ``out`` (of ``dtype``, the block's shape) receives it and ``scratch`` (float64, the
         block's shape) is used for one-lane states, saving allocations on the hot path."""
+        if out is not None and state.shape[0] == 1:
+            divisor = self.total[0] if self.kind == "sum" else 1.0  # x / 1.0 is x, bit for bit
+            if kernels.finish_float32(state[0], out, divisor):
+                return out
         with np.errstate(all="ignore"):  # overflowing casts give inf, as in TF
             target = _dtype(dtype)
             if out is not None and state.shape[0] == 1:

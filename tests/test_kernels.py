@@ -324,3 +324,34 @@ def test_sums_are_numpys_bit_for_bit(path: str, mode: int, source: str) -> None:
         summer(got, x, w, mode)
         want = numpy_sum(a, x, w, mode)
         np.testing.assert_array_equal(got.view(np.uint64), want.view(np.uint64), err_msg=str(w))
+
+
+def test_sum_finish_rounds_as_numpys_divide_and_cast(path: str) -> None:
+    """A linear profile's last step, ``value / total`` rounded to float32 in one pass, gives
+    numpy's two passes' bits: NaN payloads, infinities, overflow to inf, float32 subnormals and
+    their underflow to zero, signed zeros and ties included."""
+    rng = np.random.default_rng(29)
+    n = 2005  # not a multiple of 8: the scalar tail runs too
+    value = rng.standard_normal(n) * np.exp2(rng.integers(-160, 140, n))
+    value[::13] = np.nan
+    value[1::13] = -np.inf
+    value[2::13] = -0.0
+    value[3::13] = 3.4028235677973366e38  # float32's largest, rounded up by a hair: overflows
+    value[4::13] = 1.401298464324817e-45 * 1.5  # between float32 subnormals: a tie
+    nan_payloads = rng.integers(1, 1 << 51, 40, dtype=np.uint64) | np.uint64(0x7FF0000000000000)
+    value[5::50] = nan_payloads[: len(value[5::50])].view(np.float64)  # signalling ones too
+    for divisor in (1.0, 3.0, 0.1, 7.000000000000001e-5, 1e300):
+        out = np.empty(n, np.float32)
+        assert kernels.finish_float32(value, out, divisor)
+        with np.errstate(all="ignore"):
+            want = np.divide(value, divisor).astype(np.float32)
+        np.testing.assert_array_equal(out.view(np.uint32), want.view(np.uint32), str(divisor))
+
+
+def test_sum_finish_only_where_it_applies() -> None:
+    value = np.arange(16, dtype=np.float64)
+    assert not kernels.finish_float32(value, np.empty(16, np.float16), 2.0)
+    assert not kernels.finish_float32(value[::2], np.empty(8, np.float32), 2.0)
+    if kernel is not None:
+        with pytest.raises(ValueError, match="do not match"):
+            kernel.sum_finish(value, np.empty(15, np.float32), 2.0)
