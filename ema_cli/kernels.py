@@ -1,5 +1,5 @@
-"""The replay's hot loops, in C where available: float16 conversion, the fused EMA update and
-the float64 sums of the linear profiles.
+"""The replay's hot loops, in C where available: float16 conversion, the fused EMA update, the
+float64 sums of the linear profiles and the CRC-32C of TensorBundle inputs.
 
 ``ema_cli._kernels`` is a small optional C extension built at install time (``setup.py``). It
 runs on x86-64 CPUs with AVX2 and F16C (2013 onwards) and gives bit for bit what numpy gives:
@@ -8,7 +8,10 @@ runs on x86-64 CPUs with AVX2 and F16C (2013 onwards) and gives bit for bit what
   cast (about 3 ns per element each way);
 * ``updater`` gives TF's ``s = s - (s - x) * c`` in one pass instead of numpy's three, reading
   a float16 or bfloat16 ``x`` directly; under ``--precision native`` it also replaces numpy's
-  and ml_dtypes' element-at-a-time float16/bfloat16 arithmetic.
+  and ml_dtypes' element-at-a-time float16/bfloat16 arithmetic;
+* ``crc32c_kernel`` is the CRC-32C that ``formats.tensorbundle_crc`` checks every TensorBundle
+  byte with: SSE4.2's crc32 instruction over three interleaved streams, with the GIL
+  released (speeds in that module).
 
 Without the extension (no compiler at install time, another CPU, or ``EMA_CLI_NO_KERNELS=1``)
 everything here falls back to numpy and ``engine``: same results, slower.
@@ -20,7 +23,7 @@ import importlib
 import os
 from collections.abc import Callable
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -29,6 +32,8 @@ if TYPE_CHECKING:
     from ema_cli.engine import Update
 
 Array = npt.NDArray[np.generic]
+#: What the CRC kernel reads: any C-contiguous buffer.
+Buffer = Union[bytes, bytearray, memoryview, "npt.NDArray[Any]"]
 
 _kernels: ModuleType | None
 try:
@@ -166,3 +171,15 @@ def finish_float32(value: npt.NDArray[np.float64], out: Array, divisor: float) -
         return False
     _kernels.sum_finish(value, out, divisor)
     return True
+
+
+def crc32c_kernel() -> Callable[[Buffer, int], int] | None:
+    """The C CRC-32C, or None without kernels: ``crc32c(data, crc)`` extends ``crc`` (the
+    CRC-32C of what came before, 0 to start) over the bytes of ``data``, any C-contiguous
+    buffer (``ValueError``/``BufferError`` for others), as ``formats.tensorbundle_crc.crc32c``
+    does. Where the kernels are enabled the CPU has SSE4.2 (it has AVX2), so this runs the
+    crc32 instruction; ``set_hardware(False)`` (tests) selects its portable table-driven loop."""
+    if not _enabled or _kernels is None:
+        return None
+    kernel: Callable[[Buffer, int], int] = _kernels.crc32c
+    return kernel

@@ -765,7 +765,7 @@ class BundleDataWriter:
         data = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
         begin = start * spec.dtype.itemsize
         write_exact(self.fd, data.data, self.offsets[key] + begin)
-        crc = crc32c(data)  # outside the lock (though google-crc32c holds the GIL here)
+        crc = crc32c(data)  # outside the lock: the C kernel releases the GIL
         with self._lock:
             self._pieces[key].append((begin, data.nbytes, crc))
 

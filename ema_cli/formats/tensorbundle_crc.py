@@ -10,17 +10,43 @@
   in GF(2) (the method of zlib's ``crc32_combine``); the power is cached per length, so
   combining equal-sized blocks costs a 32-step loop each.
 
-The bytes go through Google's ``google-crc32c`` (its C library: hardware CRC instructions,
-about 11 GB/s here; Apache-2.0 like ema-cli, where the slightly faster ``crc32c`` package is
-LGPL). It takes ``bytes`` and numpy arrays, so other buffers are viewed as a uint8 array (no
-copy). Without its C extension a table-driven pure-Python fallback gives the same values at a
-few MB/s: correct, only too slow for real checkpoints.
+What computes it, first that is available:
 
-``google_crc32c.extend`` holds the GIL for numpy buffers (it releases it only for ``bytes`` of
-1 MB or more), so two replay workers never checksum at the same instant. Calling its C library
-through ctypes instead overlaps them (21 GB/s on two threads against 10 here), but the replay
-was no faster for it, within noise: while one worker checksums, the other reads or runs the C
-update, which release the GIL (``benchmarks/run.py --crc``; RESULTS.md, 2026-12-02).
+1. ema-cli's own C kernel (``kernels.crc32c_kernel``, in ``_kernels.c``), wherever the C
+   kernels are built and enabled (x86-64 with AVX2, so SSE4.2 too): the ``crc32`` instruction
+   over three interleaved streams (its latency is 3 cycles, its throughput 1 per cycle), joined
+   by precomputed shift tables; the GIL released from 8 KiB. Measured 2026-12-02 on a 2-vCPU
+   KVM guest reporting "Intel(R) Xeon(R) Processor" (AVX-512, AMX; not the AMD EPYC Zen 4 of
+   the RESULTS.md entries), numpy uint8 buffers, ``time.perf_counter``, best of 15 alternated
+   timings, against ``google_crc32c.extend``:
+
+   ================================  ===========  =============
+   case                              ema-cli      google-crc32c
+   ================================  ===========  =============
+   1 MiB, re-read from cache         29-31 GB/s   9-30 GB/s
+   1 MiB right after its ``preadv``  25 GB/s      25-27 GB/s
+   64 MiB (from memory)              14-21 GB/s   5-7 GB/s
+   ================================  ===========  =============
+
+   Both run the same instruction at its one-per-cycle limit (8 bytes a cycle) when the bytes
+   are in cache: on the reader's pattern, a 1 MiB block checksummed right after its read,
+   they cost the same (``TensorBundleReader.verify`` of a 384 MB bundle: 77 ms with either,
+   60 ms without any checksum). google-crc32c runs at half the speed on buffers read from
+   memory and, in some runs, on cached buffers read again (its loop issues ``prefetchnta``,
+   the likely reason). The kernel also releases the GIL, which ``google_crc32c.extend`` does only for
+   ``bytes`` of 1 MB or more (never for numpy arrays).
+2. Google's ``google-crc32c`` (its C library; Apache-2.0 like ema-cli, where the slightly faster
+   ``crc32c`` package is LGPL), without the C kernels (no compiler at install time,
+   ``EMA_CLI_NO_KERNELS=1``, a CPU without AVX2, or not x86-64, where it has its own hardware
+   paths). It takes ``bytes`` and numpy arrays, so other buffers are viewed as a uint8 array
+   (no copy).
+3. A table-driven pure-Python loop, without either: the same values at a few MB/s, correct,
+   only too slow for real checkpoints.
+
+Overlapping two replay workers' checksums alone did not speed the replay up (google-crc32c's C
+library through ctypes, GIL released: 21 GB/s on two threads against 10, the replay no faster
+within noise, ``benchmarks/run.py --crc``; RESULTS.md, 2026-12-02): while one worker
+checksums, the other reads or runs the C update, which release the GIL.
 """
 
 from __future__ import annotations
@@ -31,6 +57,8 @@ from typing import Any, Union
 
 import numpy as np
 import numpy.typing as npt
+
+from ema_cli import kernels
 
 _crc32c_hw: Callable[[int, Any], int] | None  # (crc, data) -> crc
 try:
@@ -72,6 +100,9 @@ def crc32c_python(data: Buffer, crc: int = 0) -> int:
 
 def crc32c(data: Buffer, crc: int = 0) -> int:
     """``crc`` (the CRC-32C of what came before, 0 at the start) extended over ``data``."""
+    kernel = kernels.crc32c_kernel()
+    if kernel is not None:
+        return kernel(data, crc)
     if _crc32c_hw is not None:
         if not isinstance(data, (bytes, np.ndarray)):
             data = np.frombuffer(data, np.uint8)  # a view: google-crc32c takes no memoryview
@@ -79,8 +110,8 @@ def crc32c(data: Buffer, crc: int = 0) -> int:
     return crc32c_python(data, crc)
 
 
-#: Whether the fast (hardware) implementation is in use.
-ACCELERATED = _crc32c_hw is not None
+#: Whether a fast implementation (ema-cli's C kernel or google-crc32c's) is in use.
+ACCELERATED = kernels.crc32c_kernel() is not None or _crc32c_hw is not None
 
 
 def mask(crc: int) -> int:
