@@ -33,8 +33,9 @@
  * (ema_cli.formats.tensorbundle_crc). On x86-64 with SSE4.2 the crc32 instruction does 8 bytes
  * at a time; its latency is 3 cycles and its throughput 1 per cycle, so a large buffer is cut
  * into chunks of 3 equal streams, computed interleaved and joined with a precomputed shift
- * operator (below). Elsewhere a portable table-driven loop (slicing-by-8) gives the same
- * values.
+ * operator (below). Where AVX-512 VPCLMULQDQ is there, buffers of 1 KiB and more are folded
+ * 256 bytes at a time by carry-less multiplication instead, about 2.5x faster again. Elsewhere
+ * a portable table-driven loop (slicing-by-8) gives the same values.
  *
  * The update functions take objects with the buffer protocol, C-contiguous, of equal element
  * counts, and release the GIL while they run; crc32c takes any C-contiguous buffer and releases
@@ -452,6 +453,8 @@ static uint32_t crc_table[8][256];
 /* Multiplication by x^(8 L) mod P for L = CRC_LONG and CRC_SHORT, by the bytes of the value. */
 static uint32_t crc_shift_long[4][256];
 static uint32_t crc_shift_short[4][256];
+/* VPCLMULQDQ's constants for moving a 16-byte lane 2048 bits on (below). */
+static uint64_t crc_fold_2048[2];
 
 /* a * b mod P, both reflected (bit 31 is x^0). */
 static uint32_t gf2_multiply(uint32_t a, uint32_t b)
@@ -466,24 +469,23 @@ static uint32_t gf2_multiply(uint32_t a, uint32_t b)
     return product;
 }
 
-/* x^(8 nbytes) mod P, by repeated squaring. */
-static uint32_t x_to_8n(uint64_t nbytes)
+/* x^nbits mod P, by repeated squaring. */
+static uint32_t x_to_bits(uint64_t nbits)
 {
-    uint32_t power = 0x80000000u; /* x^0 */
-    uint32_t square = 0x00800000u; /* x^8 */
-    while (nbytes) {
-        if (nbytes & 1u) {
+    uint32_t power = 0x80000000u, square = 0x40000000u; /* x^0, x^1 */
+    while (nbits) {
+        if (nbits & 1u) {
             power = gf2_multiply(power, square);
         }
         square = gf2_multiply(square, square);
-        nbytes >>= 1;
+        nbits >>= 1;
     }
     return power;
 }
 
 static void make_shift_table(uint32_t table[4][256], uint64_t nbytes)
 {
-    uint32_t power = x_to_8n(nbytes);
+    uint32_t power = x_to_bits(8 * nbytes);
     for (int k = 0; k < 4; k++) {
         for (uint32_t b = 0; b < 256; b++) {
             table[k][b] = gf2_multiply(b << (8 * k), power);
@@ -508,6 +510,8 @@ static void crc_init_tables(void)
     }
     make_shift_table(crc_shift_long, CRC_LONG);
     make_shift_table(crc_shift_short, CRC_SHORT);
+    crc_fold_2048[0] = (uint64_t)x_to_bits(2048 + 63) << 32;
+    crc_fold_2048[1] = (uint64_t)x_to_bits(2048 - 1) << 32;
 }
 
 static inline uint32_t crc_shift(const uint32_t table[4][256], uint32_t value)
@@ -583,23 +587,93 @@ crc32c_sse42(uint32_t reg, const uint8_t *p, size_t n)
     return reg;
 }
 
+/* The same by carry-less multiplication (AVX-512 VPCLMULQDQ), for 1 KiB and more: 64 bytes
+ * per two multiplications, against 8 bytes per crc32.
+ *
+ * Read 16 bytes as a polynomial of degree < 128, the first message bit (bit 0 of the first
+ * byte) its highest term: the low quadword L holds x^127..x^64, the high one H x^63..x^0, and
+ * the lane is L x^64 + H. The carry-less product of two quadwords read so is their product
+ * times x (read back the same way, it lands one place up). A lane moved d bits on and reduced,
+ * lane * x^d mod P, is therefore, within a polynomial of degree < 96 congruent to it,
+ *     clmul(L, x^(d + 63) mod P) ^ clmul(H, x^(d - 1) mod P),
+ * each constant a reflected 32-bit value in the top half of its quadword (crc_fold_2048).
+ * Four zmm accumulators hold 256 bytes; each pass moves them 2048 bits on and adds the next 256
+ * bytes. What they hold stays congruent, mod P, to the message so far (with the incoming
+ * register xored into its first 4 bytes), so that message's register is the register of the
+ * 256 accumulator bytes as a message, which the crc32 instruction gives. */
+#define CRC_VPCLMUL_MIN 1024
+
+__attribute__((target("avx512f,vpclmulqdq"))) static inline __m512i
+crc_fold_lanes(__m512i lanes, __m512i constants, const uint8_t *next)
+{
+    return _mm512_ternarylogic_epi64(_mm512_clmulepi64_epi128(lanes, constants, 0x00),
+                                     _mm512_clmulepi64_epi128(lanes, constants, 0x11),
+                                     _mm512_loadu_si512(next), 0x96); /* a ^ b ^ c */
+}
+
+__attribute__((target("sse4.2,avx512f,vpclmulqdq"))) static uint32_t
+crc32c_vpclmul(uint32_t reg, const uint8_t *p, size_t n)
+{
+    if (n < CRC_VPCLMUL_MIN) {
+        return crc32c_sse42(reg, p, n);
+    }
+    const __m512i k = _mm512_broadcast_i32x4(
+        _mm_set_epi64x((long long)crc_fold_2048[1], (long long)crc_fold_2048[0]));
+    __m512i a0 = _mm512_xor_si512(_mm512_loadu_si512(p),
+                                  _mm512_zextsi128_si512(_mm_cvtsi32_si128((int)reg)));
+    __m512i a1 = _mm512_loadu_si512(p + 64);
+    __m512i a2 = _mm512_loadu_si512(p + 128);
+    __m512i a3 = _mm512_loadu_si512(p + 192);
+    for (p += 256, n -= 256; n >= 256; p += 256, n -= 256) {
+        a0 = crc_fold_lanes(a0, k, p);
+        a1 = crc_fold_lanes(a1, k, p + 64);
+        a2 = crc_fold_lanes(a2, k, p + 128);
+        a3 = crc_fold_lanes(a3, k, p + 192);
+    }
+    uint8_t state[256];
+    _mm512_storeu_si512(state, a0);
+    _mm512_storeu_si512(state + 64, a1);
+    _mm512_storeu_si512(state + 128, a2);
+    _mm512_storeu_si512(state + 192, a3);
+    return crc32c_sse42(crc32c_sse42(0, state, sizeof state), p, n);
+}
+
 static int have_crc_instruction(void)
 {
     __builtin_cpu_init();
     return __builtin_cpu_supports("sse4.2");
 }
+
+static int have_vpclmul(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("sse4.2") && __builtin_cpu_supports("avx512f") &&
+           __builtin_cpu_supports("vpclmulqdq");
+}
 #else
+static int have_vpclmul(void) { return 0; }
 static int have_crc_instruction(void) { return 0; }
 #endif
 
-/* Whether crc32c uses the crc32 instruction; off by set_hardware(False) like use_simd. */
-static int use_crc_instruction = 0;
+/* Which loop crc32c runs: 0 the portable one, 1 SSE4.2's crc32, 2 AVX-512 VPCLMULQDQ folding
+ * (then crc32 for the rest); the fastest the CPU has, 0 after set_hardware(False). */
+enum crc_level { CRC_PORTABLE = 0, CRC_SSE42 = 1, CRC_VPCLMUL = 2 };
+static int crc_level = CRC_PORTABLE;
+
+static int crc_best_level(int limit)
+{
+    int best = have_vpclmul() ? CRC_VPCLMUL : have_crc_instruction() ? CRC_SSE42 : CRC_PORTABLE;
+    return best < limit ? best : limit;
+}
 
 static uint32_t crc32c_extend(uint32_t crc, const uint8_t *p, size_t n)
 {
     uint32_t reg = crc ^ 0xffffffffu;
 #if KERNELS_X86
-    if (use_crc_instruction) {
+    if (crc_level == CRC_VPCLMUL) {
+        return crc32c_vpclmul(reg, p, n) ^ 0xffffffffu;
+    }
+    if (crc_level == CRC_SSE42) {
         return crc32c_sse42(reg, p, n) ^ 0xffffffffu;
     }
 #endif
@@ -832,11 +906,18 @@ static PyObject *py_crc32c(PyObject *self, PyObject *args)
     return PyLong_FromUnsignedLong(value);
 }
 
-static PyObject *py_crc32c_hardware(PyObject *self, PyObject *unused)
+/* crc32c_level([limit]): use the fastest loop up to limit; returns the one in use. */
+static PyObject *py_crc32c_level(PyObject *self, PyObject *args)
 {
     (void)self;
-    (void)unused;
-    return PyBool_FromLong(use_crc_instruction);
+    int limit = -1;
+    if (!PyArg_ParseTuple(args, "|i:crc32c_level", &limit)) {
+        return NULL;
+    }
+    if (limit >= 0) {
+        crc_level = crc_best_level(limit);
+    }
+    return PyLong_FromLong(crc_level);
 }
 
 static PyObject *py_set_hardware(PyObject *self, PyObject *arg)
@@ -847,7 +928,7 @@ static PyObject *py_set_hardware(PyObject *self, PyObject *arg)
         return NULL;
     }
     use_simd = wanted && have_simd();
-    use_crc_instruction = wanted && have_crc_instruction();
+    crc_level = crc_best_level(wanted ? CRC_VPCLMUL : CRC_PORTABLE);
     return PyBool_FromLong(use_simd);
 }
 
@@ -870,11 +951,13 @@ static PyMethodDef methods[] = {
     {"crc32c", py_crc32c, METH_VARARGS,
      "crc32c(data, crc=0) -> int: the CRC-32C crc (of what came before, 0 to start) extended "
      "over the bytes of data, any C-contiguous buffer."},
-    {"crc32c_hardware", py_crc32c_hardware, METH_NOARGS,
-     "crc32c_hardware() -> bool: whether crc32c uses the SSE4.2 crc32 instruction."},
+    {"crc32c_level", py_crc32c_level, METH_VARARGS,
+     "crc32c_level([limit]) -> int: with limit, make crc32c use the fastest loop up to it that "
+     "the CPU has (0 portable, 1 SSE4.2 crc32, 2 AVX-512 VPCLMULQDQ); returns the one in use."},
     {"set_hardware", py_set_hardware, METH_O,
      "set_hardware(flag) -> bool: use AVX2 and F16C when flag is true and the CPU has both, "
-     "and SSE4.2's crc32 when it has that; returns whether AVX2 and F16C are used."},
+     "and crc32c's fastest loop (else its portable one); returns whether AVX2 and F16C are "
+     "used."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -888,6 +971,6 @@ PyMODINIT_FUNC PyInit__kernels(void)
 {
     use_simd = have_simd();
     crc_init_tables();
-    use_crc_instruction = have_crc_instruction();
+    crc_level = crc_best_level(CRC_VPCLMUL);
     return PyModule_Create(&module);
 }

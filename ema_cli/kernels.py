@@ -10,8 +10,8 @@ runs on x86-64 CPUs with AVX2 and F16C (2013 onwards) and gives bit for bit what
   a float16 or bfloat16 ``x`` directly; under ``--precision native`` it also replaces numpy's
   and ml_dtypes' element-at-a-time float16/bfloat16 arithmetic;
 * ``crc32c_kernel`` is the CRC-32C that ``formats.tensorbundle_crc`` checks every TensorBundle
-  byte with: SSE4.2's crc32 instruction over three interleaved streams, with the GIL
-  released (speeds in that module).
+  byte with: AVX-512 VPCLMULQDQ folding where the CPU has it, else SSE4.2's crc32 instruction
+  over three interleaved streams, with the GIL released (speeds in that module).
 
 Without the extension (no compiler at install time, another CPU, or ``EMA_CLI_NO_KERNELS=1``)
 everything here falls back to numpy and ``engine``: same results, slower.
@@ -178,7 +178,8 @@ def crc32c_kernel() -> Callable[[Buffer, int], int] | None:
     CRC-32C of what came before, 0 to start) over the bytes of ``data``, any C-contiguous
     buffer (``ValueError``/``BufferError`` for others), as ``formats.tensorbundle_crc.crc32c``
     does. Where the kernels are enabled the CPU has SSE4.2 (it has AVX2), so this runs the
-    crc32 instruction; ``set_hardware(False)`` (tests) selects its portable table-driven loop."""
+    crc32 instruction, or VPCLMULQDQ where the CPU has it and AVX-512;
+    ``_kernels.crc32c_level`` and ``set_hardware(False)`` (tests) select a slower loop."""
     if not _enabled or _kernels is None:
         return None
     kernel: Callable[[Buffer, int], int] = _kernels.crc32c

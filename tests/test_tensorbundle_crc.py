@@ -1,8 +1,9 @@
 """CRC-32C: every implementation ``tensorbundle_crc.crc32c`` may use gives the same values.
 
-The implementations, in the order ``crc32c`` prefers them: the C kernel's SSE4.2 loop (three
-interleaved streams of 8 KiB, then of 256 bytes, then one), the C kernel's portable loop
-(slicing-by-8, what a CPU without SSE4.2 runs), google-crc32c, and the pure-Python table loop.
+The implementations, in the order ``crc32c`` prefers them: the C kernel's AVX-512 VPCLMULQDQ
+loop (256-byte folds from 1 KiB, then the crc32 loop for the rest), its SSE4.2 loop (three
+interleaved streams of 8 KiB, then of 256 bytes, then one), its portable loop (slicing-by-8,
+what a CPU without SSE4.2 runs), google-crc32c, and the pure-Python table loop.
 Each is checked against the pure-Python reference and google-crc32c: random bytes, split
 points, start addresses off 8-byte alignment, lengths on and around the stream-chunk
 boundaries, multi-MB buffers and every kind of buffer the readers and writers pass.
@@ -34,14 +35,19 @@ except ImportError:
     GOOGLE = None
 
 kernel = kernels._kernels
-IMPLEMENTATIONS = ["sse42", "portable", "google", "python"]
+#: The C kernel's loops by the level ``_kernels.crc32c_level`` gives them.
+KERNEL_LEVELS = {"vpclmul": 2, "sse42": 1, "portable": 0}
+IMPLEMENTATIONS = [*KERNEL_LEVELS, "google", "python"]
 # The SSE4.2 loop's chunks: 3 streams of 8 KiB, then 3 of 256 bytes, then one stream of 8-byte
-# words, then bytes; it first steps bytes up to an 8-byte boundary.
-LONG, SHORT = 3 * 8192, 3 * 256
+# words, then bytes; it first steps bytes up to an 8-byte boundary. The VPCLMULQDQ loop folds
+# 256 bytes at a time from 1 KiB and leaves the rest (< 256 bytes) to the SSE4.2 loop.
+LONG, SHORT, FOLD = 3 * 8192, 3 * 256, 256
+BASES = (0, 8, SHORT, 2 * SHORT, LONG, LONG + SHORT, 2 * LONG, 2 * LONG + 3 * SHORT)
+BASES_FOLD = (4 * FOLD, 5 * FOLD, 6 * FOLD - SHORT // 2, 64 * FOLD + SHORT)
 BOUNDARIES = sorted(
     {
         base + delta
-        for base in (0, 8, SHORT, 2 * SHORT, LONG, LONG + SHORT, 2 * LONG, 2 * LONG + 3 * SHORT)
+        for base in (*BASES, *BASES_FOLD)
         for delta in (-9, -8, -7, -1, 0, 1, 7, 8, 9)
         if base + delta >= 0
     }
@@ -53,13 +59,12 @@ def implementation(name: str) -> Iterator[None]:
     """``crc32c`` running through one implementation (skips the test where it is missing)."""
     enabled, hardware = kernels._enabled, crc_module._crc32c_hw
     try:
-        if name in ("sse42", "portable"):
+        if name in KERNEL_LEVELS:
             if kernel is None:
                 pytest.skip("ema_cli._kernels was not built")
             kernels._enabled = True
-            kernel.set_hardware(name == "sse42")
-            if name == "sse42" and not kernel.crc32c_hardware():
-                pytest.skip("this CPU has no SSE4.2")
+            if kernel.crc32c_level(KERNEL_LEVELS[name]) != KERNEL_LEVELS[name]:
+                pytest.skip(f"this CPU cannot run the {name} loop")
         else:
             kernels._enabled = False
             if name == "python":
@@ -96,12 +101,12 @@ def test_check_value_and_empty_input(name: str) -> None:
 @pytest.mark.parametrize("name", IMPLEMENTATIONS)
 def test_the_kernel_is_used_first_only_where_enabled(name: str) -> None:
     with implementation(name):
-        assert (kernels.crc32c_kernel() is not None) == (name in ("sse42", "portable"))
+        assert (kernels.crc32c_kernel() is not None) == (name in KERNEL_LEVELS)
 
 
 @settings(max_examples=150, deadline=None)
 @given(
-    name=st.sampled_from(IMPLEMENTATIONS[:3]),
+    name=st.sampled_from(IMPLEMENTATIONS[:4]),
     data=st.binary(max_size=2100),
     crc=st.integers(0, 0xFFFFFFFF),
     split=st.integers(0, 2100),
@@ -129,7 +134,7 @@ def test_short_inputs_match_the_python_reference(
 
 @settings(max_examples=60, deadline=None)
 @given(
-    name=st.sampled_from(["sse42", "portable"]),
+    name=st.sampled_from(list(KERNEL_LEVELS)),
     seed=st.integers(0, 2**32 - 1),
     length=st.one_of(st.sampled_from(BOUNDARIES), st.integers(0, 4 * LONG)),
     offset=st.integers(0, 15),
@@ -151,7 +156,7 @@ def test_the_kernel_matches_google_crc32c_around_its_chunks(
         assert crc32c(view[split:], crc32c(view[:split], crc)) == expected
 
 
-@pytest.mark.parametrize("name", ["sse42", "portable"])
+@pytest.mark.parametrize("name", list(KERNEL_LEVELS))
 def test_every_boundary_length_and_alignment(name: str) -> None:
     storage = random_bytes(7, BOUNDARIES[-1] + 8)
     with implementation(name):
@@ -164,7 +169,7 @@ def test_every_boundary_length_and_alignment(name: str) -> None:
                 )
 
 
-@pytest.mark.parametrize("name", IMPLEMENTATIONS[:3])
+@pytest.mark.parametrize("name", IMPLEMENTATIONS[:4])
 def test_multi_megabyte_buffers(name: str) -> None:
     storage = random_bytes(11, (5 << 20) + 40)
     whole = storage[3 : 3 + (5 << 20) + 13]
@@ -200,7 +205,7 @@ def test_any_dtype_is_its_bytes(name: str) -> None:
 
 
 @pytest.mark.skipif(kernel is None, reason="ema_cli._kernels was not built")
-@pytest.mark.parametrize("name", ["sse42", "portable"])
+@pytest.mark.parametrize("name", list(KERNEL_LEVELS))
 def test_the_kernel_refuses_what_is_not_a_contiguous_buffer_or_a_32_bit_crc(name: str) -> None:
     with implementation(name):
         with pytest.raises((ValueError, BufferError)):
@@ -214,7 +219,7 @@ def test_the_kernel_refuses_what_is_not_a_contiguous_buffer_or_a_32_bit_crc(name
         assert crc32c(b"x", 0xFFFFFFFF) == reference(b"x", 0xFFFFFFFF)
 
 
-@pytest.mark.parametrize("name", ["sse42", "portable"])
+@pytest.mark.parametrize("name", list(KERNEL_LEVELS))
 def test_threads_checksumming_at_once_get_their_own_values(name: str) -> None:
     """The kernel runs without the GIL for large buffers: threads must not disturb each other."""
     buffers = [random_bytes(seed, (1 << 20) + seed) for seed in range(4)]

@@ -13,28 +13,31 @@
 What computes it, first that is available:
 
 1. ema-cli's own C kernel (``kernels.crc32c_kernel``, in ``_kernels.c``), wherever the C
-   kernels are built and enabled (x86-64 with AVX2, so SSE4.2 too): the ``crc32`` instruction
-   over three interleaved streams (its latency is 3 cycles, its throughput 1 per cycle), joined
-   by precomputed shift tables; the GIL released from 8 KiB. Measured 2026-12-02 on a 2-vCPU
-   KVM guest reporting "Intel(R) Xeon(R) Processor" (AVX-512, AMX; not the AMD EPYC Zen 4 of
-   the RESULTS.md entries), numpy uint8 buffers, ``time.perf_counter``, best of 15 alternated
-   timings, against ``google_crc32c.extend``:
+   kernels are built and enabled (x86-64 with AVX2, so SSE4.2 too), with the GIL released from
+   8 KiB: where the CPU has AVX-512 VPCLMULQDQ (Ice Lake, Zen 4 and later), buffers of 1 KiB
+   and more are folded 256 bytes at a time by carry-less multiplication; otherwise the
+   ``crc32`` instruction runs over three interleaved streams (its latency is 3 cycles, its
+   throughput 1 per cycle, 8 bytes), joined by precomputed shift tables. Measured 2026-12-02
+   on a 2-vCPU KVM guest reporting "Intel(R) Xeon(R) Processor" (AVX-512, AMX; not the AMD
+   EPYC Zen 4 of the RESULTS.md entries), load 1-2.8 from another benchmark, numpy uint8
+   buffers, ``time.perf_counter``, best / median of 9-15 alternated timings, in GB/s:
 
-   ================================  ===========  =============
-   case                              ema-cli      google-crc32c
-   ================================  ===========  =============
-   1 MiB, re-read from cache         29-31 GB/s   9-30 GB/s
-   1 MiB right after its ``preadv``  25 GB/s      25-27 GB/s
-   64 MiB (from memory)              14-21 GB/s   5-7 GB/s
-   ================================  ===========  =============
+   ================================  ==========  ===========  =============
+   case                              VPCLMULQDQ  crc32 x 3    google-crc32c
+   ================================  ==========  ===========  =============
+   1 MiB, re-read from cache         110 / 93    27-30 / 26   9-30 / 8-28
+   1 MiB right after its ``preadv``  63 / 60     24-26 / 23   24-27 / 22-25
+   64 MiB (from memory)              13 / 12     13-21 / 13   5-7 / 5-7
+   ================================  ==========  ===========  =============
 
-   Both run the same instruction at its one-per-cycle limit (8 bytes a cycle) when the bytes
-   are in cache: on the reader's pattern, a 1 MiB block checksummed right after its read,
-   they cost the same (``TensorBundleReader.verify`` of a 384 MB bundle: 77 ms with either,
-   60 ms without any checksum). google-crc32c runs at half the speed on buffers read from
-   memory and, in some runs, on cached buffers read again (its loop issues ``prefetchnta``,
-   the likely reason). The kernel also releases the GIL, which ``google_crc32c.extend`` does only for
-   ``bytes`` of 1 MB or more (never for numpy arrays).
+   The reader's pattern is the second row: a 1 MiB block checksummed right after its read.
+   ``TensorBundleReader.verify`` of a 384 MB bundle (read and check every byte, 1 MiB at a
+   time) took 58-62 ms with VPCLMULQDQ, 71-74 ms with the crc32 loop or google-crc32c, 54-56 ms
+   with no checksum at all: the checksum's CPU cut from about 17 ms to 5 ms. The crc32 loop
+   alone only matches google-crc32c there (both at the instruction's limit); google-crc32c is
+   slower from memory and, in some runs, on cached buffers read again (its loop issues
+   ``prefetchnta``, the likely reason), and holds the GIL for numpy arrays (it releases it
+   only for ``bytes`` of 1 MB or more).
 2. Google's ``google-crc32c`` (its C library; Apache-2.0 like ema-cli, where the slightly faster
    ``crc32c`` package is LGPL), without the C kernels (no compiler at install time,
    ``EMA_CLI_NO_KERNELS=1``, a CPU without AVX2, or not x86-64, where it has its own hardware
