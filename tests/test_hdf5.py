@@ -450,12 +450,23 @@ def test_hdf5_inputs_are_rehearsed_by_one_child_ahead_of_the_opens(
 def test_an_input_changed_after_its_rehearsal_ahead_is_rehearsed_again(
     tmp_path: Path, forks: list[int]
 ) -> None:
-    from ema_cli.formats.hdf5 import rehearsing_ahead
+    import os
+
+    from ema_cli.formats import hdf5
+    from ema_cli.formats.base import file_identity
 
     files = [keras_like(tmp_path / f"ckpt-{s}.weights.h5", s) for s in (1, 2)]
-    with rehearsing_ahead(files):
+    with hdf5.rehearsing_ahead(files):
         HDF5Reader(files[0]).close()
+        # Wait for the child's verdict on the file as it is: a fast open of the first file
+        # could otherwise rewrite the second before the child opened it (then the child
+        # rightly rehearses the new one and no second fork is needed).
+        before = os.stat(files[1])
+        assert hdf5._AHEAD.verdict(files[1], (*file_identity(before), 0))
         keras_like(files[1], 7.0)  # rewritten: another identity than the child saw
+        # The same size; a later modification time even if the rewrite fell in the same
+        # tick of the file system's clock as the first write.
+        os.utime(files[1], ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
         with HDF5Reader(files[1]) as reader:
             assert reader.read("layers/dense/vars/1")[0] == 7.0
     assert len(forks) == 2  # the child ahead, then the changed file's own rehearsal
