@@ -332,6 +332,173 @@ def test_abort_leaves_nothing(rich: tuple[Path, dict[str, np.ndarray]], tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rich.h5"]
 
 
+# ---------------------------------------------------------------- the walk of a file's objects
+
+
+def make_every_kind(folder: Path) -> Path:
+    """A file with every kind of object and storage the reader's walk tells apart."""
+    from h5py import h5d, h5p
+
+    path = folder / "kinds.h5"
+    rng = np.random.default_rng(1)
+    (folder / "outside.bin").write_bytes(np.arange(6, dtype="<f4").tobytes())
+    compact = h5p.create(h5p.DATASET_CREATE)
+    compact.set_layout(h5d.COMPACT)
+    with h5py.File(path, "w") as f:  # the root lists its links by name
+        f.attrs["keras_version"] = "3.15.0"
+        late = f.create_group("late", track_order=True)  # by creation order
+        late.attrs["name"] = "late"
+        late["z"] = np.ones(2, np.float32)
+        late["a"] = np.ones(3, np.float64)
+        inner = late.create_group("inner")
+        inner.attrs["note"] = np.array([b"x", b"y"], dtype=object)
+        inner["deep"] = np.arange(4, dtype=np.int32).reshape(2, 2)
+        late["twice"] = inner  # a second hard link to a group: walked once
+        inner["loop"] = late  # a cycle
+        f["plain"] = np.arange(12, dtype=np.float32).reshape(3, 4)
+        f.create_dataset(
+            "gzip",
+            data=rng.standard_normal((6, 5)).astype(np.float32),
+            chunks=(2, 5),
+            compression="gzip",
+        )
+        f["big"] = np.arange(5, dtype=">f4")
+        f["half"] = np.arange(4, dtype=np.float16)
+        f["bf16"] = np.ones(3, BF16)  # opaque, unmarked: bfloat16
+        f["bf16_marked"] = np.ones(3, BF16)
+        f["bf16_marked"].attrs["dtype"] = "bfloat16"
+        f["bf16_fixed"] = np.ones(3, BF16)
+        f["bf16_fixed"].attrs["dtype"] = np.bytes_(b"bfloat16")  # a fixed-length string
+        f["fp8"] = np.ones(3, FP8).view(np.void(1))
+        f["fp8"].attrs["dtype"] = "float8_e4m3fn"
+        f["fp8_list"] = np.ones(3, FP8).view(np.void(1))
+        f["fp8_list"].attrs["dtype"] = np.array(["float8_e4m3fn"], dtype=h5py.string_dtype())
+        f["wrong_size"] = np.ones(3, BF16)
+        f["wrong_size"].attrs["dtype"] = "float8_e5m2"  # 1 byte, but 2 are stored
+        f["opaque4"] = np.zeros(3, np.dtype("V4"))
+        f["empty"] = np.zeros((0, 3), np.float32)
+        f["scalar"] = np.float64(2.5)
+        f["null"] = h5py.Empty("f4")
+        f["text"] = np.array([b"a"], dtype=h5py.string_dtype("ascii"))
+        f.create_dataset("compact", data=np.arange(3, dtype=np.int16), dcpl=compact)
+        f.create_dataset(
+            "external", shape=(6,), dtype="<f4", external=[(str(folder / "outside.bin"), 0, 24)]
+        )
+        layout = h5py.VirtualLayout(shape=(5,), dtype=">f4")
+        layout[:] = h5py.VirtualSource(".", "big", shape=(5,))
+        f.create_virtual_dataset("virtual", layout)
+        f.create_dataset("unwritten", shape=(4, 4), dtype=np.float32)
+        f.create_dataset("unwritten_chunked", shape=(4, 4), dtype=np.float32, chunks=(2, 2))
+        f["plain_again"] = f["plain"]  # a second hard link to a dataset
+        f["named"] = np.dtype("<i8")  # a named datatype
+        f["soft"] = h5py.SoftLink("/half")
+        f["dangling"] = h5py.SoftLink("/nowhere")
+        f["elsewhere"] = h5py.ExternalLink("other.h5", "/x")
+    return path
+
+
+#: What the reader found in ``make_every_kind``'s file before its walk was rewritten on h5py's
+#: low-level calls (the high-level walk's result, which the new one must keep).
+EVERY_KIND_TENSORS = [
+    ("bf16", BF16, (3,)),
+    ("bf16_fixed", BF16, (3,)),
+    ("bf16_marked", BF16, (3,)),
+    ("big", np.dtype(np.float32), (5,)),
+    ("compact", np.dtype(np.int16), (3,)),
+    ("empty", np.dtype(np.float32), (0, 3)),
+    ("external", np.dtype(np.float32), (6,)),
+    ("fp8", FP8, (3,)),
+    ("gzip", np.dtype(np.float32), (6, 5)),
+    ("half", np.dtype(np.float16), (4,)),
+    ("late/z", np.dtype(np.float32), (2,)),  # creation order in 'late'
+    ("late/a", np.dtype(np.float64), (3,)),
+    ("late/inner/deep", np.dtype(np.int32), (2, 2)),
+    ("plain", np.dtype(np.float32), (3, 4)),
+    ("scalar", np.dtype(np.float64), ()),
+    ("virtual", np.dtype(np.float32), (5,)),
+]
+EVERY_KIND_NON_TENSORS = [
+    "link 'dangling'",
+    "link 'elsewhere'",
+    "dataset 'fp8_list' (a dataset of type |V1)",
+    "hard link 'late/inner/loop' to 'late'",
+    "hard link 'late/twice' to 'late/inner'",
+    "named datatype 'named'",
+    "dataset 'null' (a dataset of type float32)",
+    "dataset 'opaque4' (a dataset of type |V4)",
+    "hard link 'plain_again' to 'plain'",
+    "link 'soft'",
+    "dataset 'text' (a string dataset)",
+    "dataset 'unwritten' (never written: no data stored)",
+    "dataset 'unwritten_chunked' (never written: no data stored)",
+    "dataset 'wrong_size' (a dataset of type |V2)",
+]
+#: Read with one positioned read at their offset: contiguous, in this file, in our own order.
+EVERY_KIND_RAW = {
+    "bf16", "bf16_fixed", "bf16_marked", "fp8", "half", "late/z", "late/a", "late/inner/deep",
+    "plain", "scalar",
+}  # fmt: skip
+
+
+def test_the_walk_tells_every_kind_of_object_apart(tmp_path: Path) -> None:
+    path = make_every_kind(tmp_path)
+    with HDF5Reader(path) as reader, h5py.File(path, "r", locking=False) as f:
+        assert [(n, t.dtype, t.shape) for n, t in reader.tensors.items()] == EVERY_KIND_TENSORS
+        assert list(reader.non_tensors) == EVERY_KIND_NON_TENSORS
+        assert reader.metadata == {"keras_version": "3.15.0"}
+        for name, dtype, _ in EVERY_KIND_TENSORS:
+            offset = reader.file_offset(name, 0)
+            if name in EVERY_KIND_RAW:
+                assert offset == f[name].id.get_offset(), name
+            else:
+                assert offset is None, name
+            stored = f[name][()]
+            expected = stored.view(dtype) if stored.dtype.kind == "V" else stored.astype(dtype)
+            assert reader.read(name).tobytes() == expected.tobytes(), name
+
+
+def test_the_rehearsal_touches_each_object_once_and_reads_every_attribute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child's walk is the reader's own (so libhdf5 meets there first whatever the open
+    will meet), naming each object before touching it, plus every attribute's value."""
+    import os
+
+    from ema_cli.formats import hdf5
+
+    path = make_every_kind(tmp_path)
+    read: list[bytes] = []
+    real = hdf5._attribute_value
+
+    def spy(obj: h5py.h5o.ObjectID, name: bytes) -> object:
+        read.append(name)
+        return real(obj, name)
+
+    monkeypatch.setattr(hdf5, "_attribute_value", spy)
+    read_end, write_end = os.pipe()
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            hdf5._rehearse_reading(f, write_end)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            lines = pipe.read().decode().splitlines()
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(write_end)
+    # Every object by name (the root's links by name, 'late''s by creation order), soft and
+    # external links not followed; a second hard link is opened (to tell it is one), not
+    # walked again.
+    assert lines == [
+        "/", "bf16", "bf16_fixed", "bf16_marked", "big", "compact", "empty", "external", "fp8",
+        "fp8_list", "gzip", "half", "late", "late/z", "late/a", "late/inner", "late/inner/deep",
+        "late/inner/loop", "late/twice", "named", "null", "opaque4", "plain", "plain_again",
+        "scalar", "text", "unwritten", "unwritten_chunked", "virtual", "wrong_size",
+    ]  # fmt: skip
+    # Each object's attributes once; the five opaque datasets' dtype markers once more, as
+    # the reader's walk reads them.
+    assert sorted(read) == [b"dtype"] * 10 + [b"keras_version", b"name", b"note"]
+
+
 # ---------------------------------------------------------------- broken files
 
 

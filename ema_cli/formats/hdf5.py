@@ -42,7 +42,7 @@ import h5py
 import ml_dtypes
 import numpy as np
 import numpy.typing as npt
-from h5py import h5a, h5d, h5f, h5g, h5o, h5p, h5s, h5t
+from h5py import h5, h5a, h5d, h5f, h5g, h5l, h5o, h5p, h5s, h5t
 
 from ema_cli.atomic import check_regular
 from ema_cli.checkpoint import TensorInfo
@@ -154,24 +154,57 @@ def _select_flat_range(
     return file_space, h5s.create_simple((stop - start,))
 
 
-def _tensor_dtype(dataset: h5py.Dataset) -> np.dtype[Any] | None:
-    """The numpy dtype of a tensor dataset, or None when the dataset is not a tensor."""
-    file_type = dataset.id.get_type()
+def _tensor_dtype(dataset: h5d.DatasetID, file_type: h5t.TypeID) -> np.dtype[Any] | None:
+    """The numpy dtype of a tensor dataset (of type ``file_type``), or None when the dataset is
+    not a tensor."""
     if file_type.get_class() == h5t.OPAQUE:
         size = file_type.get_size()
-        marker = dataset.attrs.get(DTYPE_ATTRIBUTE)
-        if isinstance(marker, bytes):
-            marker = marker.decode("utf-8", "replace")
-        if isinstance(marker, str) and marker in _OPAQUE_DTYPES:
+        marker = _dtype_marker(dataset)
+        if marker in _OPAQUE_DTYPES:
             marked = _OPAQUE_DTYPES[marker]
             return marked if marked.itemsize == size else None
         return _BFLOAT16 if size == 2 else None
     try:
-        dtype = dataset.dtype
+        dtype = file_type.dtype
     except (TypeError, ValueError):  # a type numpy cannot express
         return None
     native = dtype.newbyteorder("=")
     return native if native in NUMERIC_DTYPES else None
+
+
+def _dtype_marker(dataset: h5d.DatasetID) -> str | None:
+    """The dataset's ``dtype`` attribute when it is one string (Keras 3's marker of the
+    ml_dtypes type behind opaque bytes), read as ``dataset.attrs.get("dtype")`` reads it."""
+    if not h5a.exists(dataset, DTYPE_ATTRIBUTE.encode()):
+        return None
+    try:
+        value = _attribute_value(dataset, DTYPE_ATTRIBUTE.encode())
+    except (TypeError, ValueError):  # a type numpy cannot express: no marker
+        return None
+    if value is None or value.ndim:
+        return None
+    marker: object = value[()]
+    if isinstance(marker, bytes):  # fixed-length (numpy.bytes_) and variable-length strings
+        return marker.decode("utf-8", "replace")
+    return marker if isinstance(marker, str) else None
+
+
+def _attribute_value(obj: h5o.ObjectID, name: bytes) -> npt.NDArray[Any] | None:
+    """An attribute's stored values (None for an empty dataspace), read with the libhdf5 calls
+    h5py's ``obj.attrs[name]`` makes, variable-length strings left as bytes. ``KeyError`` when
+    there is no such attribute."""
+    attr = h5a.open(obj, name)
+    shape = attr.shape
+    if shape is None:
+        return None
+    dtype = attr.dtype
+    memory_type = h5t.py_create(dtype)
+    if dtype.subdtype is not None:  # an array type: numpy has no top-level array dtype
+        dtype, inner = dtype.subdtype
+        shape = shape + inner
+    values = np.zeros(shape, dtype=dtype)
+    attr.read(values, mtype=memory_type)
+    return values
 
 
 def _stored_opaque(dtype: np.dtype[Any]) -> bool:
@@ -186,14 +219,14 @@ def _memory_type(file_type: h5t.TypeID, dtype: np.dtype[Any]) -> h5t.TypeID:
     return file_type if file_type.get_class() == h5t.OPAQUE else h5t.py_create(dtype)
 
 
-def _describe_type(dataset: h5py.Dataset) -> str:
+def _describe_type(file_type: h5t.TypeID) -> str:
     try:
-        string = h5py.check_string_dtype(dataset.dtype)
-        if string is not None:
-            return "a string dataset"
-        return f"a dataset of type {dataset.dtype}"
+        dtype = file_type.dtype
     except (TypeError, ValueError):
         return "a dataset of a type numpy cannot express"
+    if h5py.check_string_dtype(dtype) is not None:
+        return "a string dataset"
+    return f"a dataset of type {dtype}"
 
 
 def _open_error(path: Path, prefix: str, error: OSError | ValueError) -> CheckpointError:
@@ -289,8 +322,8 @@ class HDF5Reader(CheckpointReader):
     def _share_scan(self, identity: tuple[int, ...], by_path: bool) -> None:
         """What the file holds, found by the first reader of this file (as it is now) and
         shared by every reader of it opened while one is open: the replay's workers each open
-        every checkpoint again, and h5py's walk of a file's objects costs 50-100 ms (under its
-        global lock) for a few hundred datasets."""
+        every checkpoint again, and the walk of a file's objects (``_Walk``) costs about 6 ms
+        per 125 datasets under h5py's global lock, which every other libhdf5 call waits for."""
         made: list[_Scan] = []
 
         def scan() -> _Scan:
@@ -360,13 +393,13 @@ class HDF5Reader(CheckpointReader):
         return _open_error(self.path, self._prefix, error)
 
     def _scan(self) -> None:
-        self._tensors = {}
+        walk = _Walk(self.path, self._prefix)
+        walk.group(h5o.open(self.file.id, b"/"), "")  # as h5py.File iterates the root
+        self._tensors = walk.tensors
+        self._non_tensors = walk.non_tensors
+        self._contiguous = walk.contiguous
         self._datasets = _OpenDatasets(self.file)
-        self._memory_types = {}
-        self._non_tensors = []
-        self._contiguous: dict[str, int] = {}
-        seen: dict[tuple[int, int], str] = {}
-        self._walk(self.file, "", seen)
+        self._memory_types = {}  # found on each tensor's first read through libhdf5
         self._metadata = {
             key: value
             for key, value in ((k, self._string_attribute(self.file, k)) for k in self.file.attrs)
@@ -398,67 +431,6 @@ class HDF5Reader(CheckpointReader):
             except UnicodeDecodeError:
                 return None
         return value if isinstance(value, str) else None
-
-    def _walk(self, group: h5py.Group, prefix: str, seen: dict[tuple[int, int], str]) -> None:
-        for name in group:
-            if not isinstance(name, str) or not _is_unicode(name):
-                raw = name if isinstance(name, bytes) else name.encode("utf-8", "surrogateescape")
-                shown = raw.decode("utf-8", "backslashreplace")
-                raise CheckpointError(
-                    self.path,
-                    f"{self._prefix}corrupt HDF5 file: the name '{shown}' in group "
-                    f"'/{prefix}' is not UTF-8",
-                )
-            path = prefix + name
-            link = group.get(name, getlink=True)
-            if isinstance(link, h5py.SoftLink | h5py.ExternalLink):
-                self._non_tensors.append(f"link '{path}'")
-                continue
-            try:
-                obj = group[name]
-            except (KeyError, OSError, RuntimeError, ValueError) as e:
-                # HDF5 checks an object's header against the file's end when opening it.
-                raise TruncatedCheckpointError(
-                    self.path,
-                    f"{self._prefix}cannot open object '{path}', the file is truncated or "
-                    f"corrupt ({_first_line(e)})",
-                ) from None
-            info = h5o.get_info(obj.id)
-            key = (info.fileno, info.addr)
-            if key in seen:
-                self._non_tensors.append(f"hard link '{path}' to '{seen[key]}'")
-                continue
-            seen[key] = path
-            if isinstance(obj, h5py.Group):
-                self._walk(obj, path + "/", seen)
-            elif isinstance(obj, h5py.Dataset):
-                self._add_dataset(path, obj)
-            else:
-                self._non_tensors.append(f"named datatype '{path}'")
-
-    def _add_dataset(self, name: str, dataset: h5py.Dataset) -> None:
-        dtype = _tensor_dtype(dataset)
-        if dtype is None or dataset.shape is None:
-            self._non_tensors.append(f"dataset '{name}' ({_describe_type(dataset)})")
-            return
-        if _never_written(dataset, dtype):
-            # No data is stored, only a fill value: replaying it would read and write its
-            # whole size (2^60 bytes for a (2^40, 2^20) dataset) block by block. An HDF5
-            # output copies it as it is, unwritten; other formats refuse it.
-            self._non_tensors.append(f"dataset '{name}' (never written: no data stored)")
-            return
-        self._tensors[name] = TensorInfo(name, dtype, tuple(int(d) for d in dataset.shape))
-        file_type = dataset.id.get_type()
-        self._memory_types[name] = _memory_type(file_type, dtype)
-        plist = dataset.id.get_create_plist()
-        if plist.get_layout() == h5d.CONTIGUOUS and not plist.get_external_count():
-            if file_type.get_class() == h5t.OPAQUE:
-                same = file_type.get_size() == dtype.itemsize  # raw bytes either way
-            else:
-                same = file_type.dtype == dtype  # native order (dtype's), same kind
-            offset = dataset.id.get_offset()
-            if same and offset is not None:
-                self._contiguous[name] = int(offset)  # checked against the file's size later
 
     @property
     def tensors(self) -> Mapping[str, TensorInfo]:
@@ -568,22 +540,149 @@ def _output_error(path: Path, error: OSError) -> OutputError:
     return OutputError(path, error)
 
 
-def _never_written(dataset: h5py.Dataset, dtype: np.dtype[Any]) -> bool:
-    """A dataset with elements whose storage HDF5 never allocated (not virtual or external,
-    whose data lives elsewhere)."""
-    shape = dataset.shape or ()
-    if not all(shape) or dataset.id.get_storage_size() != 0:
-        return False
-    dcpl = dataset.id.get_create_plist()
-    return dcpl.get_layout() != h5d.VIRTUAL and not dcpl.get_external_count()
+class _Walk:
+    """What a walk of a file's objects finds: its tensors (with the file offsets of those stored
+    contiguously), and the rest as lines for ``non_tensors``.
+
+    Every group's links in h5py's order (creation order where the group tracks it, else by
+    name), depth first; each object once (a second hard link is noted, not followed). Made of
+    h5py's low-level calls (h5l, h5o, h5d, h5a), making the libhdf5 calls h5py's high-level
+    walk made, in the same order, so a damaged file fails the same way: h5py's ``Group``,
+    ``Dataset`` and ``AttributeManager`` objects around them cost about 0.2 ms per object (the
+    walk of a 125-dataset file took 26 ms, now 6). With ``report`` (a pipe) it is the
+    rehearsal of that walk in a child (``_rehearse_reading``): each object's path is written
+    to the pipe before libhdf5 touches it, and every attribute's value is read too.
+    """
+
+    def __init__(self, path: Path, prefix: str, report: int | None = None) -> None:
+        self.path = path
+        self.prefix = prefix
+        self.report = report
+        self.tensors: dict[str, TensorInfo] = {}
+        self.non_tensors: list[str] = []
+        self.contiguous: dict[str, int] = {}
+        self.seen: dict[tuple[int, int], str] = {}  # (file, address) -> the first path to it
+
+    def group(self, group: h5g.GroupID, prefix: str) -> None:
+        for raw, kind in _links(group):
+            try:
+                name = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise CheckpointError(
+                    self.path,
+                    f"{self.prefix}corrupt HDF5 file: the name "
+                    f"'{raw.decode('utf-8', 'backslashreplace')}' in group '/{prefix}' is not "
+                    "UTF-8",
+                ) from None
+            path = prefix + name
+            if kind in (h5l.TYPE_SOFT, h5l.TYPE_EXTERNAL):
+                self.non_tensors.append(f"link '{path}'")
+                continue
+            if kind != h5l.TYPE_HARD:
+                raise CheckpointError(
+                    self.path,
+                    f"{self.prefix}corrupt HDF5 file: the link '{path}' is of an unknown type "
+                    f"({kind})",
+                )
+            if self.report is not None:
+                _report(self.report, path)
+            try:
+                obj = h5o.open(group, raw)
+            except (KeyError, OSError, RuntimeError, ValueError) as e:
+                # HDF5 checks an object's header against the file's end when opening it.
+                raise TruncatedCheckpointError(
+                    self.path,
+                    f"{self.prefix}cannot open object '{path}', the file is truncated or "
+                    f"corrupt ({_first_line(e)})",
+                ) from None
+            info = h5o.get_info(obj)  # reads the whole header: damage shows here, not later
+            key = (info.fileno, info.addr)
+            first = self.seen.get(key)
+            if first is not None:
+                self.non_tensors.append(f"hard link '{path}' to '{first}'")
+                continue
+            self.seen[key] = path
+            if self.report is not None:
+                _read_attributes(obj)
+            if isinstance(obj, h5g.GroupID):
+                self.group(obj, path + "/")
+            elif isinstance(obj, h5d.DatasetID):
+                self.dataset(path, obj)
+            else:
+                self.non_tensors.append(f"named datatype '{path}'")
+
+    def dataset(self, name: str, dataset: h5d.DatasetID) -> None:
+        file_type = dataset.get_type()
+        dtype = _tensor_dtype(dataset, file_type)
+        shape = dataset.shape
+        if dtype is None or shape is None:
+            self.non_tensors.append(f"dataset '{name}' ({_describe_type(file_type)})")
+            return
+        # An address only for data stored in one allocated piece of this file (contiguous
+        # layout, not in external files); then nothing else about its storage matters.
+        offset = dataset.get_offset()
+        if offset is None and all(shape):
+            plist = dataset.get_create_plist()
+            if (
+                plist.get_layout() != h5d.VIRTUAL  # virtual and external data live elsewhere
+                and not plist.get_external_count()
+                and dataset.get_storage_size() == 0
+            ):
+                # No data is stored, only a fill value: replaying it would read and write
+                # its whole size (2^60 bytes for a (2^40, 2^20) dataset) block by block. An
+                # HDF5 output copies it as it is, unwritten; other formats refuse it.
+                self.non_tensors.append(f"dataset '{name}' (never written: no data stored)")
+                return
+        self.tensors[name] = TensorInfo(name, dtype, tuple(int(d) for d in shape))
+        if offset is None:
+            return
+        if file_type.get_class() == h5t.OPAQUE:
+            same = file_type.get_size() == dtype.itemsize  # raw bytes either way
+        else:
+            same = file_type.dtype == dtype  # native order (dtype's), same kind
+        if same:
+            self.contiguous[name] = int(offset)  # checked against the file's size later
 
 
-def _is_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+def _links(group: h5g.GroupID) -> list[tuple[bytes, int]]:
+    """``(name, link type)`` of each of ``group``'s links, in the order h5py's ``Group``
+    iterates them."""
+    if not group.get_num_objs():
+        return []
+    tracked = group.get_create_plist().get_link_creation_order() & h5p.CRT_ORDER_TRACKED
+    found: list[tuple[bytes, int]] = []
+
+    def add(name: bytes, info: h5l.LinkInfo) -> None:
+        found.append((name, info.type))  # ``info`` is reused: copy what we need
+
+    index = h5.INDEX_CRT_ORDER if tracked else h5.INDEX_NAME
+    group.links.iterate(add, idx_type=index, info=True)
+    return found
+
+
+def _report(report: int, path: str) -> None:
+    """Tell the parent which object a rehearsal is about to touch (``_in_child``)."""
+    line = path.encode("utf-8", "backslashreplace").replace(b"\n", b"\\n")
+    os.write(report, line + b"\n")
+
+
+def _read_attributes(obj: h5o.ObjectID) -> None:
+    """Read every attribute's value as h5py's ``obj.attrs`` would (in its order, each by
+    name): libhdf5 loops for ever on some damaged global heaps behind variable-length strings.
+    An attribute that fails to read is left for the real reading to meet; the rest still are
+    read."""
+    if not h5a.get_num_attrs(obj):
+        return
+    tracked = 0
+    with contextlib.suppress(AttributeError):  # a named datatype has no creation properties
+        tracked = obj.get_create_plist().get_attr_creation_order() & h5p.CRT_ORDER_TRACKED
+    names: list[bytes] = []
+    index = h5.INDEX_CRT_ORDER if tracked else h5.INDEX_NAME
+    with contextlib.suppress(KeyError, OSError, RuntimeError, TypeError, ValueError):
+        h5a.iterate(obj, lambda name, *_: names.append(name), index_type=index)
+    for name in names:
+        with contextlib.suppress(KeyError, OSError, RuntimeError, TypeError, ValueError):
+            _attribute_value(obj, name)
 
 
 @runtime_checkable
@@ -707,13 +806,12 @@ def _walk(
             if not isinstance(group.get(name, getlink=True), h5py.HardLink):
                 continue
             obj, path = group[name], prefix + name
-            line = path.encode("utf-8", "backslashreplace").replace(b"\n", b"\\n")
-            os.write(report, line + b"\n")
+            _report(report, path)
             touch(group, name, obj, path)
             if isinstance(obj, h5py.Group):
                 visit(obj, path + "/")
 
-    os.write(report, b"/\n")
+    _report(report, "/")
     touch(file, "", file, "")
     visit(file, "")
 
@@ -747,14 +845,11 @@ def rehearse_copy(source: HDF5Reader, what: Path | str) -> None:
 
 
 def _rehearse_reading(file: h5py.File, report: int) -> None:
-    """Every object and every attribute value of ``file``, as ``HDF5Reader._scan`` and
-    ``inspect`` read them."""
-
-    def touch(parent: h5py.Group, name: str, obj: h5py.HLObject, path: str) -> None:
-        for key in obj.attrs:
-            obj.attrs[key]
-
-    _walk(file, report, touch)
+    """What ``HDF5Reader`` does with libhdf5 to open ``file`` (its ``_Walk``, then the root's
+    attributes for ``metadata``), and every other attribute value too."""
+    _report(report, "/")
+    _read_attributes(file.id)
+    _Walk(Path(file.filename), "", report).group(h5o.open(file.id, b"/"), "")
 
 
 #: Files whose reading was rehearsed without harm in this process, by identity (device, inode,
