@@ -438,6 +438,33 @@ def compile_bytecode() -> str:
     return f"compiled ema_cli's bytecode in {folder} (as an install does)"
 
 
+#: ``--sweep``'s averages after its first (which is the "ema-cli" row's), as single runs: output
+#: label (ema-cli's naming rule) -> options.
+SWEEP_SINGLES = {
+    "decay-0.9999": ["--decay", "0.9999"],
+    "mean": ["--mean"],
+    "sigma-rel-0.1": ["--sigma-rel", "0.1"],
+}
+
+
+def sweep_summary(tools: Sequence[Tool]) -> str:
+    """The sweep's median wall against one run's and against the four single runs it replaces
+    (their medians added up), or nothing without ``--sweep``."""
+    by_name = {t.name: t for t in tools}
+    sweep = next((t for t in tools if t.name.startswith("ema-cli sweep")), None)
+    names = ["ema-cli"] + [f"ema-cli {' '.join(o)}" for o in SWEEP_SINGLES.values()]
+    singles = [by_name[n] for n in names if n in by_name and by_name[n].runs]
+    if sweep is None or not sweep.runs or len(singles) != len(names):
+        return ""
+    one = singles[0].median_wall()
+    total = sum(t.median_wall() for t in singles)
+    wall = sweep.median_wall()
+    return (
+        f"\nsweep of 4: {wall:.2f} s = {wall / one:.2f}x one run ({one:.2f} s), "
+        f"{wall / total:.2f}x the four single runs it replaces ({total:.2f} s in all)\n"
+    )
+
+
 def ema_cli_command() -> list[str]:
     script = Path(sys.executable).parent / "ema-cli"
     if script.exists():
@@ -644,6 +671,12 @@ def make_tools(
         profiles = ["--decay", decay, "--decay", "0.9999", "--mean", "--sigma-rel", "0.1"]
         argv = [*ema_cli_command(), "average", *ins, "-o", str(sweep_out), *profiles, "-q"]
         tools.append(Tool("ema-cli sweep of 4 (2 decays, mean, sigma-rel)", argv, sweep_out))
+        # The sweep's other three averages as single runs (the first is the row "ema-cli"):
+        # what the sweep replaces, and the outputs each of its own must equal.
+        for label, options in SWEEP_SINGLES.items():
+            out = out_dir / f"single.{label}.safetensors"
+            argv = [*ema_cli_command(), "average", *ins, "-o", str(out), *options, "-q"]
+            tools.append(Tool(f"ema-cli {' '.join(options)}", argv, out))
     for i, (name, variant_env) in enumerate(args.variant):
         out = out_dir / f"variant{i}{ema_out.suffix}"
         argv = [sys.executable, str(HERE / "variants.py"), "average", *ins, "-o", str(out)]
@@ -724,11 +757,17 @@ def benchmark(
     try:
         run_tools(tools, args.repeats, env, cold=all_files if args.cold else ())
         checks: dict[str, str] = {}
+        sweep_checks: list[str] = []
         by_name = {t.name: t for t in tools}
         ema = by_name.get("ema-cli") or next(t for t in tools if t.name.startswith("ema-cli"))
         if verify and ema.runs and ema.output is not None and ema.output.exists():
             others = ["naive numpy peer", "TensorFlow replay"]
-            others += [t.name for t in tools if t.name.startswith("ema-cli") and t is not ema]
+            singles = {f"ema-cli {' '.join(o)}" for o in SWEEP_SINGLES.values()}
+            others += [
+                t.name
+                for t in tools
+                if t.name.startswith("ema-cli") and t is not ema and t.name not in singles
+            ]
             for other in others:
                 peer = by_name.get(other)
                 if peer and peer.runs and peer.output is not None and peer.output.exists():
@@ -740,6 +779,14 @@ def benchmark(
                     checks[f"{sweep.name}, its decay-{float(args.decay)!r} output"] = compare(
                         ema.output, first
                     )
+                for label, options in SWEEP_SINGLES.items():
+                    single = by_name.get(f"ema-cli {' '.join(options)}")
+                    own = sweep.output.with_name(f"sweep.{label}.safetensors")
+                    if single and single.output and single.output.exists() and own.exists():
+                        sweep_checks.append(
+                            f"the sweep's {label} output vs {single.name}: "
+                            + compare(single.output, own)
+                        )
     finally:
         for tool in tools:
             clean_outputs(tool)
@@ -747,8 +794,11 @@ def benchmark(
     if max(load_before, os.getloadavg()[0]) > 0.5:
         load += " (other work competed for the CPUs: wall times are pessimistic)"
     text = f"### {title}\n\n{table(tools, input_bytes)}\n\n{load}\n"
+    text += sweep_summary(tools)
     for other, verdict in checks.items():
         text += f"\n{ema.name} output vs {other}: {verdict}"
+    for line in sweep_checks:
+        text += f"\n{line}"
     print(text + "\n")
     sys.stdout.flush()
     return {
@@ -1059,7 +1109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--sweep",
         action="store_true",
         help="add ema-cli computing four averages in one pass (--decay DECAY --decay 0.9999 "
-        "--mean --sigma-rel 0.1; issue 13's target: at most 1.3x one run)",
+        "--mean --sigma-rel 0.1) and the three others as single runs: each sweep output is "
+        "checked against its single run, and the sweep's time against one run and all four",
     )
     parser.add_argument(
         "--output-name",
