@@ -447,12 +447,17 @@ SWEEP_SINGLES = {
 }
 
 
+def single_row(options: Sequence[str]) -> str:
+    """The table row of one of ``SWEEP_SINGLES``' single runs."""
+    return "ema-cli " + " ".join(options)
+
+
 def sweep_summary(tools: Sequence[Tool]) -> str:
     """The sweep's median wall against one run's and against the four single runs it replaces
     (their medians added up), or nothing without ``--sweep``."""
     by_name = {t.name: t for t in tools}
     sweep = next((t for t in tools if t.name.startswith("ema-cli sweep")), None)
-    names = ["ema-cli"] + [f"ema-cli {' '.join(o)}" for o in SWEEP_SINGLES.values()]
+    names = ["ema-cli"] + [single_row(o) for o in SWEEP_SINGLES.values()]
     singles = [by_name[n] for n in names if n in by_name and by_name[n].runs]
     if sweep is None or not sweep.runs or len(singles) != len(names):
         return ""
@@ -676,7 +681,7 @@ def make_tools(
         for label, options in SWEEP_SINGLES.items():
             out = out_dir / f"single.{label}.safetensors"
             argv = [*ema_cli_command(), "average", *ins, "-o", str(out), *options, "-q"]
-            tools.append(Tool(f"ema-cli {' '.join(options)}", argv, out))
+            tools.append(Tool(single_row(options), argv, out))
     for i, (name, variant_env) in enumerate(args.variant):
         out = out_dir / f"variant{i}{ema_out.suffix}"
         argv = [sys.executable, str(HERE / "variants.py"), "average", *ins, "-o", str(out)]
@@ -762,7 +767,7 @@ def benchmark(
         ema = by_name.get("ema-cli") or next(t for t in tools if t.name.startswith("ema-cli"))
         if verify and ema.runs and ema.output is not None and ema.output.exists():
             others = ["naive numpy peer", "TensorFlow replay"]
-            singles = {f"ema-cli {' '.join(o)}" for o in SWEEP_SINGLES.values()}
+            singles = {single_row(o) for o in SWEEP_SINGLES.values()}
             others += [
                 t.name
                 for t in tools
@@ -780,7 +785,7 @@ def benchmark(
                         ema.output, first
                     )
                 for label, options in SWEEP_SINGLES.items():
-                    single = by_name.get(f"ema-cli {' '.join(options)}")
+                    single = by_name.get(single_row(options))
                     own = sweep.output.with_name(f"sweep.{label}.safetensors")
                     if single and single.output and single.output.exists() and own.exists():
                         sweep_checks.append(

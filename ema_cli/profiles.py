@@ -843,9 +843,7 @@ class Accumulator:
         self, state: Float64Array, x: npt.NDArray[np.generic], k: int, scratch: Float64Array
     ) -> None:
         value = state[0]
-        if state.shape[0] == 1:
-            if self._fused(value, x, k):
-                return
+        if state.shape[0] == 1:  # numpy's passes, where ``update`` found no C kernel
             if x.dtype.name == "float64":
                 x64 = x.view(np.float64)
             else:

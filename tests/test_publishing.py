@@ -219,23 +219,25 @@ def test_stale_temporaries_are_recognised_by_their_exact_names(tmp_path: Path) -
 # --- putting one file in place: a swap where a file is replaced ---------------------------------
 
 
-def swaps_here(folder: Path) -> bool:
-    """Whether this system and file system swap files (``renameat2(RENAME_EXCHANGE)``)."""
-    a, b = folder / "swap-probe-a", folder / "swap-probe-b"
+@pytest.fixture
+def swapping(tmp_path: Path) -> None:
+    """Skip unless this system and file system swap files (``renameat2(RENAME_EXCHANGE)``)."""
+    a, b = tmp_path / "swap-probe-a", tmp_path / "swap-probe-b"
     a.write_bytes(b"a")
     b.write_bytes(b"b")
     try:
-        return atomic._exchange(a, b) and a.read_bytes() == b"b" and b.read_bytes() == b"a"
+        swaps = atomic._exchange(a, b) and a.read_bytes() == b"b" and b.read_bytes() == b"a"
     finally:
         a.unlink()
         b.unlink()
+    if not swaps:
+        pytest.skip("no RENAME_EXCHANGE on this system or file system")
 
 
+@pytest.mark.usefixtures("swapping")
 def test_a_replaced_file_is_swapped_out_not_renamed_over(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not swaps_here(tmp_path):
-        pytest.skip("no RENAME_EXCHANGE on this system or file system")
     final = tmp_path / "out.bin"
     final.write_bytes(b"old")
     reader = final.open("rb")  # a reader of the old output keeps reading the old bytes
@@ -283,11 +285,10 @@ def test_without_the_swap_a_file_is_renamed_over(
     assert hidden(tmp_path) == []
 
 
+@pytest.mark.usefixtures("swapping")
 def test_a_kill_between_the_swap_and_the_unlink_leaves_a_temporary_not_the_old_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not swaps_here(tmp_path):
-        pytest.skip("no RENAME_EXCHANGE on this system or file system")
     out = tmp_path / "ckpt"
     save(ToyWriter, out, [1, 2, 3])
     real_unlink = os.unlink
