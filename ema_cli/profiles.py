@@ -820,7 +820,11 @@ class Accumulator:
         if scratch is None:
             scratch = self.new_scratch(x.shape)
         with np.errstate(all="ignore"):  # inf - inf is a silent NaN, as in TF
+            copies = self.kind == "recurrence" and k == 0  # no arithmetic: NaNs kept as read
+            nans = None if copies else _NaNs.of(state[0], x)
             self._update(state, x, k, scratch)
+            if nans is not None:
+                nans.settle(state, first_is_state=self.kind == "sum")
 
     def _fused(self, value: Float64Array, x: npt.NDArray[np.generic], k: int) -> bool:
         """``_update`` of a one-lane state through the C kernel, if it applies (it raises no
@@ -947,6 +951,58 @@ class Accumulator:
             if bad.any():
                 np.divide(value, high, out=result, where=bad)
         return _round_to(result, target)
+
+
+_QUIET = np.uint64(0x0008000000000000)
+
+
+@dataclass(frozen=True)
+class _NaNs:
+    """Where a block's state and checkpoint held NaNs before an update of numpy's passes, and
+    which NaNs (widened to float64, quieted): ``settle`` gives those lanes the NaN the C
+    kernel gives them.
+
+    When both operands of an addition are NaNs, x86 returns the first one's, but numpy's loops
+    do not all keep the operands in order (its SSE loops return the second's, its AVX2 ones the
+    first's), so the bits of a NaN result would depend on the CPU. The rule, the kernel's: a
+    NaN in the state wins in a sum (``s + x w``), a NaN in the checkpoint wins in the
+    recurrence (``x + P (s - x)``), quieted; a NaN that arithmetic makes from numbers
+    (``inf - inf``) is the CPU's one default NaN wherever it arises.
+    """
+
+    state: npt.NDArray[np.bool_]
+    state_nans: npt.NDArray[np.uint64]
+    x: npt.NDArray[np.bool_]
+    x_nans: npt.NDArray[np.uint64]
+
+    @classmethod
+    def of(cls, value: Float64Array, x: npt.NDArray[np.generic]) -> _NaNs | None:
+        """The NaNs of ``value`` (the state's value lane) and ``x``; None where neither holds
+        one (the common case: two passes of ``isnan``)."""
+        in_state, in_x = np.isnan(value), np.isnan(x)
+        if not (in_state.any() or in_x.any()):
+            return None
+        widened = x[in_x].astype(np.float64)  # exact; a NaN keeps its payload's top bits
+        return cls(
+            in_state,
+            value[in_state].view(np.uint64) | _QUIET,
+            in_x,
+            widened.view(np.uint64) | _QUIET,
+        )
+
+    def settle(self, state: Float64Array, *, first_is_state: bool) -> None:
+        """Give each lane that held a NaN before the update the rule's NaN (a two-lane state's
+        compensation there becomes 0, so ``finish`` returns that NaN)."""
+        value = state[0].view(np.uint64)
+        first, second = (self.state, self.x) if first_is_state else (self.x, self.state)
+        first_nans, second_nans = (
+            (self.state_nans, self.x_nans) if first_is_state else (self.x_nans, self.state_nans)
+        )
+        only_second = second & ~first
+        value[only_second] = second_nans[only_second[second]]
+        value[first] = first_nans
+        if state.shape[0] == 2:
+            state[1][first | second] = 0.0
 
 
 def accumulator(profile: LinearProfile, steps: Sequence[int | None]) -> Accumulator:

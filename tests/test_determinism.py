@@ -49,14 +49,31 @@ def special_values(dtype: np.dtype, rng: np.random.Generator, size: int) -> np.n
         return values.astype(dtype)
 
 
+#: Quiet-NaN bits by dtype: the quiet bit and above, and where a payload may go.
+_QUIET_NAN = {"float16": 0x7E00, "bfloat16": 0x7FC0, "float32": 0x7FC00000, "float64": 0x7FF8 << 48}
+
+
+def colliding_nans(values: np.ndarray, k: int) -> None:
+    """Make the first 4 elements NaNs whose sign and payload differ from one checkpoint ``k``
+    to the next: NaN + NaN is where CPUs' and numpy's loops may pick either operand's, so a
+    replay of these must say which, the same everywhere."""
+    bits = values.view(f"u{values.dtype.itemsize}")
+    sign = 1 << (8 * values.dtype.itemsize - 1)
+    for lane in range(4):
+        payload = 1 + (k + lane) % 5  # a different payload in each checkpoint
+        bits[lane] = _QUIET_NAN[values.dtype.name] | payload | (sign if (k + lane) % 2 else 0)
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("inputs")
     rng = np.random.default_rng(20261201)
     dtypes = [np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)]
     dtypes += [np.dtype(np.float32), np.dtype(np.float64)]
-    for step in (3, 10, 40, 41, 200):
+    for k, step in enumerate((3, 10, 40, 41, 200)):
         tensors = {f"w/{dt.name}": special_values(dt, rng, 700) for dt in dtypes}
+        for values in tensors.values():
+            colliding_nans(values, k)
         tensors["global_step"] = np.array(step, dtype=np.int64)
         write_checkpoint(folder / f"ckpt-{step}.safetensors", tensors)
     return folder

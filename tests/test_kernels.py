@@ -286,7 +286,7 @@ def test_runs_give_the_same_bytes_with_and_without_the_kernels(
 def numpy_sum(a: np.ndarray, x: np.ndarray, w: float, mode: int) -> np.ndarray:
     """``profiles.Accumulator``'s numpy passes for one lane: widen, then add / multiply-add /
     the recurrence, each rounded."""
-    a = a.copy()
+    a_before, a = a, a.copy()
     x64 = np.empty_like(a)
     with np.errstate(all="ignore"):
         np.copyto(x64, x, casting="unsafe")
@@ -298,6 +298,12 @@ def numpy_sum(a: np.ndarray, x: np.ndarray, w: float, mode: int) -> np.ndarray:
             t = np.subtract(a, x64)
             np.multiply(t, w, out=t)
             np.add(x64, t, out=a)
+    # Where both operands are NaNs, numpy's loops may return either one's (its SSE loops swap
+    # an addition's operands): the kernel keeps x86's operand order, as numpy's AVX2 loops do,
+    # so the sum's NaN wins and the recurrence's checkpoint NaN, quieted.
+    both = np.isnan(x64) & np.isnan(a_before)
+    first = x64 if mode == kernels.SUM_RECURRENCE else a_before
+    a[both] = (first[both].view(np.uint64) | np.uint64(1 << 51)).view(np.float64)
     return a
 
 

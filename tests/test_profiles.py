@@ -586,3 +586,55 @@ def test_importing_profiles_stays_light() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert proc.stdout.strip() == "[]"
+
+
+#: Quiet NaNs with payload p, and the CPU's default NaN (what ``inf - inf`` makes), by dtype.
+_NAN_BITS = {"float16": 0x7E00, "bfloat16": 0x7FC0, "float32": 0x7FC00000, "float64": 0x7FF8 << 48}
+
+
+@pytest.mark.parametrize("kernels_on", [True, False], ids=["kernels", "numpy"])
+@pytest.mark.parametrize("kind", ["sum", "recurrence"])
+@pytest.mark.parametrize("name", ["float16", "bfloat16", "float32", "float64"])
+def test_colliding_nans_give_the_same_nan_on_every_path(
+    name: str, kind: str, kernels_on: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NaN + NaN: which NaN comes out is fixed (the sum's NaN wins in a sum, the checkpoint's
+    in the recurrence), whether the C kernel or numpy's passes compute it, at any of numpy's
+    dispatch levels (``test_determinism`` runs those); worked out here by hand."""
+    from ema_cli import kernels
+
+    if not kernels_on:
+        monkeypatch.setattr(kernels, "_enabled", False)
+    elif not kernels._enabled:
+        pytest.skip("no C kernels here")
+    dtype = P._dtype(name)
+    uint = np.dtype(f"u{dtype.itemsize}")
+    sign = 1 << (8 * dtype.itemsize - 1)
+    nan, default = _NAN_BITS[name], _NAN_BITS[name] | sign
+
+    def bits(*values: int) -> np.ndarray:  # 8 times over: numpy's SIMD loops (and their NaN
+        return np.tile(np.array(values, dtype=uint), 8).view(dtype)  # rules) need 8 or more
+
+    one = int(np.array(1.0, dtype=dtype).view(uint))
+    inf = int(np.array(np.inf, dtype=dtype).view(uint))
+    # lane 0: a NaN of another payload in each checkpoint, the last one negative; lane 1: one
+    # NaN, in the second; lane 2: +inf, -inf (their sum is the default NaN, negative), a NaN
+    checkpoints = [
+        bits(nan | 1, one, inf),
+        bits(nan | 2, nan | 2, inf | sign),
+        bits(nan | 3 | sign, one, nan | 3),
+    ]
+    if kind == "sum":
+        accumulator = P.Accumulator("sum", (1.0, 0.5, 0.25), (1.75, 0.0))
+        want = [nan | 1, nan | 2, default]  # the first NaN each lane saw stays
+    else:
+        accumulator = P.Accumulator("recurrence", (0.0, 0.5, 0.5))
+        want = [nan | 3 | sign, nan | 2, nan | 3]  # a checkpoint's NaN replaces the state's
+    if name == "bfloat16":  # ml_dtypes' rounding to bfloat16 keeps a NaN's sign, not its payload
+        want = [w & ~0x3F for w in want]
+    state = accumulator.new_state(24, dtype)
+    with np.errstate(all="ignore"):
+        for k, x in enumerate(checkpoints):
+            accumulator.update(state, x, k)
+        got = accumulator.finish(state, dtype, np.empty(24, dtype), np.empty(24))
+    assert [hex(b) for b in got.view(uint)] == [hex(w) for w in want * 8]
