@@ -1013,6 +1013,74 @@ def crc_speed(repeats: int) -> list[dict[str, object]]:
     return rows
 
 
+#: ``--arithmetic``'s rows: what one checkpoint's block costs each kind of average, as the
+#: replay calls the C kernels (source kind, and the update of a float32 shadow ``s`` or a float64
+#: sum ``a``; 0.999 and 0.1 stand for any coefficient and weight).
+ARITHMETIC = {
+    "--decay (TF's update), float32 checkpoint": ("float32", "ema"),
+    "--decay (TF's update), bfloat16 checkpoint": ("bfloat16", "ema"),
+    "--mean (a + x), float32 checkpoint": ("float32", "add"),
+    "--sigma-rel, --weights (a + x w), float32 checkpoint": ("float32", "mul-add"),
+    "--decay-per-step (x + (a - x) P), float32 checkpoint": ("float32", "recurrence"),
+}
+
+
+def arithmetic_speed(repeats: int, elements: int) -> list[dict[str, object]]:
+    """The replay's arithmetic alone: each average's C update over the replay's blocks (1 MiB
+    of float32 shadow, or its elements in float64 sums), already in memory, for ``elements``
+    element-updates (the benchmark's model times its checkpoint count), on 1 thread and on 2.
+    No reading, writing or per-block Python: what a sweep's extra averages cost at the least
+    with these kernels."""
+    import threading
+
+    from ema_cli import kernels
+
+    kernel = kernels._kernels
+    if kernel is None or not kernels._enabled:
+        print("the C kernels are not in use here: nothing to measure")
+        return []
+    block = (1 << 20) // 4  # the replay's elements per block (replay.DEFAULT_BLOCK_BYTES)
+    passes = max(1, elements // block)
+    modes = {"add": kernels.SUM_ADD, "mul-add": kernels.SUM_MUL_ADD}
+    modes["recurrence"] = kernels.SUM_RECURRENCE
+
+    def task(source: str, update: str) -> object:
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal(block).astype(np.float32)
+        kind = 0
+        if source == "bfloat16":
+            x, kind = x.astype(ml_dtypes.bfloat16).view(np.uint16), 2
+        if update == "ema":
+            shadow = np.zeros(block, np.float32)
+            return lambda: [kernel.ema_update(shadow, x, kind, 0.001) for _ in range(passes)]
+        total, mode = np.zeros(block, np.float64), modes[update]
+        return lambda: [kernel.sum_update(total, x, kind, 0.1, mode) for _ in range(passes)]
+
+    def seconds(source: str, update: str, threads: int) -> float:
+        best = math.inf
+        for _ in range(repeats):
+            work = [task(source, update) for _ in range(threads)]  # each thread its own block
+            workers = [threading.Thread(target=w) for w in work]  # type: ignore[arg-type]
+            start = time.perf_counter()
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    print(f"{passes * block / 1e6:.0f}M element-updates (the model x its checkpoint count), blocks")
+    print(f"of {block} elements already in memory, best of {repeats}\n")
+    print("| average | CPU s, 1 thread | wall s, 2 threads doing it twice | 2-thread speed-up |")
+    print("|---|---:|---:|---:|")
+    rows = []  # (normal values, no subnormals: the threads' floating-point mode does not matter)
+    for name, (source, update) in ARITHMETIC.items():
+        one, two = seconds(source, update, 1), seconds(source, update, 2)
+        print(f"| {name} | {one:.3f} | {two:.3f} | {2 * one / two:.2f} |")
+        rows.append({"average": name, "one_thread_s": one, "two_threads_s": two})
+    return rows
+
+
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     name, _, settings = text.partition(":")
     env = dict(item.split("=", 1) for item in settings.split(",") if item)
@@ -1163,6 +1231,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="measure crc32c alone (ema-cli's C kernel, google_crc32c.extend, and its C "
         "library with the GIL released, 1 and 2 threads) instead of the replay",
     )
+    parser.add_argument(
+        "--arithmetic",
+        action="store_true",
+        help="measure each average's C update alone (blocks in memory; the model times "
+        "--count element-updates) instead of the replay",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw measurements here")
     args = parser.parse_args(argv)
     args.data = args.data.resolve()
@@ -1180,6 +1254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = startup(max(args.repeats, 15))
     elif args.crc:
         results = crc_speed(max(args.repeats, 3))
+    elif args.arithmetic:
+        results = arithmetic_speed(max(args.repeats, 3), args.params * args.count)
     elif args.check_flat:
         results = check_flat(args)
     else:
