@@ -102,13 +102,14 @@ def init_state(
     Default (TF's behaviour for variables): a copy of the first tensor, which the first ``apply``
     then updates with that same tensor. Zero debias (TF's behaviour for plain tensors): zeros, with
     a zero ``local_step`` scalar of the same dtype. ``out`` (``first``'s shape, ``dtype``) holds
-    the shadow instead of a new array.
+    the shadow instead of a new array; it may be ``first`` itself, which then is not copied.
     """
     value = np.empty(first.shape, dtype=dtype) if out is None else out
     if zero_debias:
         value.fill(0)
         return ShadowState(value=value, local_step=np.zeros((), dtype=dtype))
-    np.copyto(value, first, casting="safe")
+    if value is not first:
+        np.copyto(value, first, casting="safe")
     return ShadowState(value=value)
 
 

@@ -5,7 +5,8 @@ float64 sums of the linear profiles and the CRC-32C of TensorBundle inputs.
 runs on x86-64 CPUs with AVX2 and F16C (2013 onwards) and gives bit for bit what numpy gives:
 
 * ``convert`` casts float16 <-> float32 with F16C instead of numpy's element-at-a-time software
-  cast (about 3 ns per element each way);
+  cast (about 3 ns per element each way), and bfloat16 <-> float32 8 elements at a time instead
+  of ml_dtypes' one (0.4 ns per element);
 * ``updater`` gives TF's ``s = s - (s - x) * c`` in one pass instead of numpy's three, reading
   a float16 or bfloat16 ``x`` directly; under ``--precision native`` it also replaces numpy's
   and ml_dtypes' element-at-a-time float16/bfloat16 arithmetic;
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Union
@@ -73,26 +75,49 @@ def describe() -> str:
     return "numpy (this CPU lacks AVX2 or F16C)"
 
 
-def convert(src: Array, out: Array) -> None:
-    """``out[...] = src`` with numpy's rounding (nearest, ties to even), for same-size arrays.
+#: ml_dtypes' bfloat16, once a bfloat16 array has been seen (an import of ml_dtypes here would
+#: cost every command its start-up; any bfloat16 array means it is imported already).
+_bfloat16: np.dtype[np.generic] | None = None
 
-    float16 -> float32 and float32 -> float16 between C-contiguous arrays go through the C
+
+def _is_bfloat16(dtype: np.dtype[np.generic]) -> bool:
+    global _bfloat16
+    if _bfloat16 is None:
+        ml_dtypes = sys.modules.get("ml_dtypes")
+        if ml_dtypes is None:
+            return False
+        _bfloat16 = np.dtype(ml_dtypes.bfloat16)
+    return dtype == _bfloat16
+
+
+def convert(src: Array, out: Array) -> None:
+    """``out[...] = src`` with numpy's (or ml_dtypes') rounding (nearest, ties to even), for
+    same-size arrays.
+
+    float16 and bfloat16 to and from float32, between C-contiguous arrays, go through the C
     kernel when it is enabled; every other pair is numpy's ``copyto``.
     """
-    pair = (src.dtype, out.dtype)
     if (
         _enabled
         and _kernels is not None
-        and (pair == (_F16, _F32) or pair == (_F32, _F16))
+        and src.size == out.size
         and src.flags.c_contiguous
         and out.flags.c_contiguous
-        and src.size == out.size
     ):
-        if pair[0] == _F16:
-            _kernels.half_to_float(src, out)
-        else:
-            _kernels.float_to_half(src, out)
-        return
+        if out.dtype == _F32:
+            if src.dtype == _F16:
+                _kernels.half_to_float(src, out)
+                return
+            if _is_bfloat16(src.dtype):
+                _kernels.bfloat16_to_float(src, out)
+                return
+        elif src.dtype == _F32:
+            if out.dtype == _F16:
+                _kernels.float_to_half(src, out)
+                return
+            if _is_bfloat16(out.dtype):
+                _kernels.float_to_bfloat16(src, out)
+                return
     np.copyto(out, src, casting="unsafe")
 
 

@@ -373,26 +373,23 @@ class _Replayer:
         info, size = job.info, raw.size
         arithmetic = self.arithmetic(a, info.dtype)
         work_dtype, update = arithmetic.work, arithmetic.update
-        x = raw
-        # The C update reads float16/bfloat16 blocks as they are; numpy's needs them widened,
-        # and so does the shadow's first value.
-        if work_dtype != info.dtype and (state is None or update is None):
+        zero_debias = self.averages[a].plan.settings.zero_debias
+        x = raw  # the C update reads float16/bfloat16 blocks as they are; numpy's needs them wide
+        if work_dtype != info.dtype and update is None:
             found = widened.get(work_dtype)
             if found is None:
                 found = widened[work_dtype] = self.buffer("x", work_dtype, size)
                 kernels.convert(raw, found)  # widening: exact
             x = found
         if state is None:
-            state = engine.init_state(
-                x,
-                zero_debias=self.averages[a].plan.settings.zero_debias,
-                dtype=work_dtype,
-                out=self.buffer(f"shadow-{a}", work_dtype, size),
-            )
+            shadow = self.buffer(f"shadow-{a}", work_dtype, size)
+            first = x
+            if first.dtype != work_dtype and not zero_debias:
+                kernels.convert(raw, shadow)  # the first checkpoint, widened into the shadow
+                first = shadow
+            state = engine.init_state(first, zero_debias=zero_debias, dtype=work_dtype, out=shadow)
         scratch = None if update is not None else self.buffer("scratch", work_dtype, size)
-        engine.apply(
-            state, raw if update is not None else x, arithmetic.coefficients[i], scratch, update
-        )
+        engine.apply(state, x, arithmetic.coefficients[i], scratch, update)
         writer = self.averages[a].outputs.snapshots.get(i)
         if writer is not None:
             result = engine.average(state)

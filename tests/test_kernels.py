@@ -1,9 +1,9 @@
 """The C kernels: every result bit for bit what numpy (and so TF) gives.
 
-Conversion: the f32 -> f16 direction was also checked by hand over all 2**32 float32 patterns,
-under the replay's flush-to-zero mode, with the F16C path and the portable loop (0 differences);
-the tests cover every float16 pattern, every float32 exponent with the significands that decide
-rounding, and random patterns. The fused update is checked against engine's three numpy
+Conversion: the f32 -> f16 and f32 -> bf16 directions were also checked by hand over all 2**32
+float32 patterns, under the replay's flush-to-zero mode, with the SIMD path and the portable loop
+(0 differences); the tests cover every float16 and bfloat16 pattern, every float32 exponent with
+the significands that decide rounding, and random patterns. The fused update is checked against engine's three numpy
 operations for every float16 and bfloat16 input pattern and random float32 patterns.
 """
 
@@ -27,6 +27,8 @@ from tests.conftest import load, run_cli, write_checkpoint
 kernel = kernels._kernels
 needs_kernel = pytest.mark.skipif(kernel is None, reason="ema_cli._kernels was not built")
 ALL_HALVES = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+ALL_BFLOAT16 = ALL_HALVES.view(np.uint16).view(BFLOAT16)
 
 
 def test_the_kernel_is_built_where_ci_runs() -> None:
@@ -108,18 +110,54 @@ def test_float32_rounds_to_float16_as_numpy_does(path: str, flushing: bool) -> N
     np.testing.assert_array_equal(bits(out), bits(numpy_cast(src, np.float16)))
 
 
+@pytest.mark.parametrize("flushing", [False, True], ids=["plain", "tf-mode"])
+def test_every_bfloat16_widens_as_ml_dtypes_does(path: str, flushing: bool) -> None:
+    """Subnormals stay (no DAZ on a bit shift, as in ml_dtypes), NaNs keep their payload."""
+    out = np.empty(ALL_BFLOAT16.size, np.float32)
+    with fpmode.tf_arithmetic() if flushing else contextlib.nullcontext():
+        kernels.convert(ALL_BFLOAT16, out)
+    np.testing.assert_array_equal(bits(out), bits(numpy_cast(ALL_BFLOAT16, np.float32)))
+
+
+def deciding_floats_for_bfloat16() -> np.ndarray:
+    """Every sign and exponent with the low 16 bits that decide rounding to bfloat16 (ties,
+    their neighbours, carries into the exponent), and every NaN and infinity pattern kind."""
+    high = np.arange(1 << 9, dtype=np.uint32) << 23
+    lows = {0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF, 0x10000, 0x17FFF, 0x18000, 0x18001}
+    lows |= {0x7F0000 | low for low in (0x7FFF, 0x8000, 0x8001, 0xFFFF)}  # carries
+    lows |= {0x7FFFFF, 0x400000, 0x3FFFFF, 0x400001, 0x7F8000}  # NaN payloads, quiet or not
+    low = np.array(sorted(lows), dtype=np.uint32)
+    return (high[:, None] | low[None, :]).ravel().view(np.float32)
+
+
+@pytest.mark.parametrize("flushing", [False, True], ids=["plain", "tf-mode"])
+def test_float32_rounds_to_bfloat16_as_ml_dtypes_does(path: str, flushing: bool) -> None:
+    src = deciding_floats_for_bfloat16()
+    out = np.empty(src.size, BFLOAT16)
+    with fpmode.tf_arithmetic() if flushing else contextlib.nullcontext():
+        kernels.convert(src, out)
+    np.testing.assert_array_equal(bits(out), bits(numpy_cast(src, BFLOAT16)))
+
+
 @needs_kernel
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.integers(0, (1 << 32) - 1), min_size=0, max_size=70), st.booleans())
-def test_random_float32_patterns_round_as_numpy_does(patterns: list[int], simd: bool) -> None:
-    """Any length (groups of 8 plus a tail), NaNs of any payload mixed with ordinary values."""
+@given(
+    st.lists(st.integers(0, (1 << 32) - 1), min_size=0, max_size=70),
+    st.booleans(),
+    st.sampled_from([np.dtype(np.float16), BFLOAT16]),
+)
+def test_random_float32_patterns_round_as_numpy_does(
+    patterns: list[int], simd: bool, half: np.dtype
+) -> None:
+    """Any length (groups of 8 plus a tail), NaNs of any payload mixed with ordinary values;
+    float16 as numpy rounds, bfloat16 as ml_dtypes does."""
     src = np.array(patterns, dtype=np.uint32).view(np.float32)
-    out = np.empty(src.size, np.float16)
+    out = np.empty(src.size, half)
     back = np.empty(src.size, np.float32)
     with kernels_on(simd):
         kernels.convert(src, out)
         kernels.convert(out, back)
-    np.testing.assert_array_equal(bits(out), bits(numpy_cast(src, np.float16)))
+    np.testing.assert_array_equal(bits(out), bits(numpy_cast(src, half)))
     np.testing.assert_array_equal(bits(back), bits(numpy_cast(out, np.float32)))
 
 
