@@ -555,7 +555,7 @@ def table(tools: Sequence[Tool], input_bytes: int) -> str:
     head = "| tool | wall s | peak RSS MB | x cat floor | GB/s | CPU s | min wall s |"
     rule = "|---|---:|---:|---:|---:|---:|---:|"
     if len(formats) > 1:
-        head += " per byte x safetensors |"
+        head += " per byte x safetensors |"  # (the table's own float32 row, for half types)
         rule += "---:|"
     lines = [head, rule]
 
@@ -726,6 +726,56 @@ def format_tools(
     return tools
 
 
+#: ``--half-types``: the dtypes compared with float32, each at the float32 model's parameter
+#: count and at twice it (the float32 model's bytes).
+HALF_TYPES = ("bfloat16", "float16")
+
+
+def half_type_tools(
+    args: argparse.Namespace, data: Dataset, count: int, out_dir: Path
+) -> tuple[list[Tool], list[Path]]:
+    """The cat floor and ema-cli on bfloat16 and float16 checkpoints of the same model (equal
+    parameters, half the bytes) and of a model twice its size (equal bytes), so that their
+    bytes per second are measured beside float32's in one run. Their ``fmt`` names the set;
+    also returns every file they read."""
+    tools: list[Tool] = []
+    all_files: list[Path] = []
+    for dtype in HALF_TYPES:
+        for scale, label in ((1, "equal params"), (2, "equal bytes")):
+            half = Dataset(args.data, scale * args.params, dtype, False, args.shards, args.align)
+            half.ensure(count)
+            files = half.files(count)
+            all_files += files
+            size = sum(f.stat().st_size for f in files)
+            group = f"{dtype} {half.params / 1e6:.0f}M ({label})"
+            out = out_dir / f"ema-{half.name}.safetensors"
+            ins = [str(half.checkpoint(k)) for k in range(count)]
+            argv = [*ema_cli_command(), "average", *ins, "-o", str(out), "--decay"]
+            tools += [
+                Tool(f"cat floor, {group}", ["cat", *map(str, files)], fmt=group, input_bytes=size),
+                Tool(
+                    f"ema-cli, {group}",
+                    [*argv, str(args.decay), "-q"],
+                    out,
+                    fmt=group,
+                    input_bytes=size,
+                ),
+            ]
+    return tools, all_files
+
+
+def half_type_summary(tools: Sequence[Tool], input_bytes: int) -> str:
+    """Each half type's ema-cli bytes per second as a fraction of float32's (the target is 0.8
+    or more), or nothing without ``--half-types``."""
+    base = next((t for t in tools if t.name == "ema-cli" and t.runs), None)
+    rows = [t for t in tools if t.name.startswith("ema-cli, ") and t.fmt.split()[0] in HALF_TYPES]
+    if base is None or not rows:
+        return ""
+    speed = input_bytes / base.median_wall()
+    parts = [f"{t.fmt}: {t.input_bytes / t.median_wall() / speed:.2f}" for t in rows if t.runs]
+    return "\nema-cli's bytes/s as a fraction of float32's: " + ", ".join(parts) + "\n"
+
+
 def benchmark(
     args: argparse.Namespace, data: Dataset, count: int, with_peers: bool, verify: bool
 ) -> dict[str, object]:
@@ -753,6 +803,11 @@ def benchmark(
             converted.ensure(count)
             tools += format_tools(args, converted, count, out_dir)
             all_files += converted.files(count)
+    if getattr(args, "half_types", False):
+        half, half_files = half_type_tools(args, data, count, out_dir)
+        tools += half
+        all_files += half_files
+        title += "; bfloat16 and float16 beside it"
     if len(formats) > 1:
         title += f"; input formats {', '.join(formats)}"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
@@ -771,7 +826,10 @@ def benchmark(
             others += [
                 t.name
                 for t in tools
-                if t.name.startswith("ema-cli") and t is not ema and t.name not in singles
+                if t.name.startswith("ema-cli")
+                and t is not ema
+                and t.name not in singles
+                and t.fmt in INPUT_FORMATS  # the half types' averages are other numbers
             ]
             for other in others:
                 peer = by_name.get(other)
@@ -800,6 +858,7 @@ def benchmark(
         load += " (other work competed for the CPUs: wall times are pessimistic)"
     text = f"### {title}\n\n{table(tools, input_bytes)}\n\n{load}\n"
     text += sweep_summary(tools)
+    text += half_type_summary(tools, input_bytes)
     for other, verdict in checks.items():
         text += f"\n{ema.name} output vs {other}: {verdict}"
     for line in sweep_checks:
@@ -1232,6 +1291,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "library with the GIL released, 1 and 2 threads) instead of the replay",
     )
     parser.add_argument(
+        "--half-types",
+        action="store_true",
+        help="add bfloat16 and float16 checkpoints of the same model and of twice its "
+        "parameters (float32's bytes), each with its cat floor, interleaved with the float32 "
+        "rows: their bytes/s as a fraction of float32's",
+    )
+    parser.add_argument(
         "--arithmetic",
         action="store_true",
         help="measure each average's C update alone (blocks in memory; the model times "
@@ -1239,6 +1305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, help="also write the raw measurements here")
     args = parser.parse_args(argv)
+    if args.half_types and (args.dtype != "float32" or args.sharded):
+        parser.error("--half-types compares with float32 single files: drop --dtype/--sharded")
     args.data = args.data.resolve()
 
     info = machine()
