@@ -37,11 +37,32 @@ Array = npt.NDArray[np.generic]
 #: What the CRC kernel reads: any C-contiguous buffer.
 Buffer = Union[bytes, bytearray, memoryview, "npt.NDArray[Any]"]
 
+#: Every function of the C module this file calls. A build from an older ``_kernels.c`` (an
+#: in-place upgrade whose compile failed keeps the old module: ``setup.py`` makes the build
+#: optional) lacks some, and is then not used at all rather than failing mid-replay.
+REQUIRED = (
+    "half_to_float",
+    "float_to_half",
+    "bfloat16_to_float",
+    "float_to_bfloat16",
+    "ema_update",
+    "ema_update_native",
+    "sum_update",
+    "sum_finish",
+    "crc32c",
+    "crc32c_level",
+    "set_hardware",
+)
+
 _kernels: ModuleType | None
+_stale = False
 try:
     _kernels = importlib.import_module("ema_cli._kernels")
 except ImportError:  # built without a C compiler
     _kernels = None
+else:
+    if not all(hasattr(_kernels, name) for name in REQUIRED):
+        _kernels, _stale = None, True
 
 #: Set to 1 to run on numpy even where the kernels are available (benchmarks, debugging).
 DISABLE_ENV = "EMA_CLI_NO_KERNELS"
@@ -64,10 +85,16 @@ def _hardware() -> bool:
 _enabled = _hardware()
 
 
+_CRC_LOOPS = {0: "portable", 1: "SSE4.2 crc32", 2: "AVX-512 VPCLMULQDQ"}
+
+
 def describe() -> str:
     """What runs the hot loops here, with the reason when it is numpy (shown by ``--version``)."""
-    if _enabled:
-        return "C kernels (AVX2, F16C)"
+    if _enabled and _kernels is not None:
+        crc = _CRC_LOOPS.get(_kernels.crc32c_level(), "?")
+        return f"C kernels (AVX2, F16C; crc32c: {crc})"
+    if _stale:
+        return "numpy (the C kernels are from an older ema-cli: reinstall to rebuild them)"
     if _kernels is None:
         return "numpy (the C kernels were not built: install with a C compiler present)"
     if os.environ.get(DISABLE_ENV):

@@ -10,7 +10,9 @@ operations for every float16 and bfloat16 input pattern and random float32 patte
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -399,3 +401,24 @@ def test_sum_finish_only_where_it_applies() -> None:
     if kernel is not None:
         with pytest.raises(ValueError, match="do not match"):
             kernel.sum_finish(value, np.empty(15, np.float32), 2.0)
+
+
+def test_a_stale_build_is_not_used() -> None:
+    """A C module built from an older ``_kernels.c`` (a failed compile leaves it in place)
+    lacks functions of today's: numpy runs instead, and ``--version`` says why."""
+    code = (
+        "import sys, types\n"
+        "stale = types.ModuleType('ema_cli._kernels')\n"
+        "stale.set_hardware = lambda flag: True\n"
+        "stale.half_to_float = stale.float_to_half = stale.ema_update = lambda *a: None\n"
+        "sys.modules['ema_cli._kernels'] = stale\n"
+        "from ema_cli import kernels\n"
+        "print(kernels._enabled, kernels.updater(kernels._F32, kernels._F16), kernels.describe())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != kernels.DISABLE_ENV}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert done.stdout.strip() == (
+        "False None numpy (the C kernels are from an older ema-cli: reinstall to rebuild them)"
+    )
