@@ -30,6 +30,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import ml_dtypes
 import numpy as np
@@ -134,7 +135,7 @@ def write_safetensors(
         f.write(len(text).to_bytes(8, "little"))
         f.write(text)
         for *_, data in entries:
-            f.write(memoryview(np.ascontiguousarray(data).view(np.uint8)))
+            f.write(np.ascontiguousarray(data).view(np.uint8).data)
     tmp.replace(path)
 
 
@@ -221,7 +222,7 @@ class Dataset:
         pool = pool.astype(NP_DTYPES[self.dtype], copy=False)
         positions = np.arange(MAX_POSITIONS, dtype=np.int64)
         for k in range(have, count):
-            entries = []
+            entries: list[tuple[str, str, tuple[int, ...], np.ndarray]] = []
             offset = SHIFT * k
             for name, kind, shape in self.spec:
                 if kind == "int64":
@@ -914,12 +915,13 @@ def check_flat(args: argparse.Namespace) -> list[dict[str, object]]:
         if not ema["maxrss_kb"]:
             lines.append(f"| {r['title']} | | {ema['note']} | | |")
             continue
-        wall = statistics.median(ema["walls"])
+        wall = float(statistics.median(ema["walls"]))
         ratio = wall / statistics.median(cat["walls"])
         mb = statistics.median(ema["maxrss_kb"]) / 1024
         rss.append(mb)
         lines.append(
-            f"| {r['count']} x {r['params'] / 1e6:.1f}M | {r['input_bytes'] / 1e9:.2f} | "
+            f"| {r['count']} x {cast(int, r['params']) / 1e6:.1f}M | "
+            f"{cast(int, r['input_bytes']) / 1e9:.2f} | "
             f"{wall:.2f} | {ratio:.2f} | {mb:.0f} |"
         )
     if len(rss) == 3:
@@ -1037,7 +1039,7 @@ def crc_speed(repeats: int) -> list[dict[str, object]]:
     def without_gil(buffer: np.ndarray) -> int:
         value, address = 0, buffer.__array_interface__["data"][0]
         for start in range(0, size, block):
-            value = nogil(value, address + start, block)  # type: ignore[misc, operator]
+            value = nogil(value, address + start, block)  # type: ignore[operator]
         return value
 
     ours = kernels.crc32c_kernel()  # ema-cli's own, when its C kernels are built and enabled
@@ -1181,7 +1183,10 @@ def machine() -> dict[str, str]:
 def simd_level() -> str:
     """The best of numpy's dispatch targets this CPU runs (what its vectorised loops use)."""
     try:
-        from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+        from numpy._core._multiarray_umath import (  # type: ignore[import-not-found]
+            __cpu_dispatch__,
+            __cpu_features__,
+        )
     except ImportError:
         return "unknown"
     found = [name for name in __cpu_dispatch__ if __cpu_features__.get(name)]
