@@ -757,7 +757,8 @@ def half_type_tools(
     all_files: list[Path] = []
     for dtype in HALF_TYPES:
         for scale, label in ((1, "equal params"), (2, "equal bytes")):
-            half = Dataset(args.data, scale * args.params, dtype, False, args.shards, args.align)
+            params = scale * data.params_target
+            half = Dataset(args.data, params, dtype, False, args.shards, args.align)
             half.ensure(count)
             files = half.files(count)
             all_files += files
@@ -784,8 +785,10 @@ def half_type_summary(tools: Sequence[Tool], input_bytes: int) -> str:
     or more), or nothing without ``--half-types``."""
     base = next((t for t in tools if t.name == "ema-cli" and t.runs), None)
     rows = [t for t in tools if t.name.startswith("ema-cli, ") and t.fmt.split()[0] in HALF_TYPES]
-    if base is None or not rows:
+    if not rows:
         return ""
+    if base is None:
+        return "\nno float32 ema-cli row ran (safetensors): no fractions of its bytes/s\n"
     speed = input_bytes / base.median_wall()
     parts = [f"{t.fmt}: {t.input_bytes / t.median_wall() / speed:.2f}" for t in rows if t.runs]
     return "\nema-cli's bytes/s as a fraction of float32's: " + ", ".join(parts) + "\n"
@@ -1146,7 +1149,7 @@ def arithmetic_speed(repeats: int, elements: int) -> list[dict[str, object]]:
 
     print(f"{passes * block / 1e6:.0f}M element-updates (the model x its checkpoint count), blocks")
     print(f"of {block} elements already in memory, best of {repeats}\n")
-    print("| average | CPU s, 1 thread | wall s, 2 threads doing it twice | 2-thread speed-up |")
+    print("| average | s, 1 thread | s, 2 threads doing it twice | 2-thread speed-up |")
     print("|---|---:|---:|---:|")
     rows = []  # (normal values, no subnormals: the threads' floating-point mode does not matter)
     for name, (source, update) in ARITHMETIC.items():

@@ -834,7 +834,8 @@ class Accumulator:
             return False
         if self.kind == "recurrence":
             if k == 0:
-                np.copyto(value, x, casting="unsafe")  # widening: exact, no warnings
+                with np.errstate(invalid="ignore"):  # a signalling NaN is kept, silently
+                    np.copyto(value, x, casting="unsafe")  # widening: exact
             else:
                 fused(value, x, self.coefficients[k], kernels.SUM_RECURRENCE)
         elif self.coefficients[k] == 1.0:
@@ -954,6 +955,19 @@ class Accumulator:
 
 
 _QUIET = np.uint64(0x0008000000000000)
+#: The bits above which a float16 or bfloat16 value (sign cleared) is a NaN: infinity's.
+_HALF_INFINITY = {"float16": np.uint16(0x7C00), "bfloat16": np.uint16(0x7F80)}
+
+
+def _isnan(x: npt.NDArray[np.generic]) -> npt.NDArray[np.bool_]:
+    """``np.isnan(x)``; for float16 and bfloat16 from the bits, which is 2-3x faster than
+    numpy's and ml_dtypes' ``isnan`` on those dtypes."""
+    found: npt.NDArray[np.bool_]
+    if x.dtype.itemsize == 2:
+        found = (x.view(np.uint16) & np.uint16(0x7FFF)) > _HALF_INFINITY[x.dtype.name]
+    else:
+        found = np.isnan(x)
+    return found
 
 
 @dataclass(frozen=True)
@@ -979,7 +993,7 @@ class _NaNs:
     def of(cls, value: Float64Array, x: npt.NDArray[np.generic]) -> _NaNs | None:
         """The NaNs of ``value`` (the state's value lane) and ``x``; None where neither holds
         one (the common case: two passes of ``isnan``)."""
-        in_state, in_x = np.isnan(value), np.isnan(x)
+        in_state, in_x = np.isnan(value), _isnan(x)
         if not (in_state.any() or in_x.any()):
             return None
         widened = x[in_x].astype(np.float64)  # exact; a NaN keeps its payload's top bits

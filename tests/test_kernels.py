@@ -121,6 +121,25 @@ def test_every_bfloat16_widens_as_ml_dtypes_does(path: str, flushing: bool) -> N
     np.testing.assert_array_equal(bits(out), bits(numpy_cast(ALL_BFLOAT16, np.float32)))
 
 
+@needs_kernel
+def test_bfloat16_conversions_run_in_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests above would pass on numpy's cast too: here the C functions must be called."""
+    calls = []
+    for name in ("bfloat16_to_float", "float_to_bfloat16"):
+        real = getattr(kernel, name)
+
+        def spy(src: np.ndarray, dst: np.ndarray, real: object = real, name: str = name) -> None:
+            calls.append(name)
+            real(src, dst)  # type: ignore[operator]
+
+        monkeypatch.setattr(kernel, name, spy)
+    with kernels_on(True):
+        wide = np.empty(ALL_BFLOAT16.size, np.float32)
+        kernels.convert(ALL_BFLOAT16, wide)
+        kernels.convert(wide, np.empty(wide.size, BFLOAT16))
+    assert calls == ["bfloat16_to_float", "float_to_bfloat16"]
+
+
 def deciding_floats_for_bfloat16() -> np.ndarray:
     """Every sign and exponent with the low 16 bits that decide rounding to bfloat16 (ties,
     their neighbours, carries into the exponent), and every NaN and infinity pattern kind."""

@@ -617,24 +617,44 @@ def test_colliding_nans_give_the_same_nan_on_every_path(
 
     one = int(np.array(1.0, dtype=dtype).view(uint))
     inf = int(np.array(np.inf, dtype=dtype).view(uint))
+    signalling = inf | 1  # a NaN without the quiet bit: arithmetic quiets it
     # lane 0: a NaN of another payload in each checkpoint, the last one negative; lane 1: one
-    # NaN, in the second; lane 2: +inf, -inf (their sum is the default NaN, negative), a NaN
+    # NaN, in the second; lane 2: +inf, -inf (their sum is the default NaN, negative), a NaN;
+    # lane 3: a signalling NaN first, numbers after it
     checkpoints = [
-        bits(nan | 1, one, inf),
-        bits(nan | 2, nan | 2, inf | sign),
-        bits(nan | 3 | sign, one, nan | 3),
+        bits(nan | 1, one, inf, signalling),
+        bits(nan | 2, nan | 2, inf | sign, one),
+        bits(nan | 3 | sign, one, nan | 3, one),
     ]
     if kind == "sum":
         accumulator = P.Accumulator("sum", (1.0, 0.5, 0.25), (1.75, 0.0))
-        want = [nan | 1, nan | 2, default]  # the first NaN each lane saw stays
+        want = [nan | 1, nan | 2, default, nan | 1]  # the first NaN each lane saw stays
     else:
         accumulator = P.Accumulator("recurrence", (0.0, 0.5, 0.5))
-        want = [nan | 3 | sign, nan | 2, nan | 3]  # a checkpoint's NaN replaces the state's
+        # a checkpoint's NaN replaces the state's
+        want = [nan | 3 | sign, nan | 2, nan | 3, nan | 1]
     if name == "bfloat16":  # ml_dtypes' rounding to bfloat16 keeps a NaN's sign, not its payload
         want = [w & ~0x3F for w in want]
-    state = accumulator.new_state(24, dtype)
+    state = accumulator.new_state(32, dtype)
+    for k, x in enumerate(checkpoints):  # no warnings either (the tests make them errors)
+        accumulator.update(state, x, k)
     with np.errstate(all="ignore"):
-        for k, x in enumerate(checkpoints):
-            accumulator.update(state, x, k)
-        got = accumulator.finish(state, dtype, np.empty(24, dtype), np.empty(24))
+        got = accumulator.finish(state, dtype, np.empty(32, dtype), np.empty(32))
     assert [hex(b) for b in got.view(uint)] == [hex(w) for w in want * 8]
+
+
+def test_colliding_nans_at_numpys_lowest_dispatch_level() -> None:
+    """The test above again with numpy's SSE loops, which return the other NaN of an
+    addition: there the rule is what makes numpy's path agree with the kernel's."""
+    from tests.test_determinism import dispatch_levels
+
+    env = dict(os.environ, NPY_DISABLE_CPU_FEATURES=" ".join(dispatch_levels()))
+    test = "tests/test_profiles.py::test_colliding_nans_give_the_same_nan_on_every_path"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
