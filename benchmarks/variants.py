@@ -5,6 +5,8 @@ environment variables (each unset = ema-cli's own behaviour):
 
 - ``EMA_BENCH_WORKERS=N``: replay threads (ema-cli uses 2);
 - ``EMA_BENCH_BLOCK=BYTES``: block size (ema-cli's replay.DEFAULT_BLOCK_BYTES);
+- ``EMA_BENCH_REOPEN=1``: every worker thread opens its own reader of every checkpoint, as
+  before readers with ``thread_safe_reads`` were shared by the threads;
 - ``EMA_BENCH_PULL=1``: the worker threads pull blocks from a shared list under a lock and
   report bytes at the end, instead of one Future per block and a FIRST_COMPLETED wait (progress
   is then not incremental; a real version would pass counts through a queue).
@@ -94,9 +96,25 @@ def _pull_replay(replay_module: ModuleType, original: Replay) -> Replay:
     return replay
 
 
+def _reopen_in_every_worker(replay_module: ModuleType) -> None:
+    """The replay ignores the readers it is given for its worker threads
+    (``EMA_BENCH_REOPEN``): each thread opens its own, checked against the plan's headers."""
+    replayer_class = replay_module._Replayer
+    original = replayer_class.__post_init__
+
+    def post_init(self: Any) -> None:
+        self.shared = ()
+        original(self)
+
+    replayer_class.__post_init__ = post_init
+
+
 def main() -> None:
     env = os.environ
     from ema_cli import replay
+
+    if env.get("EMA_BENCH_REOPEN"):
+        _reopen_in_every_worker(replay)
 
     if not hasattr(replay._Replayer, "run"):
         sys.exit("variants.py: ema_cli.replay._Replayer has no run(); update variants.py")

@@ -178,6 +178,9 @@ class _Replayer:
     sources: Sequence[Source]
     #: What the plans were built from, per source (None: the plans' own tensor infos).
     headers: Sequence[Mapping[str, TensorInfo]] | None
+    #: Per source, the caller's open reader when every thread may read through it
+    #: (``CheckpointReader.thread_safe_reads``), else None: each thread opens its own.
+    shared: Sequence[CheckpointReader | None] = ()
     _resumes: list[Source | None] = field(default_factory=list)
     _arithmetic: dict[tuple[int, np.dtype[np.generic]], _Arithmetic] = field(default_factory=dict)
     _local: threading.local = field(default_factory=threading.local)
@@ -206,6 +209,10 @@ class _Replayer:
         """This worker's reader of source ``index`` (``-1 - a``: average ``a``'s resumed state),
         opened on first use and checked then to hold the tensors the plan was built from: a
         checkpoint replaced since is refused, not mixed in."""
+        if 0 <= index < len(self.shared):
+            shared = self.shared[index]
+            if shared is not None:
+                return shared  # the reader the plan was built from: nothing to check
         readers: dict[int, CheckpointReader] = self._local.__dict__.setdefault("readers", {})
         reader = readers.get(index)
         if reader is None:
@@ -489,8 +496,9 @@ def replay(
     """Run the plan, writing every output tensor; yields input bytes done after each block.
 
     ``readers`` are the checkpoints in replay order (``plan.checkpoints``), as the readers the
-    plan was built from or as ``Source`` descriptions; either way each worker reads through its
-    own reader, checked against the plan's headers. A bare writer receives the final average.
+    plan was built from or as ``Source`` descriptions. The workers read through a given reader
+    whose format allows reads from several threads (``thread_safe_reads``); otherwise each
+    worker opens its own, checked against the plan's headers. A bare writer receives the final average.
     ``resume`` (a state checkpoint written by an earlier replay with the same settings) makes
     the replay continue from that state instead of starting at the first checkpoint. The work
     is a list of independent ``Block`` items run by ``executor`` (default: ``ThreadExecutor``
@@ -527,7 +535,10 @@ def replay_averages(
     sources = [Source.of(r) for r in readers]
     opened = all(isinstance(r, CheckpointReader) for r in readers)
     headers = [r.tensors for r in readers if isinstance(r, CheckpointReader)] if opened else None
-    replayer = _Replayer(averages, sources, headers)
+    shared = [
+        r if isinstance(r, CheckpointReader) and r.thread_safe_reads else None for r in readers
+    ]
+    replayer = _Replayer(averages, sources, headers, shared)
     work = (  # generated as the executor takes them: a model's blocks are never all listed
         Block(job, start, stop)
         for job in first.tensors

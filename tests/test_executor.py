@@ -2,7 +2,9 @@
 
 A replay is a list of ``Block`` items that any executor may run in any order; each worker
 opens its own readers from picklable ``Source`` descriptions and checks them against the
-plan's headers. So a process pool or a cluster can run the same items later.
+plan's headers. So a process pool or a cluster can run the same items later. Given open
+readers of a format whose reads are thread-safe, the worker threads read through those
+instead of opening their own.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pytest
 
 from ema_cli import fpmode
 from ema_cli.errors import CheckpointError
-from ema_cli.formats import create_writer, open_checkpoint
+from ema_cli.formats import CheckpointReader, create_writer, open_checkpoint
 from ema_cli.plan import Settings, build_plan, order_checkpoints
 from ema_cli.replay import Block, Source, replay
 from tests.conftest import write_checkpoint
@@ -114,3 +116,70 @@ def test_a_checkpoint_replaced_before_the_workers_open_it_is_refused(
         for _ in replay(plan, sources, writer, block_bytes=64):
             pass
     assert not out.exists()
+
+
+def test_worker_threads_read_through_thread_safe_readers_instead_of_reopening(
+    run: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """safetensors reads are thread-safe: the workers open nothing, and the bytes are those of
+    a replay whose workers each open their own readers from ``Source``s."""
+    settings = Settings(decay=0.9)
+    ordered = order_checkpoints(run, settings)
+    readers = [open_checkpoint(Path(c.path)) for c in ordered]
+    assert all(r.thread_safe_reads for r in readers)
+    plan = build_plan(ordered, [r.tensors for r in readers], settings)
+    outputs = {}
+    opened: list[str] = []
+    real_open = Source.open
+
+    def counting_open(self: Source) -> CheckpointReader:
+        opened.append(self.path)
+        return real_open(self)
+
+    monkeypatch.setattr(Source, "open", counting_open)
+    for kind, given in (("readers", readers), ("sources", [Source(c.path) for c in ordered])):
+        out = tmp_path / f"{kind}.safetensors"
+        with create_writer(out, plan.output_tensors, {}, template=readers[-1]) as writer:
+            for _ in replay(plan, given, writer, block_bytes=64, workers=2):  # type: ignore[arg-type]
+                pass
+            writer.commit(durable=False)
+        outputs[kind] = out.read_bytes()
+        if kind == "readers":
+            assert opened == []  # no worker opened a checkpoint of its own
+    for r in readers:
+        r.close()
+    assert outputs["readers"] == outputs["sources"]
+    assert sorted(set(opened)) == sorted(c.path for c in ordered)  # Sources: each opened
+
+
+def test_readers_without_thread_safe_reads_are_opened_by_each_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """npz members may be compressed, read through a stateful inflater: each worker opens its
+    own reader, as before."""
+    paths = []
+    for step in (1, 2):
+        path = tmp_path / f"ckpt-{step}.npz"
+        np.savez_compressed(path, a=np.full((40, 7), float(step), np.float32))
+        paths.append(str(path))
+    settings = Settings(decay=0.9)
+    ordered = order_checkpoints(paths, settings)
+    readers = [open_checkpoint(Path(c.path)) for c in ordered]
+    assert not any(r.thread_safe_reads for r in readers)
+    plan = build_plan(ordered, [r.tensors for r in readers], settings)
+    opened: list[str] = []
+    real_open = Source.open
+
+    def counting_open(self: Source) -> CheckpointReader:
+        opened.append(self.path)
+        return real_open(self)
+
+    monkeypatch.setattr(Source, "open", counting_open)
+    out = tmp_path / "o.safetensors"
+    with create_writer(out, plan.output_tensors, {}) as writer:
+        for _ in replay(plan, readers, writer, block_bytes=64, workers=1):
+            pass
+        writer.commit(durable=False)
+    for r in readers:
+        r.close()
+    assert sorted(opened) == sorted(c.path for c in ordered)

@@ -140,6 +140,12 @@ class CheckpointReader(ABC):
 
     #: Short format name shown to users ("safetensors", ...).
     format_name: str = ""
+    #: Whether ``read`` may run in several threads at once on one reader: positioned reads of
+    #: its open files, and nothing else that changes without a lock. The replay's worker
+    #: threads then read through the reader the run opened, instead of each opening its own
+    #: (which parses every header again: for a checkpoint of many small tensors that took
+    #: longer than reading them).
+    thread_safe_reads: bool = False
 
     def __init__(self, path: Path) -> None:
         self.path = path

@@ -280,6 +280,7 @@ class HDF5Reader(CheckpointReader):
     """
 
     format_name = "HDF5"
+    thread_safe_reads = True  # contiguous data by positioned reads, the rest under self._lock
 
     _tensors: dict[str, TensorInfo]
     _memory_types: dict[str, h5t.TypeID]

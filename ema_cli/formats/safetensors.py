@@ -101,6 +101,7 @@ def dtype_name(dtype: np.dtype[Any]) -> str:
 
 class SafetensorsReader(CheckpointReader):
     format_name = "safetensors"
+    thread_safe_reads = True  # preadv of one descriptor; the header is parsed once, at the open
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)

@@ -311,6 +311,7 @@ class TensorBundleReader(CheckpointReader):
     """A bundle opened from its ``.index`` path (or its prefix, or a data file's path)."""
 
     format_name = "tensorbundle"
+    thread_safe_reads = True  # preadv; the CRC progress of a file is shared, behind locks
 
     def __init__(
         self,

@@ -167,6 +167,9 @@ class TorchZipReader(CheckpointReader):
     """A ``torch.save`` zip checkpoint. Tensor names are described in ``torch_pickle``."""
 
     format_name = "torch"
+    thread_safe_reads = (
+        True  # positioned reads; the strided gathers' cache is behind the reader's lock
+    )
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
