@@ -95,18 +95,13 @@ def check_members(path: Path, raw: IO[bytes], archive: zipfile.ZipFile, kind: st
         if info.flag_bits & 0x1:
             raise CheckpointError(path, f"{where} is encrypted; ema-cli cannot read it")
         try:
-            start = stored_data_offset(raw, info)
-            head = os.pread(raw.fileno(), _LOCAL_HEADER.size, info.header_offset)
-            name_length = _LOCAL_HEADER.unpack(head)[1]
-            local_name = os.pread(
-                raw.fileno(), name_length, info.header_offset + _LOCAL_HEADER.size
-            )
-        except (zipfile.BadZipFile, EOFError, OSError) as e:
-            raise CheckpointError(path, f"corrupt {kind}: {e}") from None
-        try:
             expected = info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
         except UnicodeEncodeError:
             expected = b""
+        try:
+            start, local_name = _local_header(raw.fileno(), info, len(expected))
+        except (zipfile.BadZipFile, EOFError, OSError) as e:
+            raise CheckpointError(path, f"corrupt {kind}: {e}") from None
         if local_name != expected:
             raise CheckpointError(
                 path, f"corrupt {kind}: {where}: its local header names another file"
@@ -132,14 +127,22 @@ def verify_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo, k
 
 def stored_data_offset(raw: IO[bytes], info: zipfile.ZipInfo) -> int:
     """Where a member's bytes start in the archive (after its local header)."""
-    raw.seek(info.header_offset)
-    header = raw.read(_LOCAL_HEADER.size)
+    return _local_header(raw.fileno(), info, 0)[0]
+
+
+def _local_header(fd: int, info: zipfile.ZipInfo, name_bytes: int) -> tuple[int, bytes]:
+    """A member's local header, in one positioned read (an archive's members are checked one
+    by one when it is opened): where the member's data start, and the file name the header
+    holds if it is ``name_bytes`` long (else as much of it as was read, which then differs)."""
+    header = os.pread(fd, _LOCAL_HEADER.size + name_bytes, info.header_offset)
     if len(header) < _LOCAL_HEADER.size:
         raise EOFError(f"zip member {info.filename!r}: local header is cut off")
-    signature, name_length, extra_length = _LOCAL_HEADER.unpack(header)
+    signature, name_length, extra_length = _LOCAL_HEADER.unpack_from(header)
     if signature != b"PK\x03\x04":
         raise zipfile.BadZipFile(f"zip member {info.filename!r}: bad local header")
-    return int(info.header_offset) + _LOCAL_HEADER.size + int(name_length) + int(extra_length)
+    start = int(info.header_offset) + _LOCAL_HEADER.size + int(name_length) + int(extra_length)
+    name = header[_LOCAL_HEADER.size :]
+    return start, name if name_length == name_bytes else name + b"\0"  # \0: never a match
 
 
 def copy_zip_info(info: zipfile.ZipInfo) -> zipfile.ZipInfo:
