@@ -570,7 +570,7 @@ def table(tools: Sequence[Tool], input_bytes: int) -> str:
     head = "| tool | wall s | peak RSS MB | x cat floor | GB/s | CPU s | min wall s |"
     rule = "|---|---:|---:|---:|---:|---:|---:|"
     if len(formats) > 1:
-        head += " per byte x safetensors |"  # (the table's own float32 row, for half types)
+        head += " per byte x safetensors |"  # half types: x the float32 safetensors row
         rule += "---:|"
     lines = [head, rule]
 
@@ -766,16 +766,11 @@ def half_type_tools(
             group = f"{dtype} {half.params / 1e6:.0f}M ({label})"
             out = out_dir / f"ema-{half.name}.safetensors"
             ins = [str(half.checkpoint(k)) for k in range(count)]
-            argv = [*ema_cli_command(), "average", *ins, "-o", str(out), "--decay"]
+            argv = [*ema_cli_command(), "average", *ins, "-o", str(out)]
+            argv += ["--decay", str(args.decay), "-q"]
             tools += [
                 Tool(f"cat floor, {group}", ["cat", *map(str, files)], fmt=group, input_bytes=size),
-                Tool(
-                    f"ema-cli, {group}",
-                    [*argv, str(args.decay), "-q"],
-                    out,
-                    fmt=group,
-                    input_bytes=size,
-                ),
+                Tool(f"ema-cli, {group}", argv, out, fmt=group, input_bytes=size),
             ]
     return tools, all_files
 
@@ -1110,19 +1105,23 @@ def arithmetic_speed(repeats: int, elements: int) -> list[dict[str, object]]:
     No reading, writing or per-block Python: what a sweep's extra averages cost at the least
     with these kernels."""
     import threading
+    from collections.abc import Callable
 
-    from ema_cli import kernels
+    from ema_cli import kernels, replay
 
     kernel = kernels._kernels
     if kernel is None or not kernels._enabled:
         print("the C kernels are not in use here: nothing to measure")
         return []
-    block = (1 << 20) // 4  # the replay's elements per block (replay.DEFAULT_BLOCK_BYTES)
+    block = replay.DEFAULT_BLOCK_BYTES // 4  # the replay's elements per block (float32)
     passes = max(1, elements // block)
-    modes = {"add": kernels.SUM_ADD, "mul-add": kernels.SUM_MUL_ADD}
-    modes["recurrence"] = kernels.SUM_RECURRENCE
+    modes = {
+        "add": kernels.SUM_ADD,
+        "mul-add": kernels.SUM_MUL_ADD,
+        "recurrence": kernels.SUM_RECURRENCE,
+    }
 
-    def task(source: str, update: str) -> object:
+    def task(source: str, update: str) -> Callable[[], object]:
         rng = np.random.default_rng(0)
         x = rng.standard_normal(block).astype(np.float32)
         kind = 0
@@ -1138,7 +1137,7 @@ def arithmetic_speed(repeats: int, elements: int) -> list[dict[str, object]]:
         best = math.inf
         for _ in range(repeats):
             work = [task(source, update) for _ in range(threads)]  # each thread its own block
-            workers = [threading.Thread(target=w) for w in work]  # type: ignore[arg-type]
+            workers = [threading.Thread(target=w) for w in work]
             start = time.perf_counter()
             for w in workers:
                 w.start()
@@ -1151,7 +1150,8 @@ def arithmetic_speed(repeats: int, elements: int) -> list[dict[str, object]]:
     print(f"of {block} elements already in memory, best of {repeats}\n")
     print("| average | s, 1 thread | s, 2 threads doing it twice | 2-thread speed-up |")
     print("|---|---:|---:|---:|")
-    rows = []  # (normal values, no subnormals: the threads' floating-point mode does not matter)
+    # Normal values, no subnormals: the threads' floating-point mode does not matter.
+    rows = []
     for name, (source, update) in ARITHMETIC.items():
         one, two = seconds(source, update, 1), seconds(source, update, 2)
         print(f"| {name} | {one:.3f} | {two:.3f} | {2 * one / two:.2f} |")

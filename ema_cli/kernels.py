@@ -124,28 +124,33 @@ def convert(src: Array, out: Array) -> None:
     float16 and bfloat16 to and from float32, between C-contiguous arrays, go through the C
     kernel when it is enabled; every other pair is numpy's ``copyto``.
     """
-    if (
+    kernel = _converter(src, out)
+    if kernel is not None:
+        kernel(src, out)
+        return
+    np.copyto(out, src, casting="unsafe")
+
+
+def _converter(src: Array, out: Array) -> Callable[[Array, Array], None] | None:
+    """The C function ``convert`` uses for this pair of arrays, if any."""
+    if not (
         _enabled
         and _kernels is not None
         and src.size == out.size
         and src.flags.c_contiguous
         and out.flags.c_contiguous
     ):
-        if out.dtype == _F32:
-            if src.dtype == _F16:
-                _kernels.half_to_float(src, out)
-                return
-            if _is_bfloat16(src.dtype):
-                _kernels.bfloat16_to_float(src, out)
-                return
-        elif src.dtype == _F32:
-            if out.dtype == _F16:
-                _kernels.float_to_half(src, out)
-                return
-            if _is_bfloat16(out.dtype):
-                _kernels.float_to_bfloat16(src, out)
-                return
-    np.copyto(out, src, casting="unsafe")
+        return None
+    widening = out.dtype == _F32
+    half = src.dtype if widening else out.dtype if src.dtype == _F32 else None
+    if half == _F16:
+        name = "half_to_float" if widening else "float_to_half"
+    elif half is not None and _is_bfloat16(half):
+        name = "bfloat16_to_float" if widening else "float_to_bfloat16"
+    else:
+        return None
+    kernel: Callable[[Array, Array], None] = getattr(_kernels, name)
+    return kernel
 
 
 def updater(shadow: np.dtype[np.generic], source: np.dtype[np.generic]) -> Update | None:

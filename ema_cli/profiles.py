@@ -1008,15 +1008,13 @@ class _NaNs:
         """Give each lane that held a NaN before the update the rule's NaN (a two-lane state's
         compensation there becomes 0, so ``finish`` returns that NaN)."""
         value = state[0].view(np.uint64)
-        first, second = (self.state, self.x) if first_is_state else (self.x, self.state)
-        first_nans, second_nans = (
-            (self.state_nans, self.x_nans) if first_is_state else (self.x_nans, self.state_nans)
-        )
-        only_second = second & ~first
-        value[only_second] = second_nans[only_second[second]]
-        value[first] = first_nans
+        winners = [(self.x, self.x_nans), (self.state, self.state_nans)]
+        if not first_is_state:
+            winners.reverse()
+        for lanes, nans in winners:  # the first operand's last: it wins where both were NaN
+            value[lanes] = nans
         if state.shape[0] == 2:
-            state[1][first | second] = 0.0
+            state[1][self.state | self.x] = 0.0
 
 
 def accumulator(profile: LinearProfile, steps: Sequence[int | None]) -> Accumulator:

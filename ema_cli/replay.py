@@ -380,7 +380,6 @@ class _Replayer:
         info, size = job.info, raw.size
         arithmetic = self.arithmetic(a, info.dtype)
         work_dtype, update = arithmetic.work, arithmetic.update
-        zero_debias = self.averages[a].plan.settings.zero_debias
         x = raw  # the C update reads float16/bfloat16 blocks as they are; numpy's needs them wide
         if work_dtype != info.dtype and update is None:
             found = widened.get(work_dtype)
@@ -388,7 +387,8 @@ class _Replayer:
                 found = widened[work_dtype] = self.buffer("x", work_dtype, size)
                 kernels.convert(raw, found)  # widening: exact
             x = found
-        if state is None:
+        if state is None:  # the block's first checkpoint
+            zero_debias = self.averages[a].plan.settings.zero_debias
             shadow = self.buffer(f"shadow-{a}", work_dtype, size)
             first = x
             if first.dtype != work_dtype and not zero_debias:
@@ -498,7 +498,8 @@ def replay(
     ``readers`` are the checkpoints in replay order (``plan.checkpoints``), as the readers the
     plan was built from or as ``Source`` descriptions. The workers read through a given reader
     whose format allows reads from several threads (``thread_safe_reads``); otherwise each
-    worker opens its own, checked against the plan's headers. A bare writer receives the final average.
+    worker opens its own, checked against the plan's headers. A bare writer receives the final
+    average.
     ``resume`` (a state checkpoint written by an earlier replay with the same settings) makes
     the replay continue from that state instead of starting at the first checkpoint. The work
     is a list of independent ``Block`` items run by ``executor`` (default: ``ThreadExecutor``

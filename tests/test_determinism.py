@@ -49,8 +49,9 @@ def special_values(dtype: np.dtype, rng: np.random.Generator, size: int) -> np.n
         return values.astype(dtype)
 
 
-#: Quiet-NaN bits by dtype: the quiet bit and above, and where a payload may go.
-_QUIET_NAN = {"float16": 0x7E00, "bfloat16": 0x7FC0, "float32": 0x7FC00000, "float64": 0x7FF8 << 48}
+#: Quiet-NaN bits by dtype (a payload goes in the low bits); with the sign bit, the CPU's default
+#: NaN, the one ``inf - inf`` makes.
+QUIET_NAN = {"float16": 0x7E00, "bfloat16": 0x7FC0, "float32": 0x7FC00000, "float64": 0x7FF8 << 48}
 
 
 def colliding_nans(values: np.ndarray, k: int) -> None:
@@ -61,7 +62,7 @@ def colliding_nans(values: np.ndarray, k: int) -> None:
     sign = 1 << (8 * values.dtype.itemsize - 1)
     for lane in range(4):
         payload = 1 + (k + lane) % 5  # a different payload in each checkpoint
-        bits[lane] = _QUIET_NAN[values.dtype.name] | payload | (sign if (k + lane) % 2 else 0)
+        bits[lane] = QUIET_NAN[values.dtype.name] | payload | (sign if (k + lane) % 2 else 0)
 
 
 @pytest.fixture(scope="module")

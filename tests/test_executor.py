@@ -118,8 +118,22 @@ def test_a_checkpoint_replaced_before_the_workers_open_it_is_refused(
     assert not out.exists()
 
 
+@pytest.fixture
+def worker_opens(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths the replay's workers open readers of (``Source.open``), in order."""
+    opened: list[str] = []
+    real_open = Source.open
+
+    def counting_open(self: Source) -> CheckpointReader:
+        opened.append(self.path)
+        return real_open(self)
+
+    monkeypatch.setattr(Source, "open", counting_open)
+    return opened
+
+
 def test_worker_threads_read_through_thread_safe_readers_instead_of_reopening(
-    run: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    run: list[str], tmp_path: Path, worker_opens: list[str]
 ) -> None:
     """safetensors reads are thread-safe: the workers open nothing, and the bytes are those of
     a replay whose workers each open their own readers from ``Source``s."""
@@ -129,14 +143,6 @@ def test_worker_threads_read_through_thread_safe_readers_instead_of_reopening(
     assert all(r.thread_safe_reads for r in readers)
     plan = build_plan(ordered, [r.tensors for r in readers], settings)
     outputs = {}
-    opened: list[str] = []
-    real_open = Source.open
-
-    def counting_open(self: Source) -> CheckpointReader:
-        opened.append(self.path)
-        return real_open(self)
-
-    monkeypatch.setattr(Source, "open", counting_open)
     for kind, given in (("readers", readers), ("sources", [Source(c.path) for c in ordered])):
         out = tmp_path / f"{kind}.safetensors"
         with create_writer(out, plan.output_tensors, {}, template=readers[-1]) as writer:
@@ -145,15 +151,15 @@ def test_worker_threads_read_through_thread_safe_readers_instead_of_reopening(
             writer.commit(durable=False)
         outputs[kind] = out.read_bytes()
         if kind == "readers":
-            assert opened == []  # no worker opened a checkpoint of its own
+            assert worker_opens == []  # no worker opened a checkpoint of its own
     for r in readers:
         r.close()
     assert outputs["readers"] == outputs["sources"]
-    assert sorted(set(opened)) == sorted(c.path for c in ordered)  # Sources: each opened
+    assert sorted(set(worker_opens)) == sorted(c.path for c in ordered)  # Sources: each opened
 
 
 def test_readers_without_thread_safe_reads_are_opened_by_each_worker(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, worker_opens: list[str]
 ) -> None:
     """npz members may be compressed, read through a stateful inflater: each worker opens its
     own reader, as before."""
@@ -167,14 +173,6 @@ def test_readers_without_thread_safe_reads_are_opened_by_each_worker(
     readers = [open_checkpoint(Path(c.path)) for c in ordered]
     assert not any(r.thread_safe_reads for r in readers)
     plan = build_plan(ordered, [r.tensors for r in readers], settings)
-    opened: list[str] = []
-    real_open = Source.open
-
-    def counting_open(self: Source) -> CheckpointReader:
-        opened.append(self.path)
-        return real_open(self)
-
-    monkeypatch.setattr(Source, "open", counting_open)
     out = tmp_path / "o.safetensors"
     with create_writer(out, plan.output_tensors, {}) as writer:
         for _ in replay(plan, readers, writer, block_bytes=64, workers=1):
@@ -182,4 +180,4 @@ def test_readers_without_thread_safe_reads_are_opened_by_each_worker(
         writer.commit(durable=False)
     for r in readers:
         r.close()
-    assert sorted(opened) == sorted(c.path for c in ordered)
+    assert sorted(worker_opens) == sorted(c.path for c in ordered)

@@ -3,8 +3,9 @@
 Conversion: the f32 -> f16 and f32 -> bf16 directions were also checked by hand over all 2**32
 float32 patterns, under the replay's flush-to-zero mode, with the SIMD path and the portable loop
 (0 differences); the tests cover every float16 and bfloat16 pattern, every float32 exponent with
-the significands that decide rounding, and random patterns. The fused update is checked against engine's three numpy
-operations for every float16 and bfloat16 input pattern and random float32 patterns.
+the significands that decide rounding, and random patterns. The fused update is checked against
+engine's three numpy operations for every float16 and bfloat16 input pattern and random float32
+patterns.
 """
 
 from __future__ import annotations

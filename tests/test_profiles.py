@@ -588,10 +588,6 @@ def test_importing_profiles_stays_light() -> None:
     assert proc.stdout.strip() == "[]"
 
 
-#: Quiet NaNs with payload p, and the CPU's default NaN (what ``inf - inf`` makes), by dtype.
-_NAN_BITS = {"float16": 0x7E00, "bfloat16": 0x7FC0, "float32": 0x7FC00000, "float64": 0x7FF8 << 48}
-
-
 @pytest.mark.parametrize("kernels_on", [True, False], ids=["kernels", "numpy"])
 @pytest.mark.parametrize("kind", ["sum", "recurrence"])
 @pytest.mark.parametrize("name", ["float16", "bfloat16", "float32", "float64"])
@@ -602,6 +598,7 @@ def test_colliding_nans_give_the_same_nan_on_every_path(
     in the recurrence), whether the C kernel or numpy's passes compute it, at any of numpy's
     dispatch levels (``test_determinism`` runs those); worked out here by hand."""
     from ema_cli import kernels
+    from tests.test_determinism import QUIET_NAN
 
     if not kernels_on:
         monkeypatch.setattr(kernels, "_enabled", False)
@@ -610,7 +607,7 @@ def test_colliding_nans_give_the_same_nan_on_every_path(
     dtype = P._dtype(name)
     uint = np.dtype(f"u{dtype.itemsize}")
     sign = 1 << (8 * dtype.itemsize - 1)
-    nan, default = _NAN_BITS[name], _NAN_BITS[name] | sign
+    nan, default = QUIET_NAN[name], QUIET_NAN[name] | sign
 
     def bits(*values: int) -> np.ndarray:  # 8 times over: numpy's SIMD loops (and their NaN
         return np.tile(np.array(values, dtype=uint), 8).view(dtype)  # rules) need 8 or more

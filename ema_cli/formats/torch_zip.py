@@ -167,9 +167,8 @@ class TorchZipReader(CheckpointReader):
     """A ``torch.save`` zip checkpoint. Tensor names are described in ``torch_pickle``."""
 
     format_name = "torch"
-    thread_safe_reads = (
-        True  # positioned reads; the strided gathers' cache is behind the reader's lock
-    )
+    #: Positioned reads; the strided gathers' cache is behind the reader's lock.
+    thread_safe_reads = True
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
