@@ -1088,7 +1088,7 @@ def crc_speed(repeats: int) -> list[dict[str, object]]:
 
 #: ``--arithmetic``'s rows: what one checkpoint's block costs each kind of average, as the
 #: replay calls the C kernels (source kind, and the update of a float32 shadow ``s`` or a float64
-#: sum ``a``; 0.999 and 0.1 stand for any coefficient and weight).
+#: sum ``a``; 0.001 and 0.1 stand for any coefficient and weight).
 ARITHMETIC = {
     "--decay (TF's update), float32 checkpoint": ("float32", "ema"),
     "--decay (TF's update), bfloat16 checkpoint": ("bfloat16", "ema"),
