@@ -50,6 +50,7 @@ REQUIRED = (
     "sum_update",
     "sum_finish",
     "crc32c",
+    "crc32c_combine",
     "crc32c_level",
     "set_hardware",
 )
@@ -85,7 +86,7 @@ def _hardware() -> bool:
 _enabled = _hardware()
 
 
-_CRC_LOOPS = {0: "portable", 1: "SSE4.2 crc32", 2: "AVX-512 VPCLMULQDQ"}
+_CRC_LOOPS = {0: "portable", 1: "SSE4.2 crc32", 2: "AVX2 VPCLMULQDQ", 3: "AVX-512 VPCLMULQDQ"}
 
 
 def describe() -> str:
@@ -235,9 +236,20 @@ def crc32c_kernel() -> Callable[[Buffer, int], int] | None:
     CRC-32C of what came before, 0 to start) over the bytes of ``data``, any C-contiguous
     buffer (``ValueError``/``BufferError`` for others), as ``formats.tensorbundle_crc.crc32c``
     does. Where the kernels are enabled the CPU has SSE4.2 (it has AVX2), so this runs the
-    crc32 instruction, or VPCLMULQDQ where the CPU has it and AVX-512;
+    crc32 instruction, or VPCLMULQDQ where the CPU has it (with AVX2 alongside crc32, or
+    AVX-512);
     ``_kernels.crc32c_level`` and ``set_hardware(False)`` (tests) select a slower loop."""
     if not _enabled or _kernels is None:
         return None
     kernel: Callable[[Buffer, int], int] = _kernels.crc32c
+    return kernel
+
+
+def crc32c_combine_kernel() -> Callable[[int, int, int], int] | None:
+    """The C ``crc32c_combine(crc_a, crc_b, len_b)`` (the CRC-32C of two pieces joined, as
+    ``formats.tensorbundle_crc.crc32c_combine`` computes it in Python), or None without
+    kernels."""
+    if not _enabled or _kernels is None:
+        return None
+    kernel: Callable[[int, int, int], int] = _kernels.crc32c_combine
     return kernel

@@ -1,7 +1,9 @@
 """CRC-32C: every implementation ``tensorbundle_crc.crc32c`` may use gives the same values.
 
 The implementations, in the order ``crc32c`` prefers them: the C kernel's AVX-512 VPCLMULQDQ
-loop (256-byte folds from 1 KiB, then the crc32 loop for the rest), its SSE4.2 loop (three
+loop (256-byte folds from 1 KiB, then the crc32 loop for the rest), its AVX2 VPCLMULQDQ loop
+(the same folds on ymm, with the crc32 instruction over three streams of the rest alongside
+from 1792 bytes), its SSE4.2 loop (three
 interleaved streams of 8 KiB, then of 256 bytes, then one), its portable loop (slicing-by-8,
 what a CPU without SSE4.2 runs), google-crc32c, and the pure-Python table loop.
 Each is checked against the pure-Python reference and google-crc32c: random bytes, split
@@ -36,18 +38,21 @@ except ImportError:
 
 kernel = kernels._kernels
 #: The C kernel's loops by the level ``_kernels.crc32c_level`` gives them.
-KERNEL_LEVELS = {"vpclmul": 2, "sse42": 1, "portable": 0}
+KERNEL_LEVELS = {"vpclmul512": 3, "vpclmul256": 2, "sse42": 1, "portable": 0}
 IMPLEMENTATIONS = [*KERNEL_LEVELS, "google", "python"]
 # The SSE4.2 loop's chunks: 3 streams of 8 KiB, then 3 of 256 bytes, then one stream of 8-byte
 # words, then bytes; it first steps bytes up to an 8-byte boundary. The VPCLMULQDQ loop folds
 # 256 bytes at a time from 1 KiB and leaves the rest (< 256 bytes) to the SSE4.2 loop.
-LONG, SHORT, FOLD = 3 * 8192, 3 * 256, 256
+# The AVX2 loop's passes each fold 256 bytes and take 64 bytes of each of three streams, from 4
+# passes (1792 bytes) on; the rest after the streams goes to the SSE4.2 loop.
+LONG, SHORT, FOLD, PASS = 3 * 8192, 3 * 256, 256, 256 + 3 * 64
 BASES = (0, 8, SHORT, 2 * SHORT, LONG, LONG + SHORT, 2 * LONG, 2 * LONG + 3 * SHORT)
 BASES_FOLD = (4 * FOLD, 5 * FOLD, 6 * FOLD - SHORT // 2, 64 * FOLD + SHORT)
+BASES_PASS = (4 * PASS, 5 * PASS, 5 * PASS - 1, 4 * PASS + FOLD, 100 * PASS + SHORT)
 BOUNDARIES = sorted(
     {
         base + delta
-        for base in (*BASES, *BASES_FOLD)
+        for base in (*BASES, *BASES_FOLD, *BASES_PASS)
         for delta in (-9, -8, -7, -1, 0, 1, 7, 8, 9)
         if base + delta >= 0
     }
@@ -181,6 +186,41 @@ def test_multi_megabyte_buffers(name: str) -> None:
         for block in blocks:
             combined = crc32c_combine(combined, crc32c(block), block.nbytes)
         assert combined == expected
+
+
+@pytest.mark.parametrize("name", ["sse42", "python"])
+def test_combining_pieces_of_any_length(name: str) -> None:
+    """``crc32c_combine`` (C where the kernels are, else Python) against the checksum of the
+    joined bytes: pieces of 1 GiB and more too (zero pages: no memory is used), where the
+    Python one was wrong until 2026-12-02 (it took x^(2^k) to repeat every 32 k)."""
+    head = random_bytes(3, 1000)
+    cases = []
+    with implementation("sse42"):  # the checksums themselves, fast
+        for length in (0, 1, 9, 1 << 20, (1 << 30) + 5):
+            tail = np.zeros(length, np.uint8)
+            tail[-1:] = 7
+            cases.append((length, crc32c(tail), crc32c(tail, crc32c(head))))
+        head_crc = crc32c(head)
+    with implementation(name):
+        for length, tail_crc, joined in cases:
+            assert crc32c_combine(head_crc, tail_crc, length) == joined, length
+
+
+def test_the_c_combine_agrees_with_python_at_any_length() -> None:
+    """The C ``crc32c_combine`` against the Python one over random CRCs and lengths up to
+    2^59 bytes (both are checked against real checksums above), and its refusals."""
+    with implementation("sse42"):
+        combine = kernels.crc32c_combine_kernel()
+        assert combine is not None
+        rng = np.random.default_rng(4)
+        for _ in range(300):
+            a, b = (int(v) for v in rng.integers(0, 1 << 32, 2))
+            length = int(rng.integers(0, 1 << 59))
+            assert combine(a, b, length) == crc_module.crc32c_combine_python(a, b, length)
+        with pytest.raises((ValueError, OverflowError)):
+            combine(1 << 32, 0, 1)
+        with pytest.raises((ValueError, OverflowError)):
+            combine(0, 0, 1 << 61)
 
 
 def test_the_python_reference_over_a_long_chunk() -> None:

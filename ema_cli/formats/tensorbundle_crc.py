@@ -7,19 +7,40 @@
 - ``crc32c_combine(crc_a, crc_b, len_b) == crc32c(a + b)``: the checksum of two pieces computed
   apart, so blocks that arrive in any order, from any thread, still give the whole tensor's CRC
   without reading it twice. It multiplies ``crc_a`` by ``x^(8 * len_b)`` modulo the polynomial
-  in GF(2) (the method of zlib's ``crc32_combine``); the power is cached per length, so
-  combining equal-sized blocks costs a 32-step loop each.
+  in GF(2) (the method of zlib's ``crc32_combine``): in C where the kernels are (0.3 us a
+  call, against 5 us in Python, where the power is cached per length).
 
 What computes it, first that is available:
 
 1. ema-cli's own C kernel (``kernels.crc32c_kernel``, in ``_kernels.c``), wherever the C
    kernels are built and enabled (x86-64 with AVX2, so SSE4.2 too), with the GIL released from
    8 KiB: where the CPU has AVX-512 VPCLMULQDQ (Ice Lake, Zen 4 and later), buffers of 1 KiB
-   and more are folded 256 bytes at a time by carry-less multiplication; otherwise the
-   ``crc32`` instruction runs over three interleaved streams (its latency is 3 cycles, its
-   throughput 1 per cycle, 8 bytes), joined by precomputed shift tables. Measured 2026-12-02
-   on a 2-vCPU KVM guest reporting "Intel(R) Xeon(R) Processor" (AVX-512, AMX; not the AMD
-   EPYC Zen 4 of the RESULTS.md entries), load 1-2.8 from another benchmark, numpy uint8
+   and more are folded 256 bytes at a time by carry-less multiplication; where it has
+   VPCLMULQDQ with AVX2 only (Zen 3, Alder Lake), the same folds run on 256-bit registers
+   while the ``crc32`` instruction takes three streams of the rest alongside (from 1792 bytes;
+   the vector and integer units work at once); otherwise the ``crc32`` instruction runs over
+   three interleaved streams (its latency is 3 cycles, its throughput 1 per cycle, 8 bytes),
+   joined by precomputed shift tables. The loops by ``_kernels.crc32c_level``, GB/s (random
+   numpy buffers re-read from cache, best of 5; 2-vCPU KVM guests, idle):
+
+   ============================================  =======  =====  =====  =====
+   machine, buffer                               AVX-512  AVX2   crc32  table
+   ============================================  =======  =====  =====  =====
+   AMD EPYC Zen 3 (no AVX-512), 64 KiB           --       26.4   19.9   --
+   AMD EPYC Zen 3 (no AVX-512), 1 MiB            --       35.2   23.7   --
+   AMD EPYC Zen 3 (no AVX-512), 64 MiB           --       23.4   16.9   --
+   AMD EPYC Zen 4 (family 25 model 17), 4 KiB    19.0     15.7   13.8   2.1
+   AMD EPYC Zen 4, 64 KiB                        49.1     36.7   24.4   2.2
+   AMD EPYC Zen 4, 1 MiB                         54.6     40.7   27.7   2.2
+   AMD EPYC Zen 4, 64 MiB                        33.7     23.6   14.8   2.2
+   ============================================  =======  =====  =====  =====
+
+   (Zen 3 measured 2026-12-02, before the join of the AVX2 loop's four registers took
+   carry-less multiplications, which lifted its 4 KiB figure on Zen 4 from 10.1 to 15.7; Zen 4
+   2026-12-03.) The AVX2 folds alone, without the crc32 streams, were no faster than crc32 x 3
+   on Zen 3 (24.5 against 23.6 GB/s at 1 MiB). Earlier (2026-12-02), on a 2-vCPU KVM guest
+   reporting "Intel(R) Xeon(R) Processor" (AVX-512, AMX; not the AMD EPYC Zen 4 of the
+   RESULTS.md entries), load 1-2.8 from another benchmark, numpy uint8
    buffers, ``time.perf_counter``, best / median of 9-15 alternated timings, in GB/s:
 
    ================================  ==========  ===========  =============
@@ -144,9 +165,11 @@ def _multiply(a: int, b: int) -> int:
 
 
 def _square_powers() -> tuple[int, ...]:
-    """``x^(2^k)`` modulo the polynomial for k = 0..31 (they cycle with period dividing 32)."""
+    """``x^(2^k)`` modulo the polynomial for k = 0..63, each the square of the one before.
+    (They do not repeat with period 32: until 2026-12-02 this assumed so, which gave wrong
+    combined CRCs for pieces of 2^30 bytes and more.)"""
     powers = [1 << 30]  # x^1
-    for _ in range(31):
+    for _ in range(63):
         powers.append(_multiply(powers[-1], powers[-1]))
     return tuple(powers)
 
@@ -158,11 +181,13 @@ _X2N = _square_powers()
 def _shift_operator(nbytes: int) -> int:
     """``x^(8 * nbytes)`` modulo the polynomial: multiplying a CRC by it appends ``nbytes``
     zero bytes to its message (without the pre/post conditioning, which cancels out)."""
+    if nbytes >= 1 << 60:
+        raise ValueError(f"crc32c_combine: a piece of {nbytes} bytes")
     power = 1 << 31  # x^0
     k = 3  # 8 = 2^3 bits per byte
     while nbytes:
         if nbytes & 1:
-            power = _multiply(_X2N[k & 31], power)
+            power = _multiply(_X2N[k], power)
         nbytes >>= 1
         k += 1
     return power
@@ -170,6 +195,16 @@ def _shift_operator(nbytes: int) -> int:
 
 def crc32c_combine(crc_a: int, crc_b: int, len_b: int) -> int:
     """``crc32c(a + b)`` from ``crc32c(a)``, ``crc32c(b)`` and ``len(b)``."""
+    if len_b == 0:
+        return crc_a
+    kernel = kernels.crc32c_combine_kernel()
+    if kernel is not None:  # about 40 times faster: the replay combines once per block read
+        return kernel(crc_a, crc_b, len_b)
+    return crc32c_combine_python(crc_a, crc_b, len_b)
+
+
+def crc32c_combine_python(crc_a: int, crc_b: int, len_b: int) -> int:
+    """``crc32c_combine`` in Python (without the C kernels)."""
     if len_b == 0:
         return crc_a
     return _multiply(_shift_operator(len_b), crc_a) ^ crc_b
