@@ -614,6 +614,66 @@ def test_hdf5_inputs_are_rehearsed_by_one_child_ahead_of_the_opens(
     assert len(forks) == 1  # not one per file
 
 
+def test_many_hdf5_inputs_are_rehearsed_by_a_child_per_core_sending_their_scans(
+    tmp_path: Path, forks: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Six inputs on a machine of two cores or more: two children ahead, each rehearsing every
+    other file and sending its scan, which this process takes instead of walking the file
+    again; the scans are the ones this process makes itself (a legacy Keras model among the
+    files: its kind, metadata and optimizer prefix too)."""
+    import os
+
+    from ema_cli.formats import hdf5
+
+    files = [keras_like(tmp_path / f"ckpt-{s}.weights.h5", s) for s in range(1, 6)]
+    legacy = tmp_path / "legacy.h5"
+    with h5py.File(legacy, "w") as f:
+        f.attrs["model_config"] = '{"class_name": "Sequential"}'
+        f.attrs["backend"] = b"tensorflow"
+        group = f.create_group("model_weights")
+        group.attrs["layer_names"] = [b"dense"]
+        group["dense/kernel"] = np.ones((2, 2), ml_dtypes.bfloat16)
+        f["optimizer_weights/iter"] = np.int64(3)
+    files.insert(2, legacy)
+    own = []
+    for path in files:
+        with HDF5Reader(path) as reader:
+            own.append(reader)
+    forks.clear()
+    hdf5._REHEARSED.clear()
+    walked = []
+    real = hdf5._scan_file
+
+    def counted(file: h5py.File, *args: object, **kwargs: object) -> hdf5._Scan:
+        walked.append(os.getpid())
+        return real(file, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(hdf5, "_scan_file", counted)
+    with hdf5.rehearsing_ahead(files):
+        ahead = []
+        for path in files:
+            with HDF5Reader(path) as reader:
+                ahead.append(reader)
+    assert len(forks) == hdf5._ahead_children(6)
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert len(forks) == 2
+    assert os.getpid() not in walked  # every scan came from a child
+    for mine, theirs in zip(own, ahead):
+        assert theirs.tensors == mine.tensors
+        assert theirs.non_tensors == mine.non_tensors
+        assert theirs.metadata == mine.metadata
+        assert theirs.optimizer_prefixes == mine.optimizer_prefixes
+        assert theirs.format_name == mine.format_name
+        assert theirs._raw == mine._raw
+    assert ahead[2].format_name == "HDF5 (legacy Keras model)"
+    assert ahead[2].metadata == {
+        "model_config": '{"class_name": "Sequential"}',
+        "backend": "tensorflow",
+    }
+    assert ahead[2].tensors["model_weights/dense/kernel"].dtype == ml_dtypes.bfloat16
+    assert ahead[0]._raw  # contiguous float32 data: read without libhdf5
+
+
 def test_an_input_changed_after_its_rehearsal_ahead_is_rehearsed_again(
     tmp_path: Path, forks: list[int]
 ) -> None:
@@ -639,19 +699,21 @@ def test_an_input_changed_after_its_rehearsal_ahead_is_rehearsed_again(
     assert len(forks) == 2  # the child ahead, then the changed file's own rehearsal
 
 
+@pytest.mark.parametrize("count", [3, 6])
 @pytest.mark.parametrize("failure", ["hang", "crash"])
 def test_a_damaged_input_rehearsed_ahead_is_its_own_one_line_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, forks: list[int], failure: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, forks: list[int], failure: str, count: int
 ) -> None:
-    """libhdf5 looping or crashing in the middle input, as it does on some damaged files
-    (tests/test_fuzz.py has real ones): the error names that file, and nothing is written."""
+    """libhdf5 looping or crashing in the second input, as it does on some damaged files
+    (tests/test_fuzz.py has real ones): the error names that file, and nothing is written;
+    with one child ahead and (6 files) with one per core, where another child is sound."""
     import os
     import signal
     import time
 
     from ema_cli.formats import hdf5
 
-    files = [keras_like(tmp_path / f"ckpt-{s}.weights.h5", s) for s in (1, 2, 3)]
+    files = [keras_like(tmp_path / f"ckpt-{s}.weights.h5", s) for s in range(1, count + 1)]
     real = hdf5._rehearse_reading
 
     def damaged(file: h5py.File, report: int) -> None:
@@ -669,7 +731,7 @@ def test_a_damaged_input_rehearsed_ahead_is_its_own_one_line_error(
     result = run_cli(["average", *map(str, files), "-o", str(out), "--decay", "0.9", "-q"])
     assert_fails(result, says, str(files[1]), "layers/dense/vars")
     assert not out.exists()
-    assert len(forks) == 1  # the verdict is the child ahead's
+    assert len(forks) == hdf5._ahead_children(count)  # the verdict is the child ahead's
 
 
 HANGING_RUN = """

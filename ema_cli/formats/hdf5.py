@@ -324,28 +324,19 @@ class HDF5Reader(CheckpointReader):
         """What the file holds, found by the first reader of this file (as it is now) and
         shared by every reader of it opened while one is open: the replay's workers each open
         every checkpoint again, and the walk of a file's objects (``_Walk``) costs about 6 ms
-        per 125 datasets under h5py's global lock, which every other libhdf5 call waits for."""
-        made: list[_Scan] = []
+        per 125 datasets under h5py's global lock, which every other libhdf5 call waits for.
+        A file the children ahead rehearsed comes with their scan (``_Ahead``), not walked
+        again here."""
 
         def scan() -> _Scan:
-            rehearse_reading(self.file, self.path, identity)
-            self._scan()
-            made.append(
-                _Scan(
-                    self._tensors,
-                    self._non_tensors,
-                    self._metadata,
-                    self._optimizer_prefixes,
-                    self.format_name,
-                    self._raw_extents() if by_path else {},
-                )
-            )
-            return made[0]
+            ahead = rehearse_reading(self.file, self.path, identity)
+            if ahead is not None and by_path:
+                return ahead
+            return _scan_file(self.file, self.path, self._prefix, by_path)
 
         shared = _SCANS.acquire(identity, scan)
         self._identity = identity
-        if not made or shared is not made[0]:
-            self._memory_types = {}  # another reader's scan: its file's types, on first read
+        self._memory_types = {}  # found on each tensor's first read through libhdf5
         self._tensors = shared.tensors
         self._non_tensors = shared.non_tensors
         self._metadata = shared.metadata
@@ -355,23 +346,6 @@ class HDF5Reader(CheckpointReader):
         self._datasets = _OpenDatasets(self.file)
         if self._raw:
             self._fd = self.file.id.get_vfd_handle()  # the file libhdf5 reads: same bytes
-
-    def _raw_extents(self) -> dict[str, int]:
-        """Tensors whose elements HDF5 keeps as they are in one contiguous piece of the file
-        (contiguous layout, nothing external, stored in our buffers' own type and byte order,
-        entirely inside the file), by the file offset of their first byte. ``read`` fetches
-        these with one positioned read of the file's own descriptor, as the safetensors reader
-        does, instead of through libhdf5 (which serialises every call behind h5py's lock and
-        copied 4x slower per byte, benchmarks/RESULTS.md); every other tensor goes through
-        libhdf5, which also reports a truncated one."""
-        if self.file.id.get_create_plist().get_userblock():
-            return {}  # keep offsets simple: HDF5 addresses then start after the user block
-        file_size = os.fstat(self.file.id.get_vfd_handle()).st_size
-        return {
-            name: offset
-            for name, offset in self._contiguous.items()
-            if 0 < offset <= file_size - self._tensors[name].nbytes
-        }
 
     def _classify_open_error(
         self, error: OSError | ValueError, file: IO[bytes] | None
@@ -392,46 +366,6 @@ class HDF5Reader(CheckpointReader):
                 self.path, f"{self._prefix}truncated HDF5 file ({what})"
             )
         return _open_error(self.path, self._prefix, error)
-
-    def _scan(self) -> None:
-        walk = _Walk(self.path, self._prefix)
-        walk.group(h5o.open(self.file.id, b"/"), "")  # as h5py.File iterates the root
-        self._tensors = walk.tensors
-        self._non_tensors = walk.non_tensors
-        self._contiguous = walk.contiguous
-        self._datasets = _OpenDatasets(self.file)
-        self._memory_types = {}  # found on each tensor's first read through libhdf5
-        self._metadata = {
-            key: value
-            for key, value in ((k, self._string_attribute(self.file, k)) for k in self.file.attrs)
-            if value is not None
-        }
-        root = self.file
-        prefixes = []
-        if isinstance(root.get("optimizer/vars"), h5py.Group):
-            prefixes.append("optimizer/")  # Keras 3: the model's optimizer attribute
-        if isinstance(root.get("optimizer_weights"), h5py.Group):
-            prefixes.append("optimizer_weights/")  # legacy Keras full model
-        self._optimizer_prefixes = tuple(prefixes)
-        if "model_weights" in root and "layer_names" in root["model_weights"].attrs:
-            self.format_name = "HDF5 (legacy Keras model)"
-        elif "layer_names" in root.attrs:
-            self.format_name = "HDF5 (legacy Keras weights)"
-        elif "optimizer/" in prefixes or isinstance(root.get("layers"), h5py.Group):
-            self.format_name = "HDF5 (Keras weights)"
-
-    @staticmethod
-    def _string_attribute(obj: h5py.HLObject, key: str) -> str | None:
-        try:
-            value = obj.attrs[key]
-        except (OSError, TypeError, ValueError):
-            return None
-        if isinstance(value, bytes):
-            try:
-                return value.decode("utf-8")
-            except UnicodeDecodeError:
-                return None
-        return value if isinstance(value, str) else None
 
     @property
     def tensors(self) -> Mapping[str, TensorInfo]:
@@ -539,6 +473,69 @@ def _output_error(path: Path, error: OSError) -> OutputError:
         code = int(found[1])
         error = OSError(code, os.strerror(code))
     return OutputError(path, error)
+
+
+def _scan_file(
+    file: h5py.File, path: Path, prefix: str, by_path: bool, report: int | None = None
+) -> _Scan:
+    """What ``HDF5Reader`` needs to know of ``file``: the walk of its objects (``_Walk``; with
+    ``report``, the rehearsal's walk, which also reads every attribute), its root's string
+    attributes, its optimizer groups and what kind of HDF5 file it is, and (``by_path``: a
+    file of its own, not a member read through a file object) where its raw tensors are."""
+    walk = _Walk(path, prefix, report)
+    walk.group(h5o.open(file.id, b"/"), "")  # as h5py.File iterates the root
+    metadata = {
+        key: value
+        for key, value in ((k, _string_attribute(file, k)) for k in file.attrs)
+        if value is not None
+    }
+    prefixes = []
+    if isinstance(file.get("optimizer/vars"), h5py.Group):
+        prefixes.append("optimizer/")  # Keras 3: the model's optimizer attribute
+    if isinstance(file.get("optimizer_weights"), h5py.Group):
+        prefixes.append("optimizer_weights/")  # legacy Keras full model
+    format_name = HDF5Reader.format_name
+    if "model_weights" in file and "layer_names" in file["model_weights"].attrs:
+        format_name = "HDF5 (legacy Keras model)"
+    elif "layer_names" in file.attrs:
+        format_name = "HDF5 (legacy Keras weights)"
+    elif "optimizer/" in prefixes or isinstance(file.get("layers"), h5py.Group):
+        format_name = "HDF5 (Keras weights)"
+    raw = _raw_extents(file, walk.contiguous, walk.tensors) if by_path else {}
+    return _Scan(walk.tensors, walk.non_tensors, metadata, tuple(prefixes), format_name, raw)
+
+
+def _raw_extents(
+    file: h5py.File, contiguous: Mapping[str, int], tensors: Mapping[str, TensorInfo]
+) -> dict[str, int]:
+    """Tensors whose elements HDF5 keeps as they are in one contiguous piece of the file
+    (contiguous layout, nothing external, stored in our buffers' own type and byte order,
+    entirely inside the file), by the file offset of their first byte. ``read`` fetches
+    these with one positioned read of the file's own descriptor, as the safetensors reader
+    does, instead of through libhdf5 (which serialises every call behind h5py's lock and
+    copied 4x slower per byte, benchmarks/RESULTS.md); every other tensor goes through
+    libhdf5, which also reports a truncated one."""
+    if file.id.get_create_plist().get_userblock():
+        return {}  # keep offsets simple: HDF5 addresses then start after the user block
+    file_size = os.fstat(file.id.get_vfd_handle()).st_size
+    return {
+        name: offset
+        for name, offset in contiguous.items()
+        if 0 < offset <= file_size - tensors[name].nbytes
+    }
+
+
+def _string_attribute(obj: h5py.HLObject, key: str) -> str | None:
+    try:
+        value = obj.attrs[key]
+    except (OSError, TypeError, ValueError):
+        return None
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return value if isinstance(value, str) else None
 
 
 class _Walk:
@@ -845,12 +842,13 @@ def rehearse_copy(source: HDF5Reader, what: Path | str) -> None:
     _in_child(what, lambda report: _rehearse(source, report))
 
 
-def _rehearse_reading(file: h5py.File, report: int) -> None:
-    """What ``HDF5Reader`` does with libhdf5 to open ``file`` (its ``_Walk``, then the root's
-    attributes for ``metadata``), and every other attribute value too."""
+def _rehearse_reading(file: h5py.File, report: int) -> _Scan:
+    """What ``HDF5Reader`` does with libhdf5 to open ``file`` by its path (its scan: the walk
+    of its objects, the root's attributes), with every other attribute value read too; returns
+    that scan."""
     _report(report, "/")
     _read_attributes(file.id)
-    _Walk(Path(file.filename), "", report).group(h5o.open(file.id, b"/"), "")
+    return _scan_file(file, Path(file.filename), "", True, report)
 
 
 #: Files whose reading was rehearsed without harm in this process, by identity (device, inode,
@@ -858,40 +856,74 @@ def _rehearse_reading(file: h5py.File, report: int) -> None:
 _REHEARSED: set[tuple[int, ...]] = set()
 
 
-def rehearse_reading(file: h5py.File, what: Path | str, identity: tuple[int, ...] | None) -> None:
+def rehearse_reading(
+    file: h5py.File, what: Path | str, identity: tuple[int, ...] | None
+) -> _Scan | None:
     """Rehearse reading ``file``'s objects and attributes in a forked child (``_in_child``)
     once per file: libhdf5 loops for ever on some damaged global heaps. A file that
-    ``rehearsing_ahead`` is rehearsing takes that child's verdict instead."""
+    ``rehearsing_ahead`` is rehearsing takes that child's verdict instead, and its scan of the
+    file, returned (None: scan it here)."""
     if identity is not None and identity in _REHEARSED:
-        return
-    if identity is None or not _AHEAD.verdict(Path(what), identity):
+        return None
+    scan = None
+    if identity is not None and _AHEAD.verdict(Path(what), identity):
+        scan = _AHEAD.scan(Path(what))
+    else:
         _in_child(what, lambda report: _rehearse_reading(file, report))
     if identity is not None:
         _REHEARSED.add(identity)
+    return scan
 
 
-_CONTROL = b"\x00"  # starts the ahead child's control lines; no HDF5 name holds a NUL
+_CONTROL = b"\x00"  # starts the ahead children's control lines; no HDF5 name holds a NUL
+#: Children rehearsing ahead, at most: each takes every n-th file (a run's parent then mostly
+#: waits for their verdicts and scans, which arrive about n times as fast).
+AHEAD_CHILDREN = 2
+#: Fewest files per child: forking costs a few milliseconds.
+_FILES_PER_CHILD = 3
+
+
+def _ahead_children(files: int) -> int:
+    """How many children rehearse ``files`` files ahead: one per usable CPU up to
+    ``AHEAD_CHILDREN``, with at least ``_FILES_PER_CHILD`` files each."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(AHEAD_CHILDREN, cpus, files // _FILES_PER_CHILD))
+
+
+@dataclass
+class _Child:
+    """One child rehearsing ahead: its pipe, the file it is at (``current``, since
+    ``started``), the object paths it reported last (``seen``) and a partial line."""
+
+    pid: int
+    read_end: int
+    started: float
+    current: int = -1
+    seen: bytes = b""
+    pending: bytes = b""
 
 
 class _Ahead:
-    """One forked child rehearsing the reading of a run's HDF5 inputs, one after the other,
-    while this process opens and scans the ones already rehearsed (so each file's rehearsal
-    and scan overlap on two cores instead of following each other). The child reports each
-    file's start (``NUL B k``), the path of every object it touches, and each file's end with
-    the identity it saw (``NUL D k dev ino size mtime ctime``) or that it could not open it
-    (``NUL S k``). Anything unexpected (a file the child skipped, one changed since, the child
-    gone) leaves that file to its own rehearsal; only a crash or an overrun in the file being
-    asked about is that file's error, as ``_in_child`` reports it."""
+    """Forked children rehearsing the reading of a run's HDF5 inputs, each every n-th file in
+    order, while this process opens the files already rehearsed (so rehearsals and opens
+    overlap on the machine's cores instead of following each other). Each child also sends
+    its scan of each file (``_scan_file``: the rehearsal's walk finds what the reader needs),
+    so this process does not walk the file again. A child reports each file's start
+    (``NUL B k``), the path of every object it touches, its scan (``NUL P k`` and a base64
+    pickle: the bytes come from our own fork, through a pipe only it holds) and each file's end
+    with the identity it saw (``NUL D k dev ino size mtime ctime``) or that it could not open
+    it (``NUL S k``). Anything unexpected (a file a child skipped, one changed since, a child
+    gone) leaves that file to its own rehearsal and scan; only a crash or an overrun in the
+    file being asked about is that file's error, as ``_in_child`` reports it."""
 
     def __init__(self) -> None:
-        self.pid = 0
-        self.read_end = -1
-        self.paths: dict[str, int] = {}
+        self.children: list[_Child] = []
+        self.paths: dict[str, tuple[int, int]] = {}  # real path -> (child, file number)
         self.done: dict[int, tuple[int, ...] | None] = {}
-        self.current = -1
-        self.started = 0.0
-        self.seen = b""
-        self.pending = b""
+        self.scans: dict[int, _Scan] = {}
 
     def start(self, paths: Sequence[Path]) -> None:
         import time
@@ -899,92 +931,120 @@ class _Ahead:
         self.stop()
         if not hasattr(os, "fork") or len(paths) < 2:
             return
-        self.paths = {os.path.realpath(p): k for k, p in enumerate(paths)}
-        read_end, write_end = os.pipe()
+        count = _ahead_children(len(paths))
         parent = os.getpid()
-        pid = os.fork()
-        if pid == 0:  # the child: rehearse each file, then leave without the parent's cleanup
-            status = 0
-            try:
-                _child_dies_with(parent)
-                os.close(read_end)
-                _rehearse_all(paths, write_end)
-            except BaseException:
-                status = 1
-            os._exit(status)
-        os.close(write_end)
-        os.set_blocking(read_end, False)
-        self.pid, self.read_end = pid, read_end
-        self.started = time.monotonic()
+        for c in range(count):
+            jobs = [(k, paths[k]) for k in range(c, len(paths), count)]
+            read_end, write_end = os.pipe()
+            with contextlib.suppress(OSError, AttributeError):  # fewer stalls: 1 MiB (Linux)
+                import fcntl
+
+                fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+            pid = os.fork()
+            if pid == 0:  # the child: rehearse its files, then leave without the parent's cleanup
+                status = 0
+                try:
+                    _child_dies_with(parent)
+                    os.close(read_end)
+                    for child in self.children:
+                        os.close(child.read_end)
+                    _rehearse_all(jobs, write_end)
+                except BaseException:
+                    status = 1
+                os._exit(status)
+            os.close(write_end)
+            os.set_blocking(read_end, False)
+            self.children.append(_Child(pid, read_end, time.monotonic()))
+            self.paths.update({os.path.realpath(p): (c, k) for k, p in jobs})
 
     def verdict(self, path: Path, identity: tuple[int, ...]) -> bool:
-        """True once the child rehearsed ``path`` as it is now, without harm; False for a file
+        """True once a child rehearsed ``path`` as it is now, without harm; False for a file
         left to its own rehearsal. A crash or an overrun in ``path`` is its error."""
         import select
         import time
 
-        k = self.paths.get(os.path.realpath(path), -1)
+        c, k = self.paths.get(os.path.realpath(path), (-1, -1))
         if k < 0:
             return False
+        child = self.children[c]
         while k not in self.done:
-            if self.pid == 0:
+            if child.pid == 0:
                 return False
-            poller = select.poll()
-            poller.register(self.read_end, select.POLLIN)
+            poller = select.poll()  # every child's pipe: none waits on a full one meanwhile
+            for other in self.children:
+                if other.read_end >= 0:
+                    poller.register(other.read_end, select.POLLIN)
             poller.poll(5)
-            self._read()
+            for other in self.children:
+                self._read(other)
             if k in self.done:
                 break
-            done, status = os.waitpid(self.pid, os.WNOHANG)
+            done, status = os.waitpid(child.pid, os.WNOHANG)
             if done:
-                self._read()
-                self.pid = 0
-                if os.WIFSIGNALED(status) and self.current == k and k not in self.done:
+                self._read(child)
+                child.pid = 0
+                if os.WIFSIGNALED(status) and child.current == k and k not in self.done:
                     self.stop()
-                    raise _crashed(path, status, self.seen)
+                    raise _crashed(path, status, child.seen)
                 continue
-            if time.monotonic() - self.started > REHEARSAL_SECONDS:
-                current = self.current
-                self.stop()
+            if time.monotonic() - child.started > REHEARSAL_SECONDS:
+                current, seen = child.current, child.seen
+                self._end(child)
                 if current == k:
-                    raise _overran(path, self.seen)
+                    self.stop()
+                    raise _overran(path, seen)
                 return False
         return self.done.get(k) == identity
 
-    def _read(self) -> None:
+    def scan(self, path: Path) -> _Scan | None:
+        """The scan a child sent of ``path`` (once, after a true ``verdict``), or None."""
+        _, k = self.paths.get(os.path.realpath(path), (-1, -1))
+        return self.scans.pop(k, None)
+
+    def _read(self, child: _Child) -> None:
+        import base64
+        import pickle
         import time
 
+        if child.read_end < 0:
+            return
         with contextlib.suppress(BlockingIOError):
-            while chunk := os.read(self.read_end, 1 << 16):
-                self.pending += chunk
-        *lines, self.pending = self.pending.split(b"\n")
+            while chunk := os.read(child.read_end, 1 << 16):
+                child.pending += chunk
+        *lines, child.pending = child.pending.split(b"\n")
         for line in lines:
             if not line.startswith(_CONTROL):
-                self.seen = (self.seen + line + b"\n")[-4096:]
+                child.seen = (child.seen + line + b"\n")[-4096:]
                 continue
             kind, *fields = line[1:].split(b" ")
             k = int(fields[0])
             if kind == b"B":
-                self.current, self.started, self.seen = k, time.monotonic(), b""
+                child.current, child.started, child.seen = k, time.monotonic(), b""
+            elif kind == b"P":
+                self.scans[k] = pickle.loads(base64.b64decode(fields[1]))
             elif kind == b"D":
                 self.done[k] = tuple(int(f) for f in fields[1:])
             else:
                 self.done[k] = None
 
-    def stop(self) -> None:
-        """End the child (if it still runs) and forget the files it has not reported."""
+    def _end(self, child: _Child) -> None:
         import signal
 
-        if self.pid:
+        if child.pid:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
+                os.kill(child.pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
-                os.waitpid(self.pid, 0)
-            self.pid = 0
-        if self.read_end >= 0:
-            os.close(self.read_end)
-            self.read_end = -1
-        self.paths, self.done, self.current, self.pending = {}, {}, -1, b""
+                os.waitpid(child.pid, 0)
+            child.pid = 0
+        if child.read_end >= 0:
+            os.close(child.read_end)
+            child.read_end = -1
+
+    def stop(self) -> None:
+        """End the children (those that still run) and forget the files not reported."""
+        for child in self.children:
+            self._end(child)
+        self.children, self.paths, self.done, self.scans = [], {}, {}, {}
 
 
 _AHEAD = _Ahead()
@@ -993,7 +1053,7 @@ _AHEAD = _Ahead()
 @contextlib.contextmanager
 def rehearsing_ahead(paths: Sequence[Path]) -> Iterator[None]:
     """While open: ``paths`` (HDF5 files a run is about to open, in that order) are rehearsed
-    by one child running ahead of the opens (``_Ahead``); the child is ended on exit."""
+    by children running ahead of the opens (``_Ahead``); they are ended on exit."""
     _AHEAD.start(paths)
     try:
         yield
@@ -1001,9 +1061,13 @@ def rehearsing_ahead(paths: Sequence[Path]) -> Iterator[None]:
         _AHEAD.stop()
 
 
-def _rehearse_all(paths: Sequence[Path], report: int) -> None:
-    """The ahead child's work: each file opened as ``HDF5Reader`` opens it, then rehearsed."""
-    for k, path in enumerate(paths):
+def _rehearse_all(jobs: Sequence[tuple[int, Path]], report: int) -> None:
+    """An ahead child's work: each file (numbered) opened as ``HDF5Reader`` opens it, then
+    rehearsed, and its scan sent."""
+    import base64
+    import pickle
+
+    for k, path in jobs:
         try:
             file = h5py.File(path, "r", locking=False)
         except Exception:
@@ -1013,13 +1077,22 @@ def _rehearse_all(paths: Sequence[Path], report: int) -> None:
         identity = (*file_identity(st), 0)  # as HDF5Reader names a file it opens by path
         os.write(report, _CONTROL + b"B %d\n" % k)
         try:
-            _rehearse_reading(file, report)
+            scan = _rehearse_reading(file, report)
         except Exception:
             os.write(report, _CONTROL + b"S %d\n" % k)  # the real open meets the error
             continue
         finally:
             file.close()
+        if isinstance(scan, _Scan):
+            payload = base64.b64encode(pickle.dumps(scan, pickle.HIGHEST_PROTOCOL))
+            _write_all(report, _CONTROL + b"P %d %s\n" % (k, payload))
         os.write(report, _CONTROL + b"D %d %s\n" % (k, " ".join(map(str, identity)).encode()))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _child_dies_with(parent: int) -> None:
@@ -1053,7 +1126,7 @@ def _crashed(what: Path | str, status: int, seen: bytes) -> CheckpointError:
     )
 
 
-def _in_child(what: Path | str, work: Callable[[int], None]) -> None:
+def _in_child(what: Path | str, work: Callable[[int], object]) -> None:
     """Run ``work`` (given a pipe to write the path of each object it touches) in a forked
     child first: libhdf5 can crash (SIGSEGV) or loop for ever on some damaged files while
     copying an object or reading a variable-length attribute, and neither can be caught in
