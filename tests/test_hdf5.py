@@ -658,7 +658,7 @@ def test_many_hdf5_inputs_are_rehearsed_by_a_child_per_core_sending_their_scans(
     if len(os.sched_getaffinity(0)) >= 2:
         assert len(forks) == 2
     assert os.getpid() not in walked  # every scan came from a child
-    for mine, theirs in zip(own, ahead):
+    for mine, theirs in zip(own, ahead, strict=True):
         assert theirs.tensors == mine.tensors
         assert theirs.non_tensors == mine.non_tensors
         assert theirs.metadata == mine.metadata
