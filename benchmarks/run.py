@@ -519,16 +519,25 @@ def evict(files: Sequence[Path]) -> None:
 
 
 def run_tools(
-    tools: list[Tool], repeats: int, env: dict[str, str], cold: Sequence[Path] = ()
+    tools: list[Tool],
+    repeats: int,
+    env: dict[str, str],
+    cold: Sequence[Path] = (),
+    warmup: int = 0,
 ) -> None:
-    """Run every tool ``repeats`` times, interleaved, recording each successful run; the
-    ``cold`` files are taken out of the page cache before each run (``evict``).
+    """Run every tool ``repeats`` times, interleaved, recording each successful run, after
+    ``warmup`` rounds that are not recorded; the ``cold`` files are taken out of the page cache
+    before each run (``evict``).
+
+    The warm-up rounds: on the AMD EPYC VMs, right after the page cache was warmed (19 GB
+    dropped and read back for five input formats) every tool's first run took 2-3x its later
+    ones, and the second often 1.5x, in every row alike, cat's excepted (2026-12-03).
 
     Each round runs the tools in its own shuffled order (seeded by the round's number: the same
     orders every time), so that no row always runs after the same neighbour: on the VMs this
     was measured on, a run right after one that freed a lot of memory (the sweep's four
     outputs) was up to 1.6x slower, which a fixed order charged to the same row every round."""
-    for r in range(repeats):
+    for r in range(-warmup, repeats):
         order = list(tools)
         random.Random(r).shuffle(order)
         for tool in order:
@@ -539,6 +548,9 @@ def run_tools(
             if cold:
                 evict(cold)
             measure, status, stderr = run_measured(tool.argv, {**env, **tool.env})
+            if r < 0 and status == 0:
+                print(f"  warm-up {tool.name}: {measure.wall:.2f} s (not counted)", file=sys.stderr)
+                continue
             if status != 0:
                 line = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit {status}"
                 if tool.name.startswith("ema-cli") and status == 2 and not tool.runs:
@@ -800,6 +812,7 @@ def benchmark(
         f"{count} checkpoints x {data.params / 1e6:.1f}M params {data.dtype}"
         + (f", sharded ({len(files) // count} shards each)" if data.sharded else "")
         + f": {input_bytes / 1e9:.2f} GB in, median of {args.repeats}"
+        + (f" after {args.warmup} uncounted" if args.warmup else "")
     )
     print(f"\n## {title}", file=sys.stderr)
     out_dir = data.root / "out"
@@ -828,7 +841,7 @@ def benchmark(
     if not args.cold:
         warm(all_files)
     try:
-        run_tools(tools, args.repeats, env, cold=all_files if args.cold else ())
+        run_tools(tools, args.repeats, env, cold=all_files if args.cold else (), warmup=args.warmup)
         checks: dict[str, str] = {}
         sweep_checks: list[str] = []
         by_name = {t.name: t for t in tools}
@@ -1236,6 +1249,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "does; 4096 gives page-aligned data)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="runs per tool; medians are shown")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="rounds of every tool run first and not counted (default 1; 0 for none)",
+    )
     parser.add_argument("--decay", type=float, default=0.999)
     parser.add_argument(
         "--data", type=Path, default=DEFAULT_DATA, help="cache of synthetic checkpoints"
