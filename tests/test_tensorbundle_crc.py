@@ -2,8 +2,8 @@
 
 The implementations, in the order ``crc32c`` prefers them: the C kernel's AVX-512 VPCLMULQDQ
 loop (256-byte folds from 1 KiB, then the crc32 loop for the rest), its AVX2 VPCLMULQDQ loop
-(the same folds on ymm, with the crc32 instruction over three streams of the rest alongside
-from 1792 bytes), its SSE4.2 loop (three
+(the same folds on ymm, with the crc32 instruction over three streams of the rest alongside,
+from 1792 bytes; shorter buffers go to the SSE4.2 loop), its SSE4.2 loop (three
 interleaved streams of 8 KiB, then of 256 bytes, then one), its portable loop (slicing-by-8,
 what a CPU without SSE4.2 runs), google-crc32c, and the pure-Python table loop.
 Each is checked against the pure-Python reference and google-crc32c: random bytes, split

@@ -1011,6 +1011,10 @@ class _Ahead:
         with contextlib.suppress(BlockingIOError):
             while chunk := os.read(child.read_end, 1 << 16):
                 child.pending += chunk
+            # The end of the pipe: the child has exited. Closed now, or every poll of the
+            # children's pipes would return at once and the wait for another child would spin.
+            os.close(child.read_end)
+            child.read_end = -1
         *lines, child.pending = child.pending.split(b"\n")
         for line in lines:
             if not line.startswith(_CONTROL):
